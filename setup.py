@@ -1,0 +1,159 @@
+"""Build fusedres._C: CPU kernels always, CUDA kernels whenever torch has CUDA and nvcc is found.
+
+The extension targets torch's stable ABI (torch >= 2.10) and Python's limited API (abi3),
+so one build loads on every torch >= 2.10 and Python >= 3.10 of the same CUDA major.
+No GPU is needed to build the CUDA kernels: only nvcc.
+
+Environment switches:
+  FUSEDRES_CUDA=auto|0|1   auto (default): build CUDA kernels when torch has CUDA and nvcc is
+                           found; 0: CPU kernels only; 1: fail if the CUDA kernels cannot be built.
+  FUSEDRES_NO_EXTENSION=1  build no C++ extension at all (Triton and reference backends only).
+  CUDA_HOME                the CUDA toolkit; default: /usr/local/cuda, else the parent of the
+                           nvcc found on PATH (following symlinks and wrapper scripts is not
+                           attempted: set CUDA_HOME when nvcc on PATH is a wrapper).
+  TORCH_CUDA_ARCH_LIST     GPU architectures; default "8.0;9.0+PTX" (sm_80 and sm_90 code,
+                           plus compute_90 PTX that newer GPUs JIT-compile).
+  MAX_JOBS                 parallel compile jobs (ninja).
+  FUSEDRES_DEBUG=1         -O0 -g builds.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+# torch's stable ABI as of 2.10 (format: major, minor, patch bytes then an ABI tag).
+TORCH_TARGET_VERSION = "0x020a000000000000"
+PY_LIMITED_API = "0x030a0000"  # Python 3.10
+
+
+def read_version() -> str:
+    scope: dict = {}
+    with open(os.path.join(ROOT, "fusedres", "_version.py")) as f:
+        exec(f.read(), scope)
+    return scope["__version__"]
+
+
+def find_cuda_home() -> str | None:
+    # torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script
+    # outside the toolkit; settle it here before torch.utils.cpp_extension is imported.
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
+def pip_cuda_include_dirs() -> list[str]:
+    """Headers that torch's CUDA build expects but a bare toolkit may lack (cusparse, cublas):
+    pip's nvidia-* wheels ship them under site-packages/nvidia/<pkg>/include."""
+    dirs = []
+    for entry in sys.path:
+        dirs += sorted(glob.glob(os.path.join(entry, "nvidia", "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def write_build_info(**info) -> None:
+    path = os.path.join(ROOT, "fusedres", "_build_info.py")
+    with open(path, "w") as f:
+        f.write('"""Written by setup.py at build time."""\n\nBUILD_INFO = {\n')
+        for key, value in info.items():
+            f.write(f"    {key!r}: {value!r},\n")
+        f.write("}\n")
+
+
+def get_extensions():
+    if os.environ.get("FUSEDRES_NO_EXTENSION", "0") == "1":
+        write_build_info(extension=False)
+        return [], {}
+
+    cuda_mode = os.environ.get("FUSEDRES_CUDA", "auto").lower()
+    if cuda_mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FUSEDRES_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
+    cuda_home = find_cuda_home() if cuda_mode != "0" else None
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    use_cuda = cuda_mode != "0" and torch.version.cuda is not None and cuda_home is not None
+    if cuda_mode == "1" and not use_cuda:
+        why = "torch was built without CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
+        raise SystemExit(f"FUSEDRES_CUDA=1 but the CUDA kernels cannot be built: {why}")
+
+    debug = os.environ.get("FUSEDRES_DEBUG", "0") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    defines = [f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", f"-DPy_LIMITED_API={PY_LIMITED_API}"]
+    # -fopenmp-simd honours `#pragma omp simd reduction` (vectorized fp32 sums) without the
+    # OpenMP runtime; threads come from torch's own parallel_for.
+    cxx = opt + defines + ["-std=c++17", "-fopenmp-simd", "-fdiagnostics-color=always"]
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    extra_compile_args = {"cxx": cxx}
+    extension = CppExtension
+    fallback_includes = []
+    if use_cuda:
+        extension = CUDAExtension
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        cxx.append("-DFUSEDRES_WITH_CUDA")
+        # -DUSE_CUDA declares aoti_torch_get_current_cuda_stream in torch's C shim.
+        extra_compile_args["nvcc"] = opt + defines + [
+            "-std=c++17", "-DUSE_CUDA", "-DFUSEDRES_WITH_CUDA", "--use_fast_math", "-lineinfo",
+            "--expt-relaxed-constexpr",
+        ]
+        if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
+            fallback_includes = pip_cuda_include_dirs()
+    for inc in fallback_includes:
+        # After the toolkit's own headers, so a newer pip runtime header never shadows nvcc's.
+        cxx.append(f"-idirafter{inc}")
+        if use_cuda:
+            extra_compile_args["nvcc"].append(f"-Xcompiler=-idirafter{inc}")
+
+    write_build_info(
+        extension=True,
+        torch=torch.__version__,
+        cuda=torch.version.cuda if use_cuda else None,
+        cuda_home=cuda_home if use_cuda else None,
+        cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
+        stable_abi_target="2.10",
+        commit=git_commit(),
+    )
+    ext = extension(
+        "fusedres._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra_compile_args,
+        py_limited_api=True,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = get_extensions()
+
+setup(
+    version=read_version(),
+    packages=find_packages(include=["fusedres", "fusedres.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
+)
