@@ -17,3 +17,12 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
       "add_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
 }
+
+// `import fusedres._C` loads this library and so registers the ops above; the module itself is
+// empty. Python's limited API keeps the binary valid for every CPython >= 3.10 (abi3).
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fusedres C++/CUDA kernels", -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,5 +1,26 @@
-"""fusedres: fused residual kernels for PyTorch."""
+"""fusedres: fused residual kernels for PyTorch.
 
+    import fusedres
+    y = fusedres.add_layer_norm(x, residual, weight, bias)           # LayerNorm(x + residual)
+    y, h = fusedres.add_rms_norm(x, residual, weight, prenorm=True)  # pre-norm block: h goes on
+"""
+
+from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
+from fusedres.backends import available_backends, get_backend, set_backend, use_backend
+from fusedres.ops import add_layer_norm, add_norm, add_rms_norm
+from fusedres import nn  # noqa: E402  (modules use the ops above)
 
-__all__ = ["__version__"]
+__all__ = [
+    "EXTENSION_ERROR",
+    "EXTENSION_LOADED",
+    "__version__",
+    "add_layer_norm",
+    "add_norm",
+    "add_rms_norm",
+    "available_backends",
+    "get_backend",
+    "nn",
+    "set_backend",
+    "use_backend",
+]

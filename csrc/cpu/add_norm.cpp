@@ -1,0 +1,238 @@
+// Add & Norm on the CPU: torch's thread pool over rows, vectorized row kernels
+// (add_norm_kernel.h) compiled for the baseline ISA and for AVX2+FMA, chosen at run time.
+#include "add_norm.h"
+#include "cpu/float_rows.h"
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace fusedres::cpu {
+
+// One (rows, N) operand: byte address of row 0, byte stride between rows, dtype.
+struct RowArg {
+  char* base = nullptr;
+  int64_t stride = 0;
+  ScalarType dtype = ScalarType::Float;
+
+  RowArg() = default;
+  explicit RowArg(const Tensor& t)
+      : base(static_cast<char*>(t.data_ptr())),
+        stride(t.stride(0) * static_cast<int64_t>(t.element_size())),
+        dtype(t.scalar_type()) {}
+  char* row(int64_t r) const { return base + r * stride; }
+  explicit operator bool() const { return base != nullptr; }
+};
+
+struct AddNormFwdRows {
+  RowArg x, residual, h, y;
+  ScalarType h_dtype;
+  void* mean;
+  void* rstd;
+  int64_t n;
+  double eps;
+  bool rms_norm;
+};
+
+struct AddNormBwdRows {
+  RowArg dy, dh, h, dx, dresidual;
+  const void* mean;
+  const void* rstd;
+  int64_t n;
+  bool rms_norm;
+};
+
+} // namespace fusedres::cpu
+
+#define FUSEDRES_CPU_ISA baseline
+#include "cpu/add_norm_kernel.h"
+#undef FUSEDRES_CPU_ISA
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FUSEDRES_HAVE_AVX2_BUILD 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define FUSEDRES_CPU_ISA avx2
+#include "cpu/add_norm_kernel.h"
+#undef FUSEDRES_CPU_ISA
+#pragma GCC pop_options
+#endif
+
+namespace fusedres::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#ifdef FUSEDRES_HAVE_AVX2_BUILD
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+template <typename acc_t>
+auto select_fwd() {
+#ifdef FUSEDRES_HAVE_AVX2_BUILD
+  if (cpu_has_avx2()) {
+    return &avx2::add_norm_fwd_rows<acc_t>;
+  }
+#endif
+  return &baseline::add_norm_fwd_rows<acc_t>;
+}
+
+template <typename acc_t>
+auto select_bwd() {
+#ifdef FUSEDRES_HAVE_AVX2_BUILD
+  if (cpu_has_avx2()) {
+    return &avx2::add_norm_bwd_rows<acc_t>;
+  }
+#endif
+  return &baseline::add_norm_bwd_rows<acc_t>;
+}
+
+// weight/bias as N accumulators; ones/zeros stand in for a missing one.
+template <typename acc_t>
+std::vector<acc_t> affine_row(const std::optional<Tensor>& t, int64_t n, acc_t fill) {
+  std::vector<acc_t> out(n, fill);
+  if (t.has_value()) {
+    baseline::load_row(t->const_data_ptr(), t->scalar_type(), n, out.data());
+  }
+  return out;
+}
+
+// Rows per parallel task: enough elements that the pool's per-task overhead is noise.
+int64_t grain_rows(int64_t n) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
+}
+
+// The backward splits rows into a fixed number of chunks that depends only on (M, N), never on
+// the thread count, and sums the per-chunk dweight/dbias partials in a fixed order afterwards:
+// the grads are bitwise reproducible on any machine with the same ISA.
+int64_t num_chunks(int64_t m, int64_t n) {
+  const int64_t by_work = (m * n + 32767) / 32768;
+  return std::max<int64_t>(1, std::min<int64_t>({m, by_work, 128}));
+}
+
+template <typename acc_t>
+void run_fwd(const AddNormFwdRows& args, const std::optional<Tensor>& weight,
+             const std::optional<Tensor>& bias, int64_t m) {
+  const int64_t n = args.n;
+  const auto w = affine_row<acc_t>(weight, n, acc_t(1));
+  const auto b = affine_row<acc_t>(bias, n, acc_t(0));
+  const auto kernel = select_fwd<acc_t>();
+  torch::stable::parallel_for(0, m, grain_rows(n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(n);
+    kernel(args, w.data(), b.data(), buf.data(), begin, end);
+  });
+}
+
+template <typename acc_t>
+void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, acc_t* dw_partials,
+             acc_t* db_partials, int64_t m, int64_t chunks) {
+  const int64_t n = args.n;
+  const auto w = affine_row<acc_t>(weight, n, acc_t(1));
+  const auto kernel = select_bwd<acc_t>();
+  const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
+  torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xhat(n), g(n);
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t* dw = dw_partials ? dw_partials + c * n : nullptr;
+      acc_t* db = db_partials ? db_partials + c * n : nullptr;
+      const int64_t r0 = c * rows_per_chunk;
+      kernel(args, w.data(), dw, db, xhat.data(), g.data(), r0, std::min(m, r0 + rows_per_chunk));
+    }
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(
+    const Tensor& x,
+    const std::optional<Tensor>& residual,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    double eps,
+    bool rms_norm,
+    ScalarType h_dtype,
+    bool store_h) {
+  const RowsView shape = check_add_norm_fwd_args(x, residual, weight, bias, eps);
+  auto [y, h, mean, rstd] = alloc_add_norm_fwd_outputs(x, shape, rms_norm, h_dtype, store_h);
+  if (shape.rows == 0) {
+    return {y, h, mean, rstd};
+  }
+  AddNormFwdRows args{};
+  args.x = RowArg(x);
+  args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
+  args.h = store_h ? RowArg(h) : RowArg();
+  args.y = RowArg(y);
+  args.h_dtype = h_dtype;
+  args.mean = rms_norm ? nullptr : mean.data_ptr();
+  args.rstd = rstd.data_ptr();
+  args.n = shape.cols;
+  args.eps = eps;
+  args.rms_norm = rms_norm;
+  if (rstd.scalar_type() == ScalarType::Double) {
+    run_fwd<double>(args, weight, bias, shape.rows);
+  } else {
+    run_fwd<float>(args, weight, bias, shape.rows);
+  }
+  return {y, h, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
+    const Tensor& dy,
+    const std::optional<Tensor>& dh,
+    const Tensor& h,
+    const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias,
+    const Tensor& mean,
+    const Tensor& rstd,
+    bool rms_norm,
+    std::optional<ScalarType> dresidual_dtype) {
+  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, weight, bias, mean, rstd, rms_norm);
+  auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, shape, dresidual_dtype);
+  const ScalarType acc = rstd.scalar_type();
+  const int64_t chunks = num_chunks(shape.rows, shape.cols);
+  // Zero-initialized so that M == 0 still yields zero grads.
+  std::optional<Tensor> dw_partials, db_partials;
+  if (weight.has_value()) {
+    dw_partials = torch::stable::new_zeros(dy, {chunks, shape.cols}, acc);
+  }
+  if (bias.has_value()) {
+    db_partials = torch::stable::new_zeros(dy, {chunks, shape.cols}, acc);
+  }
+  if (shape.rows > 0) {
+    AddNormBwdRows args{};
+    args.dy = RowArg(dy);
+    args.dh = dh.has_value() ? RowArg(*dh) : RowArg();
+    args.h = RowArg(h);
+    args.dx = RowArg(dx);
+    args.dresidual = dresidual_dtype.has_value() ? RowArg(dresidual) : RowArg();
+    args.mean = rms_norm ? nullptr : mean.const_data_ptr();
+    args.rstd = rstd.const_data_ptr();
+    args.n = shape.cols;
+    args.rms_norm = rms_norm;
+    auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; };
+    if (acc == ScalarType::Double) {
+      run_bwd<double>(args, weight, static_cast<double*>(ptr(dw_partials)),
+                      static_cast<double*>(ptr(db_partials)), shape.rows, chunks);
+    } else {
+      run_bwd<float>(args, weight, static_cast<float*>(ptr(dw_partials)),
+                     static_cast<float*>(ptr(db_partials)), shape.rows, chunks);
+    }
+  }
+  Tensor dweight = dw_partials ? reduce_partials(*dw_partials, weight) : reduce_partials(dx, std::nullopt);
+  Tensor dbias = db_partials ? reduce_partials(*db_partials, bias) : reduce_partials(dx, std::nullopt);
+  return {dx, dresidual, dweight, dbias};
+}
+
+} // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("add_norm_fwd", TORCH_BOX(&add_norm_fwd_cpu));
+  m.impl("add_norm_bwd", TORCH_BOX(&add_norm_bwd_cpu));
+}
+
+} // namespace fusedres::cpu

@@ -1,0 +1,134 @@
+"""AddLayerNorm / AddRMSNorm: nn.LayerNorm / nn.RMSNorm applied to x + residual, in one kernel."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from fusedres.ops.add_norm import add_norm
+
+
+def _as_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    return tuple(int(d) for d in normalized_shape)
+
+
+class _AddNorm(nn.Module):
+    rms_norm: bool
+
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, prenorm, residual_in_fp32, device, dtype):
+        super().__init__()
+        self.normalized_shape = _as_shape(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.prenorm = prenorm
+        self.residual_in_fp32 = residual_in_fp32
+        factory = {"device": device, "dtype": dtype}
+        ones = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
+        zeros = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
+        # As in nn.LayerNorm, absent parameters are registered as None.
+        self.register_parameter("weight", ones)
+        self.register_parameter("bias", zeros)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        k = len(self.normalized_shape)
+        if tuple(x.shape[-k:]) != self.normalized_shape:
+            raise ValueError(
+                f"x must end with normalized_shape {self.normalized_shape}, got x of shape {tuple(x.shape)}"
+            )
+        # Trailing dims are normalized together: flatten them into one (a view when possible).
+        flat = (lambda t: t.flatten(-k)) if k > 1 else (lambda t: t)
+        weight = self.weight.reshape(-1) if self.weight is not None else None
+        bias = self.bias.reshape(-1) if self.bias is not None else None
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        out = add_norm(
+            flat(x),
+            flat(residual) if residual is not None else None,
+            weight,
+            bias,
+            eps,
+            rms_norm=self.rms_norm,
+            prenorm=self.prenorm,
+            residual_in_fp32=self.residual_in_fp32,
+        )
+        if self.prenorm:
+            return out[0].view(x.shape), out[1].view(x.shape)
+        return out.view(x.shape)
+
+    def extra_repr(self) -> str:
+        text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        if not self.rms_norm:
+            text += f", bias={self.bias is not None}"
+        return text + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
+
+    def _adopt(self, module: nn.Module) -> _AddNorm:
+        # Share the Parameter objects, so optimizers and tied weights keep pointing at them.
+        self.weight = module.weight
+        if not self.rms_norm:
+            self.bias = module.bias
+        return self
+
+
+class AddLayerNorm(_AddNorm):
+    """``nn.LayerNorm(normalized_shape)(x + residual)``; with prenorm=True, forward returns
+    (y, h) where h = x + residual is the next block's residual. Parameters and state_dict keys
+    are nn.LayerNorm's."""
+
+    rms_norm = False
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+        *,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, prenorm, residual_in_fp32, device, dtype)
+
+    @classmethod
+    def from_module(cls, module: nn.LayerNorm, *, prenorm: bool = False, residual_in_fp32: bool = False):
+        """An AddLayerNorm sharing `module`'s parameters."""
+        if not isinstance(module, nn.LayerNorm):
+            raise TypeError(f"module must be an nn.LayerNorm, got {type(module).__name__}")
+        new = cls(module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None,
+                  prenorm=prenorm, residual_in_fp32=residual_in_fp32, device="meta")
+        return new._adopt(module)
+
+
+class AddRMSNorm(_AddNorm):
+    """``nn.RMSNorm(normalized_shape)(x + residual)``; eps=None uses torch.finfo(x.dtype).eps as
+    nn.RMSNorm does. Parameters and state_dict keys are nn.RMSNorm's."""
+
+    rms_norm = True
+
+    def __init__(
+        self,
+        normalized_shape,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        prenorm: bool = False,
+        residual_in_fp32: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(normalized_shape, eps, elementwise_affine, False, prenorm, residual_in_fp32, device, dtype)
+        del self._parameters["bias"]  # nn.RMSNorm has no bias parameter at all
+        self.bias = None
+
+    @classmethod
+    def from_module(cls, module: nn.RMSNorm, *, prenorm: bool = False, residual_in_fp32: bool = False):
+        """An AddRMSNorm sharing `module`'s weight."""
+        if not isinstance(module, nn.RMSNorm):
+            raise TypeError(f"module must be an nn.RMSNorm, got {type(module).__name__}")
+        new = cls(module.normalized_shape, module.eps, module.elementwise_affine,
+                  prenorm=prenorm, residual_in_fp32=residual_in_fp32, device="meta")
+        return new._adopt(module)
