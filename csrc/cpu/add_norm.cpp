@@ -138,12 +138,17 @@ void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, ac
   const auto kernel = select_bwd<acc_t>();
   const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xhat(n), g(n);
+    // Per-thread rows: xhat, g, h converted, and scratch partials for an absent weight/bias
+    // (accumulating into L1-resident scratch is cheaper than a second loop variant).
+    std::vector<acc_t> scratch(5 * n);
+    acc_t* xhat = scratch.data();
+    acc_t* g = xhat + n;
+    acc_t* hbuf = g + n;
     for (int64_t c = begin; c < end; ++c) {
-      acc_t* dw = dw_partials ? dw_partials + c * n : nullptr;
-      acc_t* db = db_partials ? db_partials + c * n : nullptr;
+      acc_t* dw = dw_partials ? dw_partials + c * n : hbuf + n;
+      acc_t* db = db_partials ? db_partials + c * n : hbuf + 2 * n;
       const int64_t r0 = c * rows_per_chunk;
-      kernel(args, w.data(), dw, db, xhat.data(), g.data(), r0, std::min(m, r0 + rows_per_chunk));
+      kernel(args, w.data(), dw, db, xhat, g, hbuf, r0, std::min(m, r0 + rows_per_chunk));
     }
   });
 }

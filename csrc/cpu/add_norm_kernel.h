@@ -92,16 +92,64 @@ inline acc_t row_dot(const acc_t* __restrict a, const acc_t* __restrict b, int64
   return s;
 }
 
-// Forward over rows [begin, end). w/b are N accumulators (ones/zeros when absent: one fused
-// multiply-add per element is free next to the memory traffic, and keeps a single loop).
-template <typename acc_t>
-void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
-                       acc_t* __restrict buf, int64_t begin, int64_t end) {
+// Forward over rows [begin, end) when x, residual, h and y share one dtype T (the common case):
+// the conversions are fused into three loops, two of which touch memory.
+template <typename T, typename acc_t>
+void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
+                             acc_t* __restrict buf, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   const acc_t eps = static_cast<acc_t>(a.eps);
-  acc_t* mean_out = static_cast<acc_t*>(a.mean);
-  acc_t* rstd_out = static_cast<acc_t*>(a.rstd);
+  for (int64_t r = begin; r < end; ++r) {
+    const T* __restrict x = reinterpret_cast<const T*>(a.x.row(r));
+    acc_t sum = 0;
+    if (a.residual) {
+      const T* __restrict res = reinterpret_cast<const T*>(a.residual.row(r));
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) {
+        // Rounded through T: the statistics see exactly the h that is stored.
+        const acc_t v = static_cast<acc_t>(static_cast<T>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(res[i])));
+        buf[i] = v;
+        sum += v;
+      }
+    } else {
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t v = static_cast<acc_t>(x[i]);
+        buf[i] = v;
+        sum += v;
+      }
+    }
+    if (a.h) {
+      T* __restrict h = reinterpret_cast<T*>(a.h.row(r));
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        h[i] = static_cast<T>(buf[i]);
+      }
+    }
+    const acc_t mean = a.rms_norm ? acc_t(0) : sum * inv_n;
+    const acc_t rstd = acc_t(1) / std::sqrt(row_sum_sq_dev(buf, mean, n) * inv_n + eps);
+    if (!a.rms_norm) {
+      static_cast<acc_t*>(a.mean)[r] = mean;
+    }
+    static_cast<acc_t*>(a.rstd)[r] = rstd;
+    T* __restrict y = reinterpret_cast<T*>(a.y.row(r));
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      y[i] = static_cast<T>((buf[i] - mean) * rstd * w[i] + b[i]);
+    }
+  }
+}
+
+// Forward for any mix of dtypes: rows are converted through the buffer one operand at a time.
+// w/b are N accumulators (ones/zeros when absent: one multiply-add per element is free next to
+// the memory traffic, and keeps a single loop).
+template <typename acc_t>
+void add_norm_fwd_rows_mixed(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
+                             acc_t* __restrict buf, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  const acc_t eps = static_cast<acc_t>(a.eps);
   for (int64_t r = begin; r < end; ++r) {
     load_row(a.x.row(r), a.x.dtype, n, buf);
     if (a.residual) {
@@ -112,12 +160,11 @@ void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* __restrict w, const
       store_row(buf, n, a.h.dtype, a.h.row(r));
     }
     const acc_t mean = a.rms_norm ? acc_t(0) : row_sum(buf, n) * inv_n;
-    const acc_t var = row_sum_sq_dev(buf, mean, n) * inv_n;
-    const acc_t rstd = acc_t(1) / std::sqrt(var + eps);
+    const acc_t rstd = acc_t(1) / std::sqrt(row_sum_sq_dev(buf, mean, n) * inv_n + eps);
     if (!a.rms_norm) {
-      mean_out[r] = mean;
+      static_cast<acc_t*>(a.mean)[r] = mean;
     }
-    rstd_out[r] = rstd;
+    static_cast<acc_t*>(a.rstd)[r] = rstd;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       buf[i] = (buf[i] - mean) * rstd * w[i] + b[i];
@@ -126,46 +173,74 @@ void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* __restrict w, const
   }
 }
 
-// Backward over rows [begin, end), adding this range's dweight/dbias into dw/db (nullable).
-// With xhat = (h - mean) * rstd (RMSNorm: h * rstd) and g = dy * w:
+template <typename acc_t>
+void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* w, const acc_t* b, acc_t* buf, int64_t begin,
+                       int64_t end) {
+  const ScalarType t = a.x.dtype;
+  const bool same = a.h_dtype == t && (!a.residual || a.residual.dtype == t) && (!a.h || a.h.dtype == t);
+  if (!same) {
+    return add_norm_fwd_rows_mixed(a, w, b, buf, begin, end);
+  }
+  visit_float(t, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (sizeof(T) <= sizeof(acc_t)) {
+      add_norm_fwd_rows_typed<T>(a, w, b, buf, begin, end);
+    } else {
+      add_norm_fwd_rows_mixed(a, w, b, buf, begin, end);
+    }
+  });
+}
+
+// Backward over rows [begin, end), adding this range's dweight/dbias into dw/db (per-chunk
+// partial rows). With xhat = (h - mean) * rstd (RMSNorm: h * rstd) and g = dy * w:
 //   LayerNorm: dh = rstd * (g - xhat * mean(g * xhat) - mean(g))
 //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
 // plus the incoming grad of h itself (prenorm); dweight = sum_rows dy * xhat, dbias = sum_rows dy.
-template <typename acc_t>
-void add_norm_bwd_rows(const AddNormBwdRows& a, const acc_t* __restrict w, acc_t* __restrict dw,
-                       acc_t* __restrict db, acc_t* __restrict xhat, acc_t* __restrict g,
-                       int64_t begin, int64_t end) {
+// One loop reads h and dy and produces xhat, g, both row sums and the dweight/dbias terms; a
+// second writes dx. Operands of another dtype than dy are converted through buffers first.
+template <typename T, typename acc_t>
+void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w, acc_t* __restrict dw,
+                             acc_t* __restrict db, acc_t* __restrict xhat, acc_t* __restrict g,
+                             acc_t* __restrict hbuf, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-  const acc_t* mean_in = static_cast<const acc_t*>(a.mean);
-  const acc_t* rstd_in = static_cast<const acc_t*>(a.rstd);
+  const bool h_typed = a.h.dtype == a.dy.dtype;
   for (int64_t r = begin; r < end; ++r) {
-    const acc_t mean = a.rms_norm ? acc_t(0) : mean_in[r];
-    const acc_t rstd = rstd_in[r];
-    load_row(a.h.row(r), a.h.dtype, n, xhat);
-    load_row(a.dy.row(r), a.dy.dtype, n, g);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      xhat[i] = (xhat[i] - mean) * rstd;
-    }
-    if (dw != nullptr) {
-#pragma omp simd
+    const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
+    const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
+    const T* __restrict dy = reinterpret_cast<const T*>(a.dy.row(r));
+    acc_t sum_gx = 0, sum_g = 0;
+    if (h_typed) {
+      const T* __restrict h = reinterpret_cast<const T*>(a.h.row(r));
+#pragma omp simd reduction(+ : sum_gx, sum_g)
       for (int64_t i = 0; i < n; ++i) {
-        dw[i] += g[i] * xhat[i];
+        const acc_t xh = (static_cast<acc_t>(h[i]) - mean) * rstd;
+        const acc_t d = static_cast<acc_t>(dy[i]);
+        const acc_t gw = d * w[i];
+        dw[i] += d * xh;
+        db[i] += d;
+        xhat[i] = xh;
+        g[i] = gw;
+        sum_gx += gw * xh;
+        sum_g += gw;
+      }
+    } else {
+      load_row(a.h.row(r), a.h.dtype, n, hbuf);
+#pragma omp simd reduction(+ : sum_gx, sum_g)
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t xh = (hbuf[i] - mean) * rstd;
+        const acc_t d = static_cast<acc_t>(dy[i]);
+        const acc_t gw = d * w[i];
+        dw[i] += d * xh;
+        db[i] += d;
+        xhat[i] = xh;
+        g[i] = gw;
+        sum_gx += gw * xh;
+        sum_g += gw;
       }
     }
-    if (db != nullptr) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        db[i] += g[i];
-      }
-    }
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      g[i] *= w[i];
-    }
-    const acc_t c1 = row_dot(xhat, g, n) * inv_n;
-    const acc_t c2 = a.rms_norm ? acc_t(0) : row_sum(g, n) * inv_n;
+    const acc_t c1 = sum_gx * inv_n;
+    const acc_t c2 = a.rms_norm ? acc_t(0) : sum_g * inv_n;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       g[i] = (g[i] - xhat[i] * c1 - c2) * rstd;
@@ -173,16 +248,35 @@ void add_norm_bwd_rows(const AddNormBwdRows& a, const acc_t* __restrict w, acc_t
     if (a.dh) {
       add_row(a.dh.row(r), a.dh.dtype, n, g);
     }
-    store_row(g, n, a.dx.dtype, a.dx.row(r));
+    T* __restrict dx = reinterpret_cast<T*>(a.dx.row(r));
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      dx[i] = static_cast<T>(g[i]);
+    }
     if (a.dresidual) {
       store_row(g, n, a.dresidual.dtype, a.dresidual.row(r));
     }
   }
 }
 
+template <typename acc_t>
+void add_norm_bwd_rows(const AddNormBwdRows& a, const acc_t* w, acc_t* dw, acc_t* db, acc_t* xhat, acc_t* g,
+                       acc_t* hbuf, int64_t begin, int64_t end) {
+  visit_float(a.dy.dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (sizeof(T) <= sizeof(acc_t)) {
+      add_norm_bwd_rows_typed<T>(a, w, dw, db, xhat, g, hbuf, begin, end);
+    } else {
+      STD_TORCH_CHECK(false, "fusedres: float64 grads need float64 statistics");
+    }
+  });
+}
+
 template void add_norm_fwd_rows<float>(const AddNormFwdRows&, const float*, const float*, float*, int64_t, int64_t);
 template void add_norm_fwd_rows<double>(const AddNormFwdRows&, const double*, const double*, double*, int64_t, int64_t);
-template void add_norm_bwd_rows<float>(const AddNormBwdRows&, const float*, float*, float*, float*, float*, int64_t, int64_t);
-template void add_norm_bwd_rows<double>(const AddNormBwdRows&, const double*, double*, double*, double*, double*, int64_t, int64_t);
+template void add_norm_bwd_rows<float>(const AddNormBwdRows&, const float*, float*, float*, float*, float*, float*,
+                                       int64_t, int64_t);
+template void add_norm_bwd_rows<double>(const AddNormBwdRows&, const double*, double*, double*, double*, double*,
+                                        double*, int64_t, int64_t);
 
 } // namespace fusedres::cpu::FUSEDRES_CPU_ISA
