@@ -1,0 +1,33 @@
+"""Test setup: Triton's interpreter on GPU-less machines, and `gpu`-marked tests skipped cleanly."""
+
+import os
+
+import torch
+
+# Triton reads this when kernels are defined, so it must be set before fusedres is imported:
+# on a machine without a GPU the real Triton kernels then run through the interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fusedres  # noqa: E402, F401
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
+
+    return [
+        f"fusedres {fusedres.__version__}: _C loaded={EXTENSION_LOADED} ({EXTENSION_ERROR or 'ok'}), "
+        f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+        f"backends cpu={fusedres.available_backends('cpu')}"
+    ]
