@@ -6,9 +6,7 @@ import pytest
 import torch
 
 import fusedres
-
-# atol added to 2x eager's own error (flash-attn's rule): |ours - ref64| <= 2 |eager - ref64| + atol.
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from fusedres.testing import max_abs_error, parity_bound
 
 
 def device_backends(include_reference: bool = True):
@@ -48,9 +46,8 @@ def assert_close_to_ref(name: str, ours, eager, ref, dtype: torch.dtype) -> None
     assert torch.equal(ours64[~finite & ~torch.isnan(ref64)], ref64[~finite & ~torch.isnan(ref64)]), (
         f"{name}: infinities differ from the reference"
     )
-    eager_err = (eager64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
-    bound = 2 * eager_err + ATOL[dtype]
-    err = (ours64 - ref64)[finite].abs().max().item() if finite.any() else 0.0
+    bound = parity_bound(max_abs_error(eager64, ref64), dtype)
+    err = max_abs_error(ours64, ref64)
     assert err <= bound, f"{name} ({dtype}): " + describe_mismatch(
         torch.where(finite, ours64, 0), torch.where(finite, ref64, 0), bound
     )
