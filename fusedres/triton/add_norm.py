@@ -8,8 +8,10 @@ csrc/ops.cpp (see fusedres/reference/add_norm.py for the eager spec):
 * ``fusedres::add_norm_bwd_triton(dy, dh, h, weight, bias, mean, rstd, rms_norm, dresidual_dtype)
   -> (dx, dresidual, dweight, dbias)``
 
-Both are ``torch.library.triton_op``s: torch.compile and export see the kernels themselves, and
-fake-tensor propagation runs the launcher. No autograd is registered here (fusedres/ops does it).
+With compiled Triton both are ``torch.library.triton_op``s: torch.compile and export see the
+kernels themselves, and fake-tensor propagation runs the launcher. Under Triton's interpreter
+they are opaque ``torch.library.custom_op``s with the same schema (see ``_register``). No
+autograd is registered here (fusedres/ops does it).
 
 Arithmetic is in float32, or float64 when x (forward) / dy (backward) is float64: the statistics
 dtype, which is also the dtype of mean and rstd. Rows are (M, N) with unit stride along N and
@@ -17,6 +19,10 @@ any row stride. On CPU tensors the kernels run under Triton's interpreter (TRITO
 set before triton is imported), which is how CI tests them.
 """
 
+# The op signatures keep typing.Optional (UP045 is ignored file-wide): torch.library infers the
+# operator schema from these annotations, and Optional[...] is the spelling every supported torch
+# version maps to "Tensor?" / "ScalarType?".
+# ruff: noqa: UP045
 import functools
 import math
 import os
@@ -35,9 +41,13 @@ __all__ = ["add_norm_fwd_triton", "add_norm_bwd_triton", "triton_usable"]
 # environment, i.e. at import of this module).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# A row is held in registers as one block when next_power_of_2(N) * element_size fits in this
-# many bytes (as in flash-attention / Liger); wider rows loop over blocks of _LOOP_BLOCK_N columns.
+# A row is held in registers as one block when next_power_of_2(N) fits both in
+# _MAX_FUSED_BYTES of x's (dy's) dtype, as in flash-attention / Liger, and in _MAX_FUSED_N_*
+# elements: beyond those, ptxas (sm_80/sm_90, num_warps <= 16) spills registers (the backward
+# also keeps the dweight/dbias accumulators live). Wider rows loop over blocks of _LOOP_BLOCK_N.
 _MAX_FUSED_BYTES = 65536
+_MAX_FUSED_N_FWD = 16384
+_MAX_FUSED_N_BWD = 8192
 _LOOP_BLOCK_N = 4096
 # Smallest block: keeps tiny rows (N = 1, 7) on well-trodden layouts on GPU; masked anyway.
 _MIN_BLOCK_N = 16
@@ -48,16 +58,31 @@ _MIN_BLOCK_N = 16
 # ----------------------------------------------------------------------------------------------
 
 
+# Triton's interpreter (3.x) converts float32 to bfloat16 by truncation (its rounding helper drops
+# the low bits and does not carry), unlike the GPU's cvt.rn and torch; under the interpreter the
+# kernels round to nearest even by hand so results match eager bit for bit.
+_BF16_RNE_BY_HAND = tl.constexpr(_INTERPRETED)
+
+
 @triton.jit
 def _round_to(v, DST: tl.constexpr):
-    # Round v to DST. Float64 goes to 16-bit types through float32, as torch does (c10::Half and
-    # c10::BFloat16 are built from a float), so h/y/dx match eager bit for bit; it also avoids a
-    # direct fp64 -> bf16 truncation that Triton's interpreter does not implement.
-    if DST == tl.float16:
-        v = v.to(tl.float32)
+    # Round v (float32 or float64) to DST. Float64 goes to 16-bit types through float32, as torch
+    # does (c10::Half and c10::BFloat16 are built from a float), so results match eager bit for
+    # bit; it also avoids a direct fp64 -> bf16 truncation that the interpreter gets wrong.
     if DST == tl.bfloat16:
         v = v.to(tl.float32)
-    return v.to(DST)
+        if _BF16_RNE_BY_HAND:
+            bits = v.to(tl.uint32, bitcast=True)
+            rne = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            quiet_nan = (bits >> 16) | 0x40
+            out = tl.where(v != v, quiet_nan, rne).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = v.to(DST)
+    else:
+        if DST == tl.float16:
+            v = v.to(tl.float32)
+        out = v.to(DST)
+    return out
 
 
 @triton.jit
@@ -242,7 +267,7 @@ def _add_norm_bwd_kernel(
     acc_ty = Rstd.dtype.element_ty
     dx_ty = DX.dtype.element_ty
     row_start = pid.to(tl.int64) * rows_per_program
-    n_rows = tl.minimum(rows_per_program, M - row_start)  # >= 1: the launcher sizes the grid so
+    n_rows = tl.minimum(rows_per_program, M - row_start)  # >= 1 by the launcher's grid size
     cols = tl.arange(0, BLOCK_N)
     part = pid.to(tl.int64) * N  # this program's row of the partials
 
@@ -309,9 +334,11 @@ def _add_norm_bwd_kernel(
                 else:
                     g = dy
                 s1 += xhat * g
-                s2 += g
+                if not IS_RMS:
+                    s2 += g
             c1 = tl.sum(s1, axis=0) / N
-            c2 = tl.sum(s2, axis=0) / N
+            if not IS_RMS:
+                c2 = tl.sum(s2, axis=0) / N
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = c < N
@@ -357,22 +384,40 @@ def triton_usable(device: torch.device) -> bool:
     return False
 
 
+def _skip_launch(t: Tensor) -> bool:
+    """Whether t only carries metadata (meta device, or fake while interpreted). Compiled kernels
+    go through wrap_triton's traceable wrapper, whose fake implementation launches nothing; but
+    wrap_triton hands interpreted kernels back unwrapped, and the interpreter would try to read
+    a fake tensor's storage. Skipping the launch is what the traceable wrapper does."""
+    if t.device.type == "meta":
+        return True
+    if _INTERPRETED:
+        from torch._subclasses.fake_tensor import is_fake
+
+        return is_fake(t)
+    return False
+
+
 def _on_interpreter(device: torch.device) -> bool:
     return _INTERPRETED or device.type != "cuda"
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
     try:
-        return torch.cuda.get_device_properties(index).multi_processor_count
+        return _sm_count_of(torch.cuda.current_device() if device.index is None else device.index)
     except Exception:  # e.g. fake CUDA tensors traced on a machine without a GPU
         return 132
 
 
-def _block_config(n: int, element_size: int) -> tuple[int, bool]:
+def _block_config(n: int, element_size: int, max_n: int) -> tuple[int, bool]:
     """(BLOCK_N, SINGLE_BLOCK) for rows of n elements."""
     block = max(triton.next_power_of_2(n), _MIN_BLOCK_N)
-    max_fused = max(_MAX_FUSED_BYTES // element_size, _MIN_BLOCK_N)
+    max_fused = max(min(_MAX_FUSED_BYTES // element_size, max_n), _MIN_BLOCK_N)
     if block <= max_fused:
         return block, True
     return max(min(_LOOP_BLOCK_N, max_fused), _MIN_BLOCK_N), False
@@ -388,7 +433,7 @@ def _launch_heuristics(block_n: int, device: torch.device, backward: bool, m: in
         return 1, max(min(m, 4), 1)
     per_warp = 256 if backward else 512
     num_warps = max(4, min(16, block_n // per_warp))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _sm_count(device)
     factor = 4 if block_n <= 1024 else 2 if block_n <= 4096 else 1
     return num_warps, max(min(m, sms * factor), 1)
 
@@ -430,7 +475,31 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@triton_op("fusedres::add_norm_fwd_triton", mutates_args=())
+def _register(name: str):
+    """Register a launcher as the operator ``name``.
+
+    Compiled Triton: ``torch.library.triton_op``, so torch.compile / export trace into the kernels
+    and fake tensors run the launcher itself (wrap_triton's wrapper launches nothing on them).
+
+    Interpreter (TRITON_INTERPRET=1): wrap_triton hands interpreted kernels back unwrapped, so a
+    triton_op traced by AOTDispatcher (torch.compile) would capture the allocations but not the
+    kernels and return uninitialized outputs. There the launcher is registered as an opaque
+    ``torch.library.custom_op`` instead, with the launcher itself (which skips the kernel on fake
+    tensors) as its fake implementation: exactly what triton_op registers, minus the
+    decomposition. Same inferred schema either way.
+    """
+
+    def dec(fn):
+        if not _INTERPRETED:
+            return triton_op(name, fn, mutates_args=())
+        op = torch.library.custom_op(name, fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+
+    return dec
+
+
+@_register("fusedres::add_norm_fwd_triton")
 def add_norm_fwd_triton(
     x: Tensor,
     residual: Optional[Tensor],
@@ -455,10 +524,10 @@ def add_norm_fwd_triton(
     h = torch.empty((M, N) if store_h else (0,), dtype=h_dtype, device=device)
     mean = torch.empty((0,) if rms_norm else (M,), dtype=stats, device=device)
     rstd = torch.empty((M,), dtype=stats, device=device)
-    if M == 0:
+    if M == 0 or _skip_launch(x):
         return y, h, mean, rstd
 
-    block_n, single = _block_config(N, x.element_size())
+    block_n, single = _block_config(N, x.element_size(), _MAX_FUSED_N_FWD)
     num_warps, _ = _launch_heuristics(block_n, device, backward=False)
     eps_hi, eps_lo = _split_eps(float(eps))
     wrap_triton(_add_norm_fwd_kernel)[(M,)](
@@ -490,7 +559,7 @@ def add_norm_fwd_triton(
     return y, h, mean, rstd
 
 
-@triton_op("fusedres::add_norm_bwd_triton", mutates_args=())
+@_register("fusedres::add_norm_bwd_triton")
 def add_norm_bwd_triton(
     dy: Tensor,
     dh: Optional[Tensor],
@@ -525,7 +594,7 @@ def add_norm_bwd_triton(
     else:
         dres = torch.empty((0,), dtype=dy.dtype, device=device)
 
-    block_n, single = _block_config(N, dy.element_size())
+    block_n, single = _block_config(N, dy.element_size(), _MAX_FUSED_N_BWD)
     num_warps, programs = _launch_heuristics(block_n, device, backward=True, m=M)
     rows_per_program = triton.cdiv(M, programs) if M > 0 else 1
     programs = triton.cdiv(M, rows_per_program)  # every program gets at least one row
@@ -533,7 +602,7 @@ def add_norm_bwd_triton(
     dw_part = alloc((programs, N), dtype=stats, device=device) if weight is not None else None
     db_part = alloc((programs, N), dtype=stats, device=device) if bias is not None else None
 
-    if M > 0:
+    if M > 0 and not _skip_launch(dy):
         wrap_triton(_add_norm_bwd_kernel)[(programs,)](
             dy,
             dh,
@@ -564,6 +633,7 @@ def add_norm_bwd_triton(
         )
 
     # Fixed-order reduction over the programs (an (0, N) partial sums to zeros when M == 0).
-    dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else torch.empty((0,), dtype=stats, device=device)
-    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else torch.empty((0,), dtype=stats, device=device)
+    empty = torch.empty((0,), dtype=dy.dtype, device=device)  # as the C++ op and its fake
+    dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else empty
+    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else empty.clone()
     return dx, dres, dweight, dbias
