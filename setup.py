@@ -117,10 +117,18 @@ def get_extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         cxx.append("-DFUSEDRES_WITH_CUDA")
         # -DUSE_CUDA declares aoti_torch_get_current_cuda_stream in torch's C shim.
-        extra_compile_args["nvcc"] = opt + defines + [
-            "-std=c++17", "-DUSE_CUDA", "-DFUSEDRES_WITH_CUDA", "--use_fast_math", "-lineinfo",
-            "--expt-relaxed-constexpr",
-        ]
+        extra_compile_args["nvcc"] = (
+            opt
+            + defines
+            + [
+                "-std=c++17",
+                "-DUSE_CUDA",
+                "-DFUSEDRES_WITH_CUDA",
+                "--use_fast_math",
+                "-lineinfo",
+                "--expt-relaxed-constexpr",
+            ]
+        )
         if not os.path.exists(os.path.join(cuda_home, "include", "cusparse.h")):
             fallback_includes = pip_cuda_include_dirs()
     for inc in fallback_includes:

@@ -1,15 +1,15 @@
 """fusedres: fused residual kernels for PyTorch.
 
-    import fusedres
-    y = fusedres.add_layer_norm(x, residual, weight, bias)           # LayerNorm(x + residual)
-    y, h = fusedres.add_rms_norm(x, residual, weight, prenorm=True)  # pre-norm block: h goes on
+import fusedres
+y = fusedres.add_layer_norm(x, residual, weight, bias)           # LayerNorm(x + residual)
+y, h = fusedres.add_rms_norm(x, residual, weight, prenorm=True)  # pre-norm block: h goes on
 """
 
+from fusedres import nn  # noqa: E402  (modules use the ops above)
 from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
 from fusedres.backends import available_backends, get_backend, set_backend, use_backend
 from fusedres.ops import add_layer_norm, add_norm, add_rms_norm
-from fusedres import nn  # noqa: E402  (modules use the ops above)
 
 __all__ = [
     "EXTENSION_ERROR",

@@ -28,7 +28,9 @@ def environment_report() -> dict:
         "_C loaded": "yes" if EXTENSION_LOADED else f"no: {EXTENSION_ERROR}",
         "_C built against torch": BUILD_INFO.get("torch", "n/a"),
         "_C CUDA kernels": (
-            f"yes, CUDA {BUILD_INFO['cuda']}, archs {BUILD_INFO.get('cuda_arch_list')}" if BUILD_INFO.get("cuda") else "no"
+            f"yes, CUDA {BUILD_INFO['cuda']}, archs {BUILD_INFO.get('cuda_arch_list')}"
+            if BUILD_INFO.get("cuda")
+            else "no"
         ),
         "_C commit": BUILD_INFO.get("commit", "n/a"),
         "selected backend": fusedres.get_backend(),

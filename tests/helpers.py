@@ -34,7 +34,10 @@ def describe_mismatch(ours: torch.Tensor, ref: torch.Tensor, bound: float) -> st
     bad = err > bound
     idx = torch.nonzero(bad)[:5].tolist()
     rows = [f"  at {i}: ours={ours[tuple(i)].item():.6g} ref={ref[tuple(i)].item():.6g}" for i in idx]
-    return f"{int(bad.sum())} of {err.numel()} elements off by more than {bound:.3g} (max {err.max().item():.3g}):\n" + "\n".join(rows)
+    return (
+        f"{int(bad.sum())} of {err.numel()} elements off by more than {bound:.3g} (max {err.max().item():.3g}):\n"
+        + "\n".join(rows)
+    )
 
 
 def assert_close_to_ref(name: str, ours, eager, ref, dtype: torch.dtype) -> None:

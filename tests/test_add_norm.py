@@ -209,7 +209,9 @@ def test_gradcheck_float64(device, backend, rms_norm, prenorm):
     bias = None if rms_norm else torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)
 
     def fn(x, residual, weight, *bias):
-        return fusedres.add_norm(x, residual, weight, bias[0] if bias else None, 1e-5, rms_norm=rms_norm, prenorm=prenorm)
+        return fusedres.add_norm(
+            x, residual, weight, bias[0] if bias else None, 1e-5, rms_norm=rms_norm, prenorm=prenorm
+        )
 
     inputs = (x, residual, weight) + ((bias,) if bias is not None else ())
     with fusedres.use_backend(backend):

@@ -11,8 +11,13 @@ import fusedres
 
 def good(device):
     x = torch.randn(4, 16, device=device)
-    return dict(x=x, residual=torch.randn(4, 16, device=device), weight=torch.randn(16, device=device),
-                bias=torch.randn(16, device=device), eps=1e-5)
+    return dict(
+        x=x,
+        residual=torch.randn(4, 16, device=device),
+        weight=torch.randn(16, device=device),
+        bias=torch.randn(16, device=device),
+        eps=1e-5,
+    )
 
 
 BAD = [

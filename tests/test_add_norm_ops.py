@@ -30,7 +30,7 @@ def fwd_samples(device):
 
 def bwd_samples(fwd, device):
     out = []
-    for x, r, w, b, eps, rms, h_dtype, store_h in fwd_samples(device):
+    for x, r, w, b, eps, rms, h_dtype, _store_h in fwd_samples(device):
         y, h, mean, rstd = fwd(x, r, w, b, eps, rms, h_dtype, True)
         dy = torch.randn_like(y)
         dres_dtype = r.dtype if r is not None and r.dtype != x.dtype else None
@@ -40,7 +40,9 @@ def bwd_samples(fwd, device):
 
 
 def with_grads(args):
-    return tuple(a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return tuple(
+        a.detach().requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
 
 
 @needs_extension

@@ -40,7 +40,8 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict], copy_gbps: float) -> str:
-    header = f"{'case':<36} {'dir':<8} {'provider':<16} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'vs eager':>9} {'vs compile':>10}"
+    header = f"{'case':<36} {'dir':<8} {'provider':<16} {'ms':>9} {'GB/s':>8} {'%copy':>6}"
+    header += f" {'vs eager':>9} {'vs compile':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         fmt = lambda v: f"{v:.2f}x" if v else "-"
@@ -59,18 +60,24 @@ def main(argv=None) -> int:
         cases = [c for c in cases if c.op in args.ops]
     copy_gbps = copy_bandwidth_gbps(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    print(f"fusedres {fusedres.__version__} on {gpu or 'CPU'} (torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads); measured copy bandwidth {copy_gbps:.1f} GB/s")
+    print(
+        f"fusedres {fusedres.__version__} on {gpu or 'CPU'} (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads); measured copy bandwidth {copy_gbps:.1f} GB/s"
+    )
 
     rows, parity_rows = [], []
     for case in cases:
-        fns = {name: add_norm.provider_fn(name, backend, case)
-               for name, backend in add_norm.providers(device, args.backends).items()}
+        fns = {
+            name: add_norm.provider_fn(name, backend, case)
+            for name, backend in add_norm.providers(device, args.backends).items()
+        }
         for name, result in add_norm.parity(case, device, fns).items():
             parity_rows.append({"case": case.label, "provider": name, **result})
             status = {True: "ok", False: "FAIL", None: "(reference point)"}[result["pass"]]
-            print(f"parity {case.label:<36} {name:<16} max|err| {result['max_abs_error']:.3g} "
-                  f"(eager {result['eager_max_abs_error']:.3g}) {status}")
+            print(
+                f"parity {case.label:<36} {name:<16} max|err| {result['max_abs_error']:.3g} "
+                f"(eager {result['eager_max_abs_error']:.3g}) {status}"
+            )
         rows += add_norm.time_case(case, device, fns, reps=args.reps)
         print(f"timed  {case.label}", flush=True)
     add_speedups(rows)
@@ -79,9 +86,15 @@ def main(argv=None) -> int:
 
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        env = {"device": gpu or "cpu", "torch": torch.__version__, "cuda": torch.version.cuda,
-               "fusedres": fusedres.__version__, "threads": torch.get_num_threads(),
-               "copy_gbps": copy_gbps, "timestamp": datetime.datetime.now().isoformat(timespec="seconds")}
+        env = {
+            "device": gpu or "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "fusedres": fusedres.__version__,
+            "threads": torch.get_num_threads(),
+            "copy_gbps": copy_gbps,
+            "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump({"environment": env, "parity": parity_rows, "timings": rows}, f, indent=1)
         with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -133,7 +133,11 @@ def parity(case: NormCase, device, provider_fns: dict) -> dict[str, dict]:
     for name, fn in provider_fns.items():
         errs = [max_abs_error(o, r) for o, r in zip(run(fn, inputs), ref)]
         # Only fusedres is held to the rule; eager and torch.compile are reported for comparison.
-        ok = all(e <= parity_bound(ee, case.dtype) for e, ee in zip(errs, eager_err)) if name.startswith("fusedres") else None
+        ok = (
+            all(e <= parity_bound(ee, case.dtype) for e, ee in zip(errs, eager_err))
+            if name.startswith("fusedres")
+            else None
+        )
         report[name] = {"max_abs_error": max(errs), "eager_max_abs_error": max(eager_err), "pass": ok}
     return report
 
@@ -141,9 +145,28 @@ def parity(case: NormCase, device, provider_fns: dict) -> dict[str, dict]:
 def bytes_moved(case: NormCase, direction: str) -> int:
     h_dtype = h_dtype_for(torch.empty(0, dtype=case.dtype), torch.empty(0, dtype=case.dtype), False)
     return add_norm_bytes(
-        case.m, case.n, x_dtype=case.dtype, residual_dtype=case.dtype, h_dtype=h_dtype, weight_dtype=case.dtype,
-        has_bias=not case.rms_norm, rms_norm=case.rms_norm, prenorm=case.prenorm, store_h=True, direction=direction,
+        case.m,
+        case.n,
+        x_dtype=case.dtype,
+        residual_dtype=case.dtype,
+        h_dtype=h_dtype,
+        weight_dtype=case.dtype,
+        has_bias=not case.rms_norm,
+        rms_norm=case.rms_norm,
+        prenorm=case.prenorm,
+        store_h=True,
+        direction=direction,
     )
+
+
+def _direction_runs(fn, inputs: list, wrt: list) -> dict:
+    out = _outputs(fn(*inputs))
+    grads_out = [torch.randn_like(o) for o in out]
+    return {
+        "fwd": lambda: fn(*inputs),
+        "bwd": lambda: torch.autograd.grad(out, wrt, grads_out, retain_graph=True),
+        "fwd+bwd": lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads_out),
+    }
 
 
 def time_case(case: NormCase, device, provider_fns: dict, directions=("fwd", "bwd", "fwd+bwd"), reps=20) -> list[dict]:
@@ -151,19 +174,23 @@ def time_case(case: NormCase, device, provider_fns: dict, directions=("fwd", "bw
     wrt = [t for t in inputs if t is not None]
     rows = []
     for name, fn in provider_fns.items():
-        out = _outputs(fn(*inputs))
-        grads_out = [torch.randn_like(o) for o in out]
-        runs = {
-            "fwd": lambda: fn(*inputs),
-            "bwd": lambda: torch.autograd.grad(out, wrt, grads_out, retain_graph=True),
-            "fwd+bwd": lambda: torch.autograd.grad(_outputs(fn(*inputs)), wrt, grads_out),
-        }
+        runs = _direction_runs(fn, inputs, wrt)
         for direction in directions:
             t = measure(runs[direction], device, reps=reps)
-            rows.append({"case": case.label, "op": case.op, "m": case.m, "n": case.n,
-                         "dtype": str(case.dtype).replace("torch.", ""), "prenorm": case.prenorm,
-                         "provider": name, "direction": direction, "median_ms": t.median_ms,
-                         "p20_ms": t.p20_ms, "p80_ms": t.p80_ms,
-                         "gbps": bytes_moved(case, direction) / (t.median_ms * 1e-3) / 1e9})
-        del out
+            rows.append(
+                {
+                    "case": case.label,
+                    "op": case.op,
+                    "m": case.m,
+                    "n": case.n,
+                    "dtype": str(case.dtype).replace("torch.", ""),
+                    "prenorm": case.prenorm,
+                    "provider": name,
+                    "direction": direction,
+                    "median_ms": t.median_ms,
+                    "p20_ms": t.p20_ms,
+                    "p80_ms": t.p80_ms,
+                    "gbps": bytes_moved(case, direction) / (t.median_ms * 1e-3) / 1e9,
+                }
+            )
     return rows

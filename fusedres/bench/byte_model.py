@@ -31,8 +31,16 @@ def add_norm_bytes(
 ) -> int:
     """direction: "fwd", "bwd" or "fwd+bwd"."""
     if direction == "fwd+bwd":
-        common = dict(x_dtype=x_dtype, residual_dtype=residual_dtype, h_dtype=h_dtype, weight_dtype=weight_dtype,
-                      has_bias=has_bias, rms_norm=rms_norm, prenorm=prenorm, store_h=store_h)
+        common = dict(
+            x_dtype=x_dtype,
+            residual_dtype=residual_dtype,
+            h_dtype=h_dtype,
+            weight_dtype=weight_dtype,
+            has_bias=has_bias,
+            rms_norm=rms_norm,
+            prenorm=prenorm,
+            store_h=store_h,
+        )
         return add_norm_bytes(m, n, direction="fwd", **common) + add_norm_bytes(m, n, direction="bwd", **common)
     act = m * n
     x, res, h, w = _size(x_dtype), _size(residual_dtype), _size(h_dtype), _size(weight_dtype)

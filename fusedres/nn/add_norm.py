@@ -98,8 +98,15 @@ class AddLayerNorm(_AddNorm):
         """An AddLayerNorm sharing `module`'s parameters."""
         if not isinstance(module, nn.LayerNorm):
             raise TypeError(f"module must be an nn.LayerNorm, got {type(module).__name__}")
-        new = cls(module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None,
-                  prenorm=prenorm, residual_in_fp32=residual_in_fp32, device="meta")
+        new = cls(
+            module.normalized_shape,
+            module.eps,
+            module.elementwise_affine,
+            module.bias is not None,
+            prenorm=prenorm,
+            residual_in_fp32=residual_in_fp32,
+            device="meta",
+        )
         return new._adopt(module)
 
 
@@ -129,6 +136,12 @@ class AddRMSNorm(_AddNorm):
         """An AddRMSNorm sharing `module`'s weight."""
         if not isinstance(module, nn.RMSNorm):
             raise TypeError(f"module must be an nn.RMSNorm, got {type(module).__name__}")
-        new = cls(module.normalized_shape, module.eps, module.elementwise_affine,
-                  prenorm=prenorm, residual_in_fp32=residual_in_fp32, device="meta")
+        new = cls(
+            module.normalized_shape,
+            module.eps,
+            module.elementwise_affine,
+            prenorm=prenorm,
+            residual_in_fp32=residual_in_fp32,
+            device="meta",
+        )
         return new._adopt(module)

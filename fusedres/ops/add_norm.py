@@ -168,9 +168,7 @@ def add_norm(x, residual, weight, bias, eps, *, rms_norm: bool, prenorm: bool = 
             x, residual, weight, bias, eps, rms_norm=rms_norm, prenorm=prenorm, residual_in_fp32=residual_in_fp32
         )
     h_dtype = h_dtype_for(x, residual, residual_in_fp32)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, residual, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
     # Without autograd and without prenorm nobody reads h: skip writing it (one pass less).
     store_h = prenorm or (needs_grad and (residual is not None or h_dtype != x.dtype))
     y, h, _mean, _rstd = _FWD_OPS[backend](
