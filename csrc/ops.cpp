@@ -16,6 +16,35 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
   m.def(
       "add_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // BatchNorm (+ residual) (+ ReLU). Every tensor argument named input/residual/out/grad* is a
+  // 3-D view (N, C, S) of an (N, C, *) activation, either NCHW-dense (strides C*S, S, 1) or
+  // channels_last-dense (strides S*C, 1, C); outputs of that shape keep the input's strides.
+  // Statistics are per channel, in fp32 (fp64 for fp64 input).
+  //
+  // Per-channel mean and biased variance over N and S (sync BatchNorm all-reduces these).
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  // out = relu(xhat * weight + bias + residual), xhat = (input - mean) * invstd. Training: mean
+  // and var are batch_mean/batch_var when given (global statistics of sync BatchNorm) else this
+  // batch's; running stats are updated in place with momentum, running_var with the unbiased
+  // var * count / (count - 1) (count <= 0: this batch's N * S). Eval: mean and var are the
+  // running stats. Returns (out, save_mean, save_invstd).
+  m.def(
+      "batch_norm_add_relu_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? batch_mean, Tensor? batch_var, "
+      "int count, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Backward, first pass: g = grad_out masked by out > 0 (when relu); per-channel sum_dy = sum g
+  // and sum_dy_xhat = sum g * xhat; g itself is written as grad_residual when asked (else (0,)).
+  m.def(
+      "batch_norm_add_relu_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, "
+      "Tensor invstd, bool relu, bool write_grad_residual) -> (Tensor, Tensor, Tensor)");
+  // Backward, second pass: grad_input. `grad` is grad_out masked by out > 0 when `out` is given
+  // and relu, or the already-masked g (grad_residual) when out is None. Training:
+  // grad_input = weight * invstd * (g - sum_dy / count - xhat * sum_dy_xhat / count);
+  // eval: weight * invstd * g.
+  m.def(
+      "batch_norm_add_relu_bwd_input(Tensor grad, Tensor? out, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xhat, int count, bool training, bool relu) -> Tensor");
 }
 
 // `import fusedres._C` loads this library and so registers the ops above; the module itself is

@@ -5,5 +5,6 @@ against them, and the "reference" backend runs them directly.
 """
 
 from fusedres.reference.add_norm import add_norm_reference, h_dtype_for
+from fusedres.reference.batch_norm import batch_norm_add_relu_reference
 
-__all__ = ["add_norm_reference", "h_dtype_for"]
+__all__ = ["add_norm_reference", "batch_norm_add_relu_reference", "h_dtype_for"]
