@@ -104,12 +104,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_add_norm_fwd_outputs(
 
 std::tuple<Tensor, Tensor> alloc_add_norm_bwd_row_outputs(
     const Tensor& dy, RowsView shape, std::optional<ScalarType> dresidual_dtype) {
+  STD_TORCH_CHECK(!dresidual_dtype.has_value() || is_supported_float(*dresidual_dtype),
+      "fusedres: dresidual_dtype must be float32, float64, float16 or bfloat16");
   Tensor dx = torch::stable::new_empty(dy, {shape.rows, shape.cols});
   Tensor dresidual = dresidual_dtype.has_value()
       ? torch::stable::new_empty(dy, {shape.rows, shape.cols}, *dresidual_dtype)
       : torch::stable::new_empty(dy, {0});
-  STD_TORCH_CHECK(!dresidual_dtype.has_value() || is_supported_float(*dresidual_dtype),
-      "fusedres: dresidual_dtype must be float32, float64, float16 or bfloat16");
   return {dx, dresidual};
 }
 
