@@ -124,7 +124,8 @@ def get_extensions():
                 "-std=c++17",
                 "-DUSE_CUDA",
                 "-DFUSEDRES_WITH_CUDA",
-                "--use_fast_math",
+                # No --use_fast_math: it flushes denormals, which eager keeps; these kernels are
+                # memory-bound, so it would buy nothing.
                 "-lineinfo",
                 "--expt-relaxed-constexpr",
             ]
