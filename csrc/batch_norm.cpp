@@ -49,31 +49,28 @@ Tensor empty_like_layout(const Tensor& input, std::optional<ScalarType> dtype) {
   return dtype.has_value() && *dtype != input.scalar_type() ? torch::stable::to(out, *dtype) : out;
 }
 
+namespace {
+
+void check_bn_stats(const Tensor& t, const char* name, const Tensor& input, int64_t c) {
+  check_bn_channel_vector(t, name, input, c);
+  STD_TORCH_CHECK(t.scalar_type() == bn_stats_dtype(input), "fusedres: ", name,
+                  " must have the statistics dtype (float32; float64 for float64 input)");
+}
+
+} // namespace
+
 ChannelsView check_bn_fwd_args(const Tensor& input, const std::optional<Tensor>& residual,
                                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                               const std::optional<Tensor>& batch_mean, const std::optional<Tensor>& batch_var,
-                               bool training, double eps) {
+                               const Tensor& mean, const Tensor& invstd) {
   const ChannelsView v = check_bn_activation(input, "input");
-  STD_TORCH_CHECK(eps > 0, "fusedres: eps must be > 0, got ", eps);
   if (residual.has_value()) {
     check_bn_same_layout(*residual, "residual", input);
+    STD_TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fusedres: residual must have input's dtype");
   }
   check_bn_channel_vector(weight, "weight", input, v.channels);
   check_bn_channel_vector(bias, "bias", input, v.channels);
-  check_bn_channel_vector(running_mean, "running_mean", input, v.channels);
-  check_bn_channel_vector(running_var, "running_var", input, v.channels);
-  check_bn_channel_vector(batch_mean, "batch_mean", input, v.channels);
-  check_bn_channel_vector(batch_var, "batch_var", input, v.channels);
-  STD_TORCH_CHECK(batch_mean.has_value() == batch_var.has_value(),
-                  "fusedres: batch_mean and batch_var must be given together");
-  STD_TORCH_CHECK(!batch_mean.has_value() || (batch_mean->scalar_type() == bn_stats_dtype(input) &&
-                                              batch_var->scalar_type() == bn_stats_dtype(input)),
-                  "fusedres: batch_mean and batch_var must have the statistics dtype");
-  if (!training) {
-    STD_TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                    "fusedres: running_mean and running_var are required in eval mode");
-  }
+  check_bn_stats(mean, "mean", input, v.channels);
+  check_bn_stats(invstd, "invstd", input, v.channels);
   return v;
 }
 
@@ -84,11 +81,11 @@ ChannelsView check_bn_bwd_args(const Tensor& grad, const std::optional<Tensor>& 
   if (out.has_value()) {
     check_bn_same_layout(*out, "out", input);
   }
-  check_bn_channel_vector(mean, "mean", input, v.channels);
-  check_bn_channel_vector(invstd, "invstd", input, v.channels);
+  check_bn_stats(mean, "mean", input, v.channels);
+  check_bn_stats(invstd, "invstd", input, v.channels);
   check_bn_channel_vector(weight, "weight", input, v.channels);
-  STD_TORCH_CHECK(mean.scalar_type() == bn_stats_dtype(input) && invstd.scalar_type() == bn_stats_dtype(input),
-                  "fusedres: mean and invstd must have the statistics dtype (float32; float64 for float64 input)");
+  STD_TORCH_CHECK(grad.scalar_type() == input.scalar_type() && (!out.has_value() || out->scalar_type() == input.scalar_type()),
+                  "fusedres: grads and out must have input's dtype");
   return v;
 }
 

@@ -31,9 +31,7 @@ Tensor empty_like_layout(const Tensor& input, std::optional<ScalarType> dtype = 
 // Argument checks of each op, shared by CPU and CUDA; each returns the activation's view.
 ChannelsView check_bn_fwd_args(const Tensor& input, const std::optional<Tensor>& residual,
                                const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                               const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                               const std::optional<Tensor>& batch_mean, const std::optional<Tensor>& batch_var,
-                               bool training, double eps);
+                               const Tensor& mean, const Tensor& invstd);
 ChannelsView check_bn_bwd_args(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
                                const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight);
 

@@ -24,15 +24,14 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
   //
   // Per-channel mean and biased variance over N and S (sync BatchNorm all-reduces these).
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
-  // out = relu(xhat * weight + bias + residual), xhat = (input - mean) * invstd. Training: mean
-  // and var are batch_mean/batch_var when given (global statistics of sync BatchNorm) else this
-  // batch's; running stats are updated in place with momentum, running_var with the unbiased
-  // var * count / (count - 1) (count <= 0: this batch's N * S). Eval: mean and var are the
-  // running stats. Returns (out, save_mean, save_invstd).
+  // out = relu(xhat * weight + bias + residual), xhat = (input - mean) * invstd, one pass.
+  // training/count only tell the autograd formula how mean/invstd were obtained: from this
+  // batch of `count` values per channel (grads flow through them) or constants (eval).
+  // (Running statistics are updated by fusedres::batch_norm_update_running_stats, a Python op:
+  // torch.library cannot attach autograd to an op that also mutates its arguments.)
   m.def(
-      "batch_norm_add_relu_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
-      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? batch_mean, Tensor? batch_var, "
-      "int count, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+      "batch_norm_add_relu_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
+      "Tensor invstd, bool relu, bool training, int count) -> Tensor");
   // Backward, first pass: g = grad_out masked by out > 0 (when relu); per-channel sum_dy = sum g
   // and sum_dy_xhat = sum g * xhat; g itself is written as grad_residual when asked (else (0,)).
   m.def(

@@ -9,7 +9,7 @@ from fusedres import nn  # noqa: E402  (modules use the ops above)
 from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
 from fusedres.backends import available_backends, get_backend, set_backend, use_backend
-from fusedres.ops import add_layer_norm, add_norm, add_rms_norm
+from fusedres.ops import add_layer_norm, add_norm, add_rms_norm, batch_norm_add_relu
 
 __all__ = [
     "EXTENSION_ERROR",
@@ -19,6 +19,7 @@ __all__ = [
     "add_norm",
     "add_rms_norm",
     "available_backends",
+    "batch_norm_add_relu",
     "get_backend",
     "nn",
     "set_backend",

@@ -47,62 +47,11 @@ struct AddNormBwdRows {
 
 } // namespace fusedres::cpu
 
-#define FUSEDRES_CPU_ISA baseline
-#include "cpu/add_norm_kernel.h"
-#undef FUSEDRES_CPU_ISA
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define FUSEDRES_HAVE_AVX2_BUILD 1
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
-#define FUSEDRES_CPU_ISA avx2
-#include "cpu/add_norm_kernel.h"
-#undef FUSEDRES_CPU_ISA
-#pragma GCC pop_options
-#endif
+#define FUSEDRES_CPU_KERNELS "cpu/add_norm_kernel.h"
+#include "cpu/isa_dispatch.h"
 
 namespace fusedres::cpu {
 namespace {
-
-bool cpu_has_avx2() {
-#ifdef FUSEDRES_HAVE_AVX2_BUILD
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c");
-  return has;
-#else
-  return false;
-#endif
-}
-
-template <typename acc_t>
-auto select_fwd() {
-#ifdef FUSEDRES_HAVE_AVX2_BUILD
-  if (cpu_has_avx2()) {
-    return &avx2::add_norm_fwd_rows<acc_t>;
-  }
-#endif
-  return &baseline::add_norm_fwd_rows<acc_t>;
-}
-
-template <typename acc_t>
-auto select_bwd() {
-#ifdef FUSEDRES_HAVE_AVX2_BUILD
-  if (cpu_has_avx2()) {
-    return &avx2::add_norm_bwd_rows<acc_t>;
-  }
-#endif
-  return &baseline::add_norm_bwd_rows<acc_t>;
-}
-
-// weight/bias as N accumulators; ones/zeros stand in for a missing one.
-template <typename acc_t>
-std::vector<acc_t> affine_row(const std::optional<Tensor>& t, int64_t n, acc_t fill) {
-  std::vector<acc_t> out(n, fill);
-  if (t.has_value()) {
-    baseline::load_row(t->const_data_ptr(), t->scalar_type(), n, out.data());
-  }
-  return out;
-}
 
 // Rows per parallel task: enough elements that the pool's per-task overhead is noise.
 int64_t grain_rows(int64_t n) {
@@ -121,12 +70,11 @@ template <typename acc_t>
 void run_fwd(const AddNormFwdRows& args, const std::optional<Tensor>& weight,
              const std::optional<Tensor>& bias, int64_t m) {
   const int64_t n = args.n;
-  const auto w = affine_row<acc_t>(weight, n, acc_t(1));
-  const auto b = affine_row<acc_t>(bias, n, acc_t(0));
-  const auto kernel = select_fwd<acc_t>();
+  const auto w = to_acc_vector<acc_t>(weight, n, acc_t(1));
+  const auto b = to_acc_vector<acc_t>(bias, n, acc_t(0));
   torch::stable::parallel_for(0, m, grain_rows(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(n);
-    kernel(args, w.data(), b.data(), buf.data(), begin, end);
+    FUSEDRES_ISA_CALL(add_norm_fwd_rows<acc_t>(args, w.data(), b.data(), buf.data(), begin, end));
   });
 }
 
@@ -134,8 +82,7 @@ template <typename acc_t>
 void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, acc_t* dw_partials,
              acc_t* db_partials, int64_t m, int64_t chunks) {
   const int64_t n = args.n;
-  const auto w = affine_row<acc_t>(weight, n, acc_t(1));
-  const auto kernel = select_bwd<acc_t>();
+  const auto w = to_acc_vector<acc_t>(weight, n, acc_t(1));
   const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
   torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread rows: xhat, g, h converted, and scratch partials for an absent weight/bias
@@ -148,7 +95,8 @@ void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, ac
       acc_t* dw = dw_partials ? dw_partials + c * n : hbuf + n;
       acc_t* db = db_partials ? db_partials + c * n : hbuf + 2 * n;
       const int64_t r0 = c * rows_per_chunk;
-      kernel(args, w.data(), dw, db, xhat, g, hbuf, r0, std::min(m, r0 + rows_per_chunk));
+      FUSEDRES_ISA_CALL(
+          add_norm_bwd_rows<acc_t>(args, w.data(), dw, db, xhat, g, hbuf, r0, std::min(m, r0 + rows_per_chunk)));
     }
   });
 }

@@ -8,6 +8,8 @@
 #include <torch/headeronly/util/Half.h>
 
 #include <cstdint>
+#include <optional>
+#include <vector>
 
 namespace fusedres::cpu {
 
@@ -43,6 +45,34 @@ inline const char* row_ptr(const Tensor& t, int64_t row) {
 inline char* mutable_row_ptr(const Tensor& t, int64_t row) {
   return static_cast<char*>(t.mutable_data_ptr()) +
       row * t.stride(0) * static_cast<int64_t>(t.element_size());
+}
+
+// A small (parameter-sized) tensor as accumulators; `fill` stands in for every element when absent.
+template <typename acc_t>
+std::vector<acc_t> to_acc_vector(const std::optional<Tensor>& t, int64_t n, acc_t fill) {
+  std::vector<acc_t> out(n, fill);
+  if (t.has_value()) {
+    visit_float(t->scalar_type(), [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      const T* src = static_cast<const T*>(t->const_data_ptr());
+      for (int64_t i = 0; i < n; ++i) {
+        out[i] = static_cast<acc_t>(src[i]);
+      }
+    });
+  }
+  return out;
+}
+
+// Writes n accumulators into a tensor of any supported float dtype.
+template <typename acc_t>
+void store_acc_vector(const acc_t* src, int64_t n, Tensor& t) {
+  visit_float(t.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    T* dst = static_cast<T*>(t.mutable_data_ptr());
+    for (int64_t i = 0; i < n; ++i) {
+      dst[i] = static_cast<T>(src[i]);
+    }
+  });
 }
 
 } // namespace fusedres::cpu

@@ -1,0 +1,288 @@
+// BatchNorm + add + ReLU on the CPU: torch's thread pool over NCHW planes or channels_last row
+// chunks; the loops (batch_norm_kernel.h) are built for the baseline ISA and AVX2.
+//
+// Memory passes: training forward = stats (read x) + apply (read x, residual; write out);
+// backward = reduce (read dy, out, x; write g = grad_residual when there is a residual) + input
+// grad (read g or dy and out, x; write dx). Per-channel work between passes is O(C).
+#include "batch_norm.h"
+#include "cpu/float_rows.h"
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#define FUSEDRES_CPU_KERNELS "cpu/batch_norm_kernel.h"
+#include "cpu/isa_dispatch.h"
+
+namespace fusedres::cpu {
+namespace {
+
+constexpr int64_t kGrainElements = 16384;
+
+int64_t plane_grain(const ChannelsView& v) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(v.spatial, 1));
+}
+
+// channels_last statistics are accumulated per fixed-size chunk of rows (a function of C only),
+// so the partials and their fixed-order sum never depend on the thread count.
+int64_t chunk_rows(const ChannelsView& v) {
+  return std::max<int64_t>(1, kGrainElements / v.channels);
+}
+
+template <typename F>
+void visit_input(const Tensor& input, F&& f) {
+  visit_float(input.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    f(TypeTag<T>{}, TypeTag<acc_t>{});
+  });
+}
+
+// Per-channel mean and biased variance in double, from sums of x - shift_c (shift_c = the
+// channel's first element, close enough to the mean that no precision is lost to it).
+template <typename T, typename acc_t>
+void batch_stats(const Tensor& input, const ChannelsView& v, std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t c_total = v.channels, count = v.per_channel();
+  mean.assign(c_total, std::numeric_limits<double>::quiet_NaN());
+  var.assign(c_total, std::numeric_limits<double>::quiet_NaN());
+  if (count == 0) {
+    return;
+  }
+  const T* x = static_cast<const T*>(input.const_data_ptr());
+  std::vector<acc_t> shift(c_total);
+  for (int64_t c = 0; c < c_total; ++c) {
+    shift[c] = static_cast<acc_t>(x[v.channels_last ? c : c * v.spatial]);
+  }
+  std::vector<double> s1(c_total, 0.0), s2(c_total, 0.0);
+  if (!v.channels_last) {
+    const int64_t planes = v.batch * c_total;
+    std::vector<double> p1(planes), p2(planes);
+    torch::stable::parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
+      FUSEDRES_ISA_CALL(bn_stats_planes<T, acc_t>(x, c_total, v.spatial, shift.data(), p1.data(), p2.data(), b, e));
+    });
+    for (int64_t p = 0; p < planes; ++p) {
+      s1[p % c_total] += p1[p];
+      s2[p % c_total] += p2[p];
+    }
+  } else {
+    const int64_t rows = count, per_chunk = chunk_rows(v), chunks = (rows + per_chunk - 1) / per_chunk;
+    std::vector<acc_t> p1(chunks * c_total, acc_t(0)), p2(chunks * c_total, acc_t(0));
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
+        FUSEDRES_ISA_CALL(
+            bn_stats_rows<T, acc_t>(x, c_total, shift.data(), p1.data() + k * c_total, p2.data() + k * c_total, r0, r1));
+      }
+    });
+    for (int64_t k = 0; k < chunks; ++k) {
+      for (int64_t c = 0; c < c_total; ++c) {
+        s1[c] += p1[k * c_total + c];
+        s2[c] += p2[k * c_total + c];
+      }
+    }
+  }
+  for (int64_t c = 0; c < c_total; ++c) {
+    const double d = s1[c] / count;
+    mean[c] = shift[c] + d;
+    var[c] = std::max(0.0, s2[c] / count - d * d);
+  }
+}
+
+Tensor stats_tensor(const Tensor& input, const std::vector<double>& values) {
+  Tensor t = torch::stable::new_empty(input, {static_cast<int64_t>(values.size())}, bn_stats_dtype(input));
+  store_acc_vector(values.data(), static_cast<int64_t>(values.size()), t);
+  return t;
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  const ChannelsView v = check_bn_activation(input, "input");
+  std::vector<double> mean, var;
+  visit_input(input, [&](auto t, auto a) {
+    batch_stats<typename decltype(t)::type, typename decltype(a)::type>(input, v, mean, var);
+  });
+  return {stats_tensor(input, mean), stats_tensor(input, var)};
+}
+
+template <typename T, typename acc_t>
+void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& out, const ChannelsView& v,
+           const std::vector<acc_t>& mean, const std::vector<acc_t>& scale, const std::vector<acc_t>& bias, bool relu) {
+  const T* x = static_cast<const T*>(input.const_data_ptr());
+  const T* res = residual.has_value() ? static_cast<const T*>(residual->const_data_ptr()) : nullptr;
+  T* o = static_cast<T*>(out.mutable_data_ptr());
+  auto run = [&](auto has_res, auto has_relu) {
+    constexpr bool kRes = decltype(has_res)::value, kRelu = decltype(has_relu)::value;
+    if (!v.channels_last) {
+      torch::stable::parallel_for(0, v.batch * v.channels, plane_grain(v), [&](int64_t b, int64_t e) {
+        FUSEDRES_ISA_CALL(bn_apply_planes<kRes, kRelu, T, acc_t>(x, res, o, v.channels, v.spatial, mean.data(),
+                                                                 scale.data(), bias.data(), b, e));
+      });
+    } else {
+      torch::stable::parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t b, int64_t e) {
+        FUSEDRES_ISA_CALL(bn_apply_rows<kRes, kRelu, T, acc_t>(x, res, o, v.channels, mean.data(), scale.data(),
+                                                               bias.data(), b, e));
+      });
+    }
+  };
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if (res != nullptr) {
+    relu ? run(Yes{}, Yes{}) : run(Yes{}, No{});
+  } else {
+    relu ? run(No{}, Yes{}) : run(No{}, No{});
+  }
+}
+
+Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tensor>& residual,
+                                   const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+                                   const Tensor& mean, const Tensor& invstd, bool relu, bool /*training*/,
+                                   int64_t /*count*/) {
+  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, invstd);
+  const int64_t c_total = v.channels;
+  Tensor out = empty_like_layout(input);
+  visit_input(input, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    using acc_t = typename decltype(a)::type;
+    const std::vector<acc_t> w = to_acc_vector<acc_t>(weight, c_total, acc_t(1));
+    const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
+    std::vector<acc_t> scale = to_acc_vector<acc_t>(invstd, c_total, acc_t(1));
+    for (int64_t c = 0; c < c_total; ++c) {
+      scale[c] *= w[c];
+    }
+    apply<T, acc_t>(input, residual, out, v, m, scale, to_acc_vector<acc_t>(bias, c_total, acc_t(0)), relu);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& out,
+                                                                      const Tensor& input, const Tensor& mean,
+                                                                      const Tensor& invstd, bool relu,
+                                                                      bool write_grad_residual) {
+  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, invstd, std::nullopt);
+  const int64_t c_total = v.channels;
+  Tensor g = write_grad_residual ? empty_like_layout(input) : torch::stable::new_empty(input, {0});
+  std::vector<double> sum_dy(c_total, 0.0), sum_dy_xmu(c_total, 0.0);
+  visit_input(input, [&](auto t, auto a) {
+    using T = typename decltype(t)::type;
+    using acc_t = typename decltype(a)::type;
+    const T* dy = static_cast<const T*>(grad_out.const_data_ptr());
+    const T* o = static_cast<const T*>(out.const_data_ptr());
+    const T* x = static_cast<const T*>(input.const_data_ptr());
+    T* gp = write_grad_residual ? static_cast<T*>(g.mutable_data_ptr()) : nullptr;
+    const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
+    auto run = [&](auto mask, auto write) {
+      constexpr bool kMask = decltype(mask)::value, kWrite = decltype(write)::value;
+      if (!v.channels_last) {
+        const int64_t planes = v.batch * c_total;
+        std::vector<double> p1(planes), p2(planes);
+        torch::stable::parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
+          FUSEDRES_ISA_CALL(bn_bwd_reduce_planes<kMask, kWrite, T, acc_t>(dy, o, x, gp, c_total, v.spatial, m.data(),
+                                                                          p1.data(), p2.data(), b, e));
+        });
+        for (int64_t p = 0; p < planes; ++p) {
+          sum_dy[p % c_total] += p1[p];
+          sum_dy_xmu[p % c_total] += p2[p];
+        }
+      } else {
+        const int64_t rows = v.per_channel(), per_chunk = chunk_rows(v), chunks = (rows + per_chunk - 1) / per_chunk;
+        std::vector<acc_t> p1(chunks * c_total, acc_t(0)), p2(chunks * c_total, acc_t(0));
+        torch::stable::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+          for (int64_t k = b; k < e; ++k) {
+            const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
+            FUSEDRES_ISA_CALL(bn_bwd_reduce_rows<kMask, kWrite, T, acc_t>(
+                dy, o, x, gp, c_total, m.data(), p1.data() + k * c_total, p2.data() + k * c_total, r0, r1));
+          }
+        });
+        for (int64_t k = 0; k < chunks; ++k) {
+          for (int64_t c = 0; c < c_total; ++c) {
+            sum_dy[c] += p1[k * c_total + c];
+            sum_dy_xmu[c] += p2[k * c_total + c];
+          }
+        }
+      }
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (relu) {
+      write_grad_residual ? run(Yes{}, Yes{}) : run(Yes{}, No{});
+    } else {
+      write_grad_residual ? run(No{}, Yes{}) : run(No{}, No{});
+    }
+  });
+  const std::vector<double> istd = to_acc_vector<double>(invstd, c_total, 0.0);
+  for (int64_t c = 0; c < c_total; ++c) {
+    sum_dy_xmu[c] *= istd[c];  // now sum of g * xhat
+  }
+  return {stats_tensor(input, sum_dy), stats_tensor(input, sum_dy_xmu), g};
+}
+
+Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
+                                         const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
+                                         const Tensor& sum_dy, const Tensor& sum_dy_xhat, int64_t count, bool training,
+                                         bool relu) {
+  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, invstd, weight);
+  const int64_t c_total = v.channels;
+  check_bn_channel_vector(sum_dy, "sum_dy", input, c_total);
+  check_bn_channel_vector(sum_dy_xhat, "sum_dy_xhat", input, c_total);
+  STD_TORCH_CHECK(!training || count > 0, "fusedres: count must be positive in training mode");
+  STD_TORCH_CHECK(sum_dy.scalar_type() == bn_stats_dtype(input) && sum_dy_xhat.scalar_type() == bn_stats_dtype(input),
+                  "fusedres: sum_dy and sum_dy_xhat must have the statistics dtype");
+  Tensor dx = empty_like_layout(input);
+  if (v.per_channel() == 0) {
+    return dx;
+  }
+  visit_input(input, [&](auto t, auto acc_tag) {
+    using T = typename decltype(t)::type;
+    using acc_t = typename decltype(acc_tag)::type;
+    const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
+    const std::vector<double> istd = to_acc_vector<double>(invstd, c_total, 0.0);
+    const std::vector<double> w = to_acc_vector<double>(weight, c_total, 1.0);
+    const std::vector<double> sdy = to_acc_vector<double>(sum_dy, c_total, 0.0);
+    const std::vector<double> sdx = to_acc_vector<double>(sum_dy_xhat, c_total, 0.0);
+    // dx = a * g - k * (x - mean) + b with a = weight * invstd and, in training,
+    // k = a * invstd * sum_dy_xhat / count, b = -a * sum_dy / count.
+    std::vector<acc_t> a(c_total), k(c_total, acc_t(0)), b(c_total, acc_t(0));
+    for (int64_t c = 0; c < c_total; ++c) {
+      const double ac = w[c] * istd[c];
+      a[c] = static_cast<acc_t>(ac);
+      if (training) {
+        k[c] = static_cast<acc_t>(ac * istd[c] * sdx[c] / count);
+        b[c] = static_cast<acc_t>(-ac * sdy[c] / count);
+      }
+    }
+    const T* gp = static_cast<const T*>(grad.const_data_ptr());
+    const T* o = out.has_value() ? static_cast<const T*>(out->const_data_ptr()) : nullptr;
+    const T* x = static_cast<const T*>(input.const_data_ptr());
+    T* d = static_cast<T*>(dx.mutable_data_ptr());
+    auto run = [&](auto mask) {
+      constexpr bool kMask = decltype(mask)::value;
+      if (!v.channels_last) {
+        torch::stable::parallel_for(0, v.batch * c_total, plane_grain(v), [&](int64_t lo, int64_t hi) {
+          FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(gp, o, x, d, c_total, v.spatial, m.data(), a.data(),
+                                                                 k.data(), b.data(), lo, hi));
+        });
+      } else {
+        torch::stable::parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t lo, int64_t hi) {
+          FUSEDRES_ISA_CALL(
+              bn_bwd_input_rows<kMask, T, acc_t>(gp, o, x, d, c_total, m.data(), a.data(), k.data(), b.data(), lo, hi));
+        });
+      }
+    };
+    (relu && o != nullptr) ? run(std::true_type{}) : run(std::false_type{});
+  });
+  return dx;
+}
+
+} // namespace
+
+STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
+  m.impl("batch_norm_stats", TORCH_BOX(&batch_norm_stats_cpu));
+  m.impl("batch_norm_add_relu_fwd", TORCH_BOX(&batch_norm_add_relu_fwd_cpu));
+  m.impl("batch_norm_add_relu_bwd_reduce", TORCH_BOX(&batch_norm_add_relu_bwd_reduce_cpu));
+  m.impl("batch_norm_add_relu_bwd_input", TORCH_BOX(&batch_norm_add_relu_bwd_input_cpu));
+}
+
+} // namespace fusedres::cpu
