@@ -197,16 +197,41 @@ def batch_norm_add_relu(
             input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu=relu
         )
     x = as_channels_view(input)
-    r = match_layout(residual.reshape(x.shape), x).to(input.dtype) if residual is not None else None
-    ops = _OPS[backend]
     count = x.shape[0] * x.shape[2]
     stats = _stats_dtype(input.dtype)
     if training:
-        mean, var = ops["batch_norm_stats"](x.detach())
+        mean, var = _OPS[backend]["batch_norm_stats"](x.detach())
         if running_mean is not None:
             batch_norm_update_running_stats(running_mean, running_var, mean, var, float(momentum), count)
     else:
         mean, var = running_mean.detach().to(stats), running_var.detach().to(stats)
     invstd = torch.rsqrt(var + eps)
-    out = ops["batch_norm_add_relu_fwd"](x, r, weight, bias, mean, invstd, relu, training, count)
+    return _apply(backend, input, x, residual, weight, bias, mean, invstd, relu, training, count)
+
+
+def _apply(backend, input, x, residual, weight, bias, mean, invstd, relu, training, count):
+    r = match_layout(residual.reshape(x.shape), x).to(input.dtype) if residual is not None else None
+    out = _OPS[backend]["batch_norm_add_relu_fwd"](x, r, weight, bias, mean, invstd, relu, training, count)
     return out.view(input.shape)
+
+
+def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, relu: bool = True):
+    """relu(input + bias[c] + residual) in one pass: the tail of a conv whose BatchNorm was folded
+    into its weight and bias (eval mode). Same layouts and dtypes as batch_norm_add_relu."""
+    check_float_tensor("input", input)
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
+    check_float_tensor("bias", bias)
+    if tuple(bias.shape) != (input.shape[1],):
+        raise ValueError(f"bias must have shape ({input.shape[1]},), got {tuple(bias.shape)}")
+    if residual is not None and residual.shape != input.shape:
+        raise ValueError(f"residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
+    backend = resolve_backend(input.device)
+    if backend == "reference":
+        out = input + bias.reshape(1, -1, *([1] * (input.dim() - 2))).to(input.dtype)
+        out = out + residual if residual is not None else out
+        return torch.relu(out) if relu else out
+    x = as_channels_view(input)
+    c, stats = x.shape[1], _stats_dtype(input.dtype)
+    zeros, ones = x.new_zeros((c,), dtype=stats), x.new_ones((c,), dtype=stats)
+    return _apply(backend, input, x, residual, None, bias, zeros, ones, relu, False, x.shape[0] * x.shape[2])
