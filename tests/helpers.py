@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fusedres
-from fusedres.testing import max_abs_error, parity_bound
+from fusedres.testing import max_abs_error, parity_bound, ref_scale
 
 
 def device_backends(include_reference: bool = True):
@@ -49,7 +49,7 @@ def assert_close_to_ref(name: str, ours, eager, ref, dtype: torch.dtype) -> None
     assert torch.equal(ours64[~finite & ~torch.isnan(ref64)], ref64[~finite & ~torch.isnan(ref64)]), (
         f"{name}: infinities differ from the reference"
     )
-    bound = parity_bound(max_abs_error(eager64, ref64), dtype)
+    bound = parity_bound(max_abs_error(eager64, ref64), dtype, ref_scale(ref64))
     err = max_abs_error(ours64, ref64)
     assert err <= bound, f"{name} ({dtype}): " + describe_mismatch(
         torch.where(finite, ours64, 0), torch.where(finite, ref64, 0), bound

@@ -7,6 +7,7 @@ from fusedres.nn.batch_norm import (
     BatchNormAddReLU3d,
     ConvBNAddReLU2d,
     ConvBNReLU2d,
+    SyncBatchNormAddReLU2d,
 )
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "BatchNormAddReLU3d",
     "ConvBNAddReLU2d",
     "ConvBNReLU2d",
+    "SyncBatchNormAddReLU2d",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedres.ops.batch_norm import batch_norm_add_relu, bias_add_relu
+from fusedres.ops.batch_norm import batch_norm_add_relu, bias_add_relu, sync_batch_norm_add_relu
 
 
 class _BatchNormAddReLU:
@@ -39,7 +39,7 @@ class _BatchNormAddReLU:
     @classmethod
     def from_module(cls, bn: nn.modules.batchnorm._BatchNorm):
         """A fused module sharing `bn`'s parameters and buffers (so optimizers keep working)."""
-        expected = cls.__mro__[2]  # the nn.BatchNorm*d this class extends
+        expected = next(k for k in cls.__mro__ if k.__module__.startswith("torch.nn"))  # the nn.BatchNorm*d
         if not isinstance(bn, expected):
             raise TypeError(f"bn must be an {expected.__module__}.{expected.__name__}, got {type(bn).__name__}")
         new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, device="meta")
@@ -59,6 +59,57 @@ class BatchNormAddReLU2d(_BatchNormAddReLU, nn.BatchNorm2d):
 
 class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
     """nn.BatchNorm3d followed by + residual and ReLU, fused."""
+
+
+class SyncBatchNormAddReLU2d(BatchNormAddReLU2d):
+    """BatchNormAddReLU2d whose training statistics span every process of `process_group` (all of
+    torch.distributed's default group when None), as nn.SyncBatchNorm. Outside distributed
+    training (not initialized, or one process) it is BatchNormAddReLU2d."""
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
+    def _synchronized(self) -> bool:
+        import torch.distributed as dist
+
+        return (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and (dist.get_world_size(self.process_group) > 1)
+        )
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not self._synchronized():
+            return super().forward(input, residual)
+        self._check_input_dim(input)
+        factor = self.momentum if self.momentum is not None else 0.0
+        if self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return sync_batch_norm_add_relu(
+            input,
+            residual,
+            self.running_mean if self.track_running_stats else None,
+            self.running_var if self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+            relu=self.relu,
+            group=self.process_group,
+        )
 
 
 class ConvBNAddReLU2d(nn.Module):
@@ -137,4 +188,11 @@ class ConvBNReLU2d(ConvBNAddReLU2d):
         return super().forward(x, None)
 
 
-__all__ = ["BatchNormAddReLU1d", "BatchNormAddReLU2d", "BatchNormAddReLU3d", "ConvBNAddReLU2d", "ConvBNReLU2d"]
+__all__ = [
+    "BatchNormAddReLU1d",
+    "BatchNormAddReLU2d",
+    "BatchNormAddReLU3d",
+    "ConvBNAddReLU2d",
+    "ConvBNReLU2d",
+    "SyncBatchNormAddReLU2d",
+]

@@ -235,3 +235,77 @@ def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tenso
     c, stats = x.shape[1], _stats_dtype(input.dtype)
     zeros, ones = x.new_zeros((c,), dtype=stats), x.new_ones((c,), dtype=stats)
     return _apply(backend, input, x, residual, None, bias, zeros, ones, relu, False, x.shape[0] * x.shape[2])
+
+
+# --- synchronized (multi-process) BatchNorm ------------------------------------------------------
+
+
+class _SyncBatchNormAddReLU(torch.autograd.Function):
+    """batch_norm_add_relu in training with statistics over every process of `group`, matching
+    nn.SyncBatchNorm: all-gather (mean, var, count) before normalizing, all-reduce
+    (sum_dy, sum_dy_xhat) before the input grad; dweight/dbias stay local (DDP reduces them)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, momentum, eps, relu, group, backend):
+        import torch.distributed as dist
+
+        ops = _OPS[backend]
+        mean, var = ops["batch_norm_stats"](x)
+        local = torch.cat([mean, var, mean.new_full((1,), x.shape[0] * x.shape[2])])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        c = mean.numel()
+        stacked = torch.stack(gathered).double()
+        means, variances, counts = stacked[:, :c], stacked[:, c : 2 * c], stacked[:, 2 * c :]
+        count = counts.sum()
+        global_mean = (means * counts).sum(0) / count
+        global_var = ((variances + (means - global_mean).square()) * counts).sum(0) / count
+        mean, var, count = global_mean.to(mean.dtype), global_var.to(var.dtype), int(count.item())
+        if running_mean is not None:
+            batch_norm_update_running_stats(running_mean, running_var, mean, var, momentum, count)
+        invstd = torch.rsqrt(var + eps)
+        out = ops["batch_norm_add_relu_fwd"](x, residual, weight, bias, mean, invstd, relu, True, count)
+        ctx.save_for_backward(x, out, weight, mean, invstd)
+        ctx.relu, ctx.count, ctx.group, ctx.ops = relu, count, group, ops
+        ctx.has_residual, ctx.bias_dtype = residual is not None, bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import torch.distributed as dist
+
+        x, out, weight, mean, invstd = ctx.saved_tensors
+        ops = ctx.ops
+        grad_out = match_layout(grad_out, x)
+        write_g = ctx.has_residual and ctx.relu
+        sum_dy, sum_dy_xhat, g = ops["batch_norm_add_relu_bwd_reduce"](
+            grad_out, out, x, mean, invstd, ctx.relu, write_g
+        )
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+        sums = torch.cat([sum_dy, sum_dy_xhat])
+        dist.all_reduce(sums, group=ctx.group)
+        sum_dy, sum_dy_xhat = sums.chunk(2)
+        grad, mask_from = (g, None) if write_g else (grad_out, out)
+        grad_input = ops["batch_norm_add_relu_bwd_input"](
+            grad, mask_from, x, mean, invstd, weight, sum_dy, sum_dy_xhat, ctx.count, True, ctx.relu
+        )
+        grad_residual = (g if write_g else grad_out) if ctx.has_residual else None
+        return grad_input, grad_residual, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def sync_batch_norm_add_relu(
+    input, residual, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5, *, relu=True, group=None
+):
+    """Training-mode batch_norm_add_relu with batch statistics over all processes of `group`
+    (torch.distributed must be initialized)."""
+    eps = _check_args(input, residual, running_mean, running_var, weight, bias, True, eps)
+    backend = resolve_backend(input.device)
+    if backend == "reference":
+        raise RuntimeError("sync_batch_norm_add_relu needs a kernel backend (cpu, cuda or triton), not 'reference'")
+    x = as_channels_view(input)
+    r = match_layout(residual.reshape(x.shape), x).to(input.dtype) if residual is not None else None
+    out = _SyncBatchNormAddReLU.apply(
+        x, r, weight, bias, running_mean, running_var, float(momentum), eps, relu, group, backend
+    )
+    return out.view(input.shape)
