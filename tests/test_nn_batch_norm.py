@@ -50,7 +50,7 @@ def test_matches_torch_module_over_steps(ours_cls, torch_cls, shape, kwargs):
     ours = ours_cls(5, **kwargs)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(shape, requires_grad=True)
         residual = torch.randn(shape, requires_grad=True)
         y = ours(x, residual)
