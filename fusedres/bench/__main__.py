@@ -14,7 +14,7 @@ import sys
 import torch
 
 import fusedres
-from fusedres.bench import add_norm
+from fusedres.bench import add_norm, batch_norm, harness
 from fusedres.bench.timing import copy_bandwidth_gbps
 
 
@@ -23,7 +23,7 @@ def parse_args(argv=None):
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small default set (default; ~2 minutes on CPU)")
     size.add_argument("--full", action="store_true", help="model-sized shapes (for GPUs)")
-    p.add_argument("--ops", nargs="*", default=None, help="add_layer_norm, add_rms_norm")
+    p.add_argument("--ops", nargs="*", default=None, help="add_layer_norm, add_rms_norm, batch_norm_add_relu")
     p.add_argument("--backends", nargs="*", default=None, help="fusedres backends to time (default: all usable)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--reps", type=int, default=20)
@@ -40,13 +40,13 @@ def add_speedups(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict], copy_gbps: float) -> str:
-    header = f"{'case':<36} {'dir':<8} {'provider':<16} {'ms':>9} {'GB/s':>8} {'%copy':>6}"
+    header = f"{'case':<44} {'dir':<8} {'provider':<16} {'ms':>9} {'GB/s':>8} {'%copy':>6}"
     header += f" {'vs eager':>9} {'vs compile':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         fmt = lambda v: f"{v:.2f}x" if v else "-"
         lines.append(
-            f"{r['case']:<36} {r['direction']:<8} {r['provider']:<16} {r['median_ms']:>9.3f} {r['gbps']:>8.1f} "
+            f"{r['case']:<44} {r['direction']:<8} {r['provider']:<16} {r['median_ms']:>9.3f} {r['gbps']:>8.1f} "
             f"{100 * r['gbps'] / copy_gbps:>5.0f}% {fmt(r['vs_eager']):>9} {fmt(r['vs_compile']):>10}"
         )
     return "\n".join(lines)
@@ -55,7 +55,8 @@ def format_table(rows: list[dict], copy_gbps: float) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cases = add_norm.full_cases(device) if args.full else add_norm.quick_cases(device)
+    families = (add_norm, batch_norm)
+    cases = [c for f in families for c in (f.full_cases(device) if args.full else f.quick_cases(device))]
     if args.ops:
         cases = [c for c in cases if c.op in args.ops]
     copy_gbps = copy_bandwidth_gbps(device)
@@ -68,17 +69,17 @@ def main(argv=None) -> int:
     rows, parity_rows = [], []
     for case in cases:
         fns = {
-            name: add_norm.provider_fn(name, backend, case)
-            for name, backend in add_norm.providers(device, args.backends).items()
+            name: harness.provider_fn(name, backend, case)
+            for name, backend in harness.providers(device, args.backends).items()
         }
-        for name, result in add_norm.parity(case, device, fns).items():
+        for name, result in harness.parity(case, device, fns).items():
             parity_rows.append({"case": case.label, "provider": name, **result})
             status = {True: "ok", False: "FAIL", None: "(reference point)"}[result["pass"]]
             print(
-                f"parity {case.label:<36} {name:<16} max|err| {result['max_abs_error']:.3g} "
+                f"parity {case.label:<44} {name:<16} max|err| {result['max_abs_error']:.3g} "
                 f"(eager {result['eager_max_abs_error']:.3g}) {status}"
             )
-        rows += add_norm.time_case(case, device, fns, reps=args.reps)
+        rows += harness.time_case(case, device, fns, reps=args.reps)
         print(f"timed  {case.label}", flush=True)
     add_speedups(rows)
     table = format_table(rows, copy_gbps)

@@ -58,3 +58,26 @@ def add_norm_bytes(
 def copy_bytes(numel: int, dtype: torch.dtype) -> int:
     """A copy reads and writes every element once."""
     return 2 * numel * _size(dtype)
+
+
+def batch_norm_add_relu_bytes(
+    numel: int, channels: int, *, dtype: torch.dtype, residual: bool, training: bool, direction: str
+) -> int:
+    """BatchNorm + add + ReLU over `numel` activations:
+    forward : (training: read x for the statistics) read x, residual; write out.
+    backward: read dy, out, x (writing the masked grad as the residual's grad when there is one);
+              then read that grad (or dy and out again), x; write dx.
+    Per-channel vectors are counted as fp32 and are noise next to the activations."""
+    if direction == "fwd+bwd":
+        kw = dict(dtype=dtype, residual=residual, training=training)
+        return batch_norm_add_relu_bytes(numel, channels, direction="fwd", **kw) + batch_norm_add_relu_bytes(
+            numel, channels, direction="bwd", **kw
+        )
+    act = numel * _size(dtype)
+    per_channel = channels * 4 * 4
+    if direction == "fwd":
+        return act * ((1 if training else 0) + 2 + (1 if residual else 0)) + per_channel
+    if direction == "bwd":
+        second_pass = 3 if residual else 4  # g + x + dx, or dy + out + x + dx
+        return act * (3 + (1 if residual else 0) + second_pass) + per_channel
+    raise ValueError(f"direction must be fwd, bwd or fwd+bwd, got {direction!r}")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusedres.bench import add_norm
+from fusedres.bench import add_norm, batch_norm, harness
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CASES = add_norm.quick_cases(DEVICE)
-PROVIDERS = add_norm.providers(DEVICE)
+CASES = add_norm.quick_cases(DEVICE) + batch_norm.quick_cases(DEVICE)
+PROVIDERS = harness.providers(DEVICE)
 
 
 def _synchronized(fn):
@@ -30,10 +30,10 @@ def _synchronized(fn):
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label.replace(" ", "-"))
 def test_fwd_bwd(benchmark, case, provider):
-    fn = add_norm.provider_fn(provider, PROVIDERS[provider], case)
+    fn = harness.provider_fn(provider, PROVIDERS[provider], case)
     benchmark.group = case.label
-    benchmark.extra_info.update(add_norm.parity(case, DEVICE, {provider: fn})[provider])
-    inputs = [t.requires_grad_() if t is not None else None for t in add_norm.make_inputs(case, DEVICE)]
+    benchmark.extra_info.update(harness.parity(case, DEVICE, {provider: fn})[provider])
+    inputs = [t.requires_grad_() if t is not None else None for t in case.make_inputs(DEVICE)]
     wrt = [t for t in inputs if t is not None]
 
     def step():
