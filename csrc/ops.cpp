@@ -32,12 +32,12 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
   m.def(
       "batch_norm_add_relu_fwd(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor invstd, bool relu, bool training, int count) -> Tensor");
-  // Backward, first pass: g = grad_out masked by out > 0 (when relu); per-channel sum_dy = sum g
+  // Backward, first pass: g = grad_out, zeroed where out <= 0 (when relu, as threshold_backward); per-channel sum_dy = sum g
   // and sum_dy_xhat = sum g * xhat; g itself is written as grad_residual when asked (else (0,)).
   m.def(
       "batch_norm_add_relu_bwd_reduce(Tensor grad_out, Tensor out, Tensor input, Tensor mean, "
       "Tensor invstd, bool relu, bool write_grad_residual) -> (Tensor, Tensor, Tensor)");
-  // Backward, second pass: grad_input. `grad` is grad_out masked by out > 0 when `out` is given
+  // Backward, second pass: grad_input. `grad` is grad_out masked by out (as above) when `out` is given
   // and relu, or the already-masked g (grad_residual) when out is None. Training:
   // grad_input = weight * invstd * (g - sum_dy / count - xhat * sum_dy_xhat / count);
   // eval: weight * invstd * g.

@@ -87,12 +87,12 @@ void bn_apply_rows(const T* __restrict x, const T* __restrict res, T* __restrict
   }
 }
 
-// g = dy masked by out > 0 (the ReLU's grad; out == 0 passes nothing, as torch's threshold_backward).
+// g = dy blocked where out <= 0: torch's threshold_backward, so a NaN output passes its grad on.
 template <bool kMask, typename T, typename acc_t>
 inline acc_t bn_grad(const T* __restrict dy, const T* __restrict out, int64_t i) {
   const acc_t g = static_cast<acc_t>(dy[i]);
   if constexpr (kMask) {
-    return static_cast<acc_t>(out[i]) > acc_t(0) ? g : acc_t(0);
+    return static_cast<acc_t>(out[i]) <= acc_t(0) ? acc_t(0) : g;
   }
   return g;
 }
