@@ -62,6 +62,7 @@ RowsView check_add_norm_bwd_args(
     const Tensor& dy,
     const std::optional<Tensor>& dh,
     const Tensor& h,
+    const std::optional<Tensor>& residual,
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     const Tensor& mean,
@@ -74,6 +75,9 @@ RowsView check_add_norm_bwd_args(
   check_rows(dy, "dy", h, shape);
   if (dh.has_value()) {
     check_rows(*dh, "dh", h, shape);
+  }
+  if (residual.has_value()) {
+    check_rows(*residual, "residual", h, shape);
   }
   check_vector(weight, "weight", h, shape.cols);
   check_vector(bias, "bias", h, shape.cols);

@@ -41,6 +41,7 @@ RowsView check_add_norm_bwd_args(
     const Tensor& dy,
     const std::optional<Tensor>& dh,
     const Tensor& h,
+    const std::optional<Tensor>& residual,
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     const Tensor& mean,

@@ -9,13 +9,16 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
   m.def(
       "add_norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
       "bool rms_norm, ScalarType h_dtype, bool store_h) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Backward of add_norm_fwd with h the tensor that was normalized. dh (prenorm: the grad of
-  // h) is added to dx. Returns (dx, dresidual, dweight, dbias): dx has dy's dtype, dresidual
-  // is written only when dresidual_dtype is given (a residual whose dtype differs from x's;
-  // otherwise dresidual equals dx), dweight/dbias are (0,) when weight/bias are None.
+  // Backward of add_norm_fwd. h is the tensor that was normalized, or, when residual is given,
+  // x: h = x + residual (rounded to h_dtype) is then recomputed rather than read, which lets a
+  // forward skip writing h (the CPU backend's choice). dh (prenorm: the grad of h) is added to
+  // dx. Returns (dx, dresidual, dweight, dbias): dx has dy's dtype, dresidual is written only
+  // when dresidual_dtype is given (a residual whose dtype differs from x's; otherwise dresidual
+  // equals dx), dweight/dbias are (0,) when weight/bias are None.
   m.def(
-      "add_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? weight, Tensor? bias, Tensor mean, "
-      "Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+      "add_norm_bwd(Tensor dy, Tensor? dh, Tensor h, Tensor? residual, ScalarType h_dtype, Tensor? weight, "
+      "Tensor? bias, Tensor mean, Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // BatchNorm (+ residual) (+ ReLU). Every tensor argument named input/residual/out/grad* is a
   // 3-D view (N, C, S) of an (N, C, *) activation, either NCHW-dense (strides C*S, S, 1) or

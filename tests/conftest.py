@@ -1,8 +1,12 @@
 """Test setup: Triton's interpreter on GPU-less machines, and `gpu`-marked tests skipped cleanly."""
 
 import os
+import tempfile
 
 import torch
+
+# A fresh compile cache per run: a cached graph can outlive a change to an operator's schema.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusedres-inductor-"))
 
 # Triton reads this when kernels are defined, so it must be set before fusedres is imported:
 # on a machine without a GPU the real Triton kernels then run through the interpreter.

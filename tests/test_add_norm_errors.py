@@ -88,4 +88,6 @@ def test_cpp_op_rejects_out_of_bounds_shapes_directly():
         torch.ops.fusedres.add_norm_fwd(x.t(), None, None, None, 1e-5, False, torch.float32, False)
     y, h, mean, rstd = torch.ops.fusedres.add_norm_fwd(x, None, None, None, 1e-5, False, torch.float32, False)
     with pytest.raises(RuntimeError, match="rstd must be"):
-        torch.ops.fusedres.add_norm_bwd(y, None, x, None, None, mean, rstd[:2], False, None)
+        torch.ops.fusedres.add_norm_bwd(y, None, x, None, torch.float32, None, None, mean, rstd[:2], False, None)
+    with pytest.raises(RuntimeError, match="residual must have shape"):
+        torch.ops.fusedres.add_norm_bwd(y, None, x, x[:2], torch.float32, None, None, mean, rstd, False, None)

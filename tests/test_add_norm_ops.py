@@ -34,8 +34,10 @@ def bwd_samples(fwd, device):
         y, h, mean, rstd = fwd(x, r, w, b, eps, rms, h_dtype, True)
         dy = torch.randn_like(y)
         dres_dtype = r.dtype if r is not None and r.dtype != x.dtype else None
-        out.append((dy, torch.randn_like(h), h, w, b, mean, rstd, rms, dres_dtype))
-        out.append((dy, None, h, w, None, mean, rstd, rms, None))
+        out.append((dy, torch.randn_like(h), h, None, h_dtype, w, b, mean, rstd, rms, dres_dtype))
+        out.append((dy, None, h, None, h_dtype, w, None, mean, rstd, rms, None))
+        if r is not None:  # h recomputed from x + residual
+            out.append((dy, None, x, r, h_dtype, w, b, mean, rstd, rms, dres_dtype))
     return out
 
 

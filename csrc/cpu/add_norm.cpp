@@ -38,7 +38,8 @@ struct AddNormFwdRows {
 };
 
 struct AddNormBwdRows {
-  RowArg dy, dh, h, dx, dresidual;
+  RowArg dy, dh, h, residual, dx, dresidual;  // residual: h is x, recompute x + residual
+  ScalarType h_dtype;
   const void* mean;
   const void* rstd;
   int64_t n;
@@ -138,13 +139,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     const Tensor& dy,
     const std::optional<Tensor>& dh,
     const Tensor& h,
+    const std::optional<Tensor>& residual,
+    ScalarType h_dtype,
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     const Tensor& mean,
     const Tensor& rstd,
     bool rms_norm,
     std::optional<ScalarType> dresidual_dtype) {
-  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, weight, bias, mean, rstd, rms_norm);
+  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, residual, weight, bias, mean, rstd, rms_norm);
   auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, shape, dresidual_dtype);
   const ScalarType acc = rstd.scalar_type();
   const int64_t chunks = num_chunks(shape.rows, shape.cols);
@@ -161,6 +164,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     args.dy = RowArg(dy);
     args.dh = dh.has_value() ? RowArg(*dh) : RowArg();
     args.h = RowArg(h);
+    args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
+    args.h_dtype = h_dtype;
     args.dx = RowArg(dx);
     args.dresidual = dresidual_dtype.has_value() ? RowArg(dresidual) : RowArg();
     args.mean = rms_norm ? nullptr : mean.const_data_ptr();

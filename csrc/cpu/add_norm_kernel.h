@@ -204,7 +204,9 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
                              acc_t* __restrict hbuf, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
-  const bool h_typed = a.h.dtype == a.dy.dtype;
+  // h is read as is when it has dy's dtype; otherwise (another dtype, or x to which the residual
+  // is added back) it is first formed in a buffer, exactly as the forward formed it.
+  const bool h_typed = a.h.dtype == a.dy.dtype && !a.residual;
   for (int64_t r = begin; r < end; ++r) {
     const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
     const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
@@ -226,6 +228,10 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
       }
     } else {
       load_row(a.h.row(r), a.h.dtype, n, hbuf);
+      if (a.residual) {
+        add_row(a.residual.row(r), a.residual.dtype, n, hbuf);
+        round_row(hbuf, n, a.h_dtype);
+      }
 #pragma omp simd reduction(+ : sum_gx, sum_g)
       for (int64_t i = 0; i < n; ++i) {
         const acc_t xh = (hbuf[i] - mean) * rstd;

@@ -1285,14 +1285,25 @@ void run_bwd_16(BwdCall& c, bool h_f32, bool w_f32) {
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& dy,
     const std::optional<Tensor>& dh,
-    const Tensor& h,
+    const Tensor& h_or_x,
+    const std::optional<Tensor>& residual,
+    ScalarType h_dtype,
     const std::optional<Tensor>& weight,
     const std::optional<Tensor>& bias,
     const Tensor& mean,
     const Tensor& rstd,
     bool rms_norm,
     std::optional<ScalarType> dresidual_dtype) {
-  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, weight, bias, mean, rstd, rms_norm);
+  check_add_norm_bwd_args(dy, dh, h_or_x, residual, weight, bias, mean, rstd, rms_norm);
+  // GPUs have no reason to skip writing h in the forward (a write costs what a read does), so
+  // the fused path reads it; recomputing it here keeps the op complete: x + residual in the
+  // promoted dtype, rounded to h_dtype, exactly as the forward formed it.
+  const Tensor h = residual.has_value()
+      ? torch::stable::to(
+            torch::stable::subtract(torch::stable::to(h_or_x, stats_dtype(h_or_x.scalar_type())), *residual, -1.0),
+            h_dtype)
+      : h_or_x;
+  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, std::nullopt, weight, bias, mean, rstd, rms_norm);
   STD_TORCH_CHECK(dy.is_cuda(), "fusedres: add_norm_bwd (CUDA) expects CUDA tensors");
   STD_TORCH_CHECK(shape.cols <= (int64_t{1} << 30), "fusedres: N is too large");
   torch::stable::accelerator::DeviceGuard guard(dy.get_device_index());

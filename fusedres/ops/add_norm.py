@@ -50,7 +50,7 @@ if EXTENSION_LOADED:
         return y, h, mean, rstd
 
     @torch.library.register_fake("fusedres::add_norm_bwd")
-    def _add_norm_bwd_fake(dy, dh, h, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
+    def _add_norm_bwd_fake(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
         m, n = h.shape
         dx = dy.new_empty((m, n))
         dresidual = dy.new_empty((m, n), dtype=dresidual_dtype) if dresidual_dtype is not None else dy.new_empty(0)
@@ -65,13 +65,16 @@ if EXTENSION_LOADED:
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _eps, rms_norm, h_dtype, store_h = inputs
     _y, h, mean, rstd = output
-    # Backward needs the tensor that was normalized: the stored h, or x itself when h == x.
-    ctx.h_recoverable = store_h or (residual is None and h_dtype == x.dtype)
     ctx.rms_norm = rms_norm
+    ctx.h_dtype = h_dtype
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(h if store_h else x, weight, bias, mean, rstd)
+    # Backward needs the tensor that was normalized: the stored h, or x (+ residual, added back
+    # by the backward kernel) when h was not written. x.to(h_dtype) only ever widens x, so x
+    # itself stands for h when there is no residual.
+    recompute = not store_h and residual is not None
+    ctx.save_for_backward(h if store_h else x, residual if recompute else None, weight, bias, mean, rstd)
 
 
 def _rows_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -83,12 +86,7 @@ def _rows_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _make_backward(bwd_op):
     def backward(ctx, dy, dh, _dmean, _drstd):
-        if not ctx.h_recoverable:
-            raise RuntimeError(
-                "fusedres: add_norm_fwd ran with store_h=False, so h = x + residual cannot be "
-                "recovered for backward; call it with store_h=True when grads are needed"
-            )
-        h, weight, bias, mean, rstd = ctx.saved_tensors
+        h, residual, weight, bias, mean, rstd = ctx.saved_tensors
         needs_x, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
         if dy is None:  # only h was used downstream
             dy = h.new_zeros(h.shape, dtype=ctx.x_dtype)
@@ -97,6 +95,8 @@ def _make_backward(bwd_op):
             _rows_unit_stride(dy),
             _rows_unit_stride(dh) if dh is not None and dh.numel() > 0 else None,
             h,
+            residual,
+            ctx.h_dtype,
             weight,
             bias,
             mean,
@@ -169,8 +169,12 @@ def add_norm(x, residual, weight, bias, eps, *, rms_norm: bool, prenorm: bool = 
         )
     h_dtype = h_dtype_for(x, residual, residual_in_fp32)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
-    # Without autograd and without prenorm nobody reads h: skip writing it (one pass less).
-    store_h = prenorm or (needs_grad and (residual is not None or h_dtype != x.dtype))
+    # h is written only when someone reads it: prenorm returns it; a backward reads it, except
+    # on the CPU, which adds the residual back in the backward instead: a fresh output page costs
+    # a CPU far more than re-reading a tensor (memory-neutral too: x and residual are kept in
+    # place of h).
+    recompute_h = backend == "cpu" and residual is not None
+    store_h = prenorm or (needs_grad and residual is not None and not recompute_h)
     y, h, _mean, _rstd = _FWD_OPS[backend](
         _as_rows(x),
         _as_rows(residual),

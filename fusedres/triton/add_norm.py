@@ -564,6 +564,8 @@ def add_norm_bwd_triton(
     dy: Tensor,
     dh: Optional[Tensor],
     h: Tensor,
+    residual: Optional[Tensor],
+    h_dtype: torch.dtype,
     weight: Optional[Tensor],
     bias: Optional[Tensor],
     mean: Tensor,
@@ -572,6 +574,12 @@ def add_norm_bwd_triton(
     dresidual_dtype: Optional[torch.dtype],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     torch._check(h.dim() == 2, lambda: f"add_norm (triton): h must be 2-D, got {h.dim()} dims")
+    if residual is not None:
+        # h was not stored: form it as the forward did (x + residual in the accumulation dtype,
+        # rounded to h_dtype). GPUs store h instead (a write costs what this read does), so this
+        # path is for completeness, not speed.
+        _check_rows(residual, "residual", h.shape[0], h.shape[1], h.device)
+        h = (h.to(_stats_dtype(dy.dtype)) + residual).to(h_dtype)
     M, N = h.shape
     device = h.device
     _check_rows(h, "h", M, N, device)
