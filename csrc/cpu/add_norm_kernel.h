@@ -196,8 +196,8 @@ void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* w, const acc_t* b, 
 //   LayerNorm: dh = rstd * (g - xhat * mean(g * xhat) - mean(g))
 //   RMSNorm:   dh = rstd * (g - xhat * mean(g * xhat))
 // plus the incoming grad of h itself (prenorm); dweight = sum_rows dy * xhat, dbias = sum_rows dy.
-// One loop reads h and dy and produces xhat, g, both row sums and the dweight/dbias terms; a
-// second writes dx. Operands of another dtype than dy are converted through buffers first.
+// A first loop reads h and dy, a second writes dx; an h of another dtype than dy is converted
+// through a buffer first.
 template <typename T, typename acc_t>
 void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w, acc_t* __restrict dw,
                              acc_t* __restrict db, acc_t* __restrict xhat, acc_t* __restrict g,
@@ -207,16 +207,19 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
   // h is read as is when it has dy's dtype; otherwise (another dtype, or x to which the residual
   // is added back) it is first formed in a buffer, exactly as the forward formed it.
   const bool h_typed = a.h.dtype == a.dy.dtype && !a.residual;
+  const bool h_recomputed_typed =
+      a.residual && a.h.dtype == a.dy.dtype && a.residual.dtype == a.dy.dtype && a.h_dtype == a.dy.dtype;
   for (int64_t r = begin; r < end; ++r) {
     const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
     const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
     const T* __restrict dy = reinterpret_cast<const T*>(a.dy.row(r));
     acc_t sum_gx = 0, sum_g = 0;
-    if (h_typed) {
-      const T* __restrict h = reinterpret_cast<const T*>(a.h.row(r));
+    // One loop reads h (however it is formed) and dy, producing xhat, g, the two row sums and
+    // the dweight/dbias terms.
+    auto first_pass = [&](auto h_at) {
 #pragma omp simd reduction(+ : sum_gx, sum_g)
       for (int64_t i = 0; i < n; ++i) {
-        const acc_t xh = (static_cast<acc_t>(h[i]) - mean) * rstd;
+        const acc_t xh = (h_at(i) - mean) * rstd;
         const acc_t d = static_cast<acc_t>(dy[i]);
         const acc_t gw = d * w[i];
         dw[i] += d * xh;
@@ -226,24 +229,23 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
         sum_gx += gw * xh;
         sum_g += gw;
       }
+    };
+    if (h_typed) {
+      const T* __restrict h = reinterpret_cast<const T*>(a.h.row(r));
+      first_pass([h](int64_t i) { return static_cast<acc_t>(h[i]); });
+    } else if (h_recomputed_typed) {
+      const T* __restrict x = reinterpret_cast<const T*>(a.h.row(r));
+      const T* __restrict res = reinterpret_cast<const T*>(a.residual.row(r));
+      first_pass([x, res](int64_t i) {
+        return static_cast<acc_t>(static_cast<T>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(res[i])));
+      });
     } else {
       load_row(a.h.row(r), a.h.dtype, n, hbuf);
       if (a.residual) {
         add_row(a.residual.row(r), a.residual.dtype, n, hbuf);
         round_row(hbuf, n, a.h_dtype);
       }
-#pragma omp simd reduction(+ : sum_gx, sum_g)
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t xh = (hbuf[i] - mean) * rstd;
-        const acc_t d = static_cast<acc_t>(dy[i]);
-        const acc_t gw = d * w[i];
-        dw[i] += d * xh;
-        db[i] += d;
-        xhat[i] = xh;
-        g[i] = gw;
-        sum_gx += gw * xh;
-        sum_g += gw;
-      }
+      first_pass([hbuf](int64_t i) { return hbuf[i]; });
     }
     const acc_t c1 = sum_gx * inv_n;
     const acc_t c2 = a.rms_norm ? acc_t(0) : sum_g * inv_n;
