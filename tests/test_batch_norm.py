@@ -260,3 +260,25 @@ def test_cpp_ops_reject_bad_layouts_directly():
         torch.ops.fusedres.batch_norm_add_relu_fwd(x, None, None, None, torch.zeros(3), invstd, True, True, 18)
     with pytest.raises(RuntimeError, match="residual must have input's shape"):
         torch.ops.fusedres.batch_norm_add_relu_fwd(x, torch.randn(2, 4, 8), None, None, mean, invstd, True, True, 18)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_nan_propagates_like_eager(device, backend):
+    """A NaN input makes its channel's statistics NaN; the ReLU's grad passes NaN outputs' grads on
+    (threshold_backward blocks only out <= 0)."""
+    skip_if_unusable(device, backend)
+    x = torch.randn(3, 4, 5, 5, device=device)
+    x[1, 2, 3, 3] = float("nan")
+    residual = torch.randn_like(x)
+    grad = torch.randn_like(x)
+    a = [x.clone().requires_grad_(), residual.clone().requires_grad_()]
+    b = [x.clone().requires_grad_(), residual.clone().requires_grad_()]
+    with fusedres.use_backend(backend):
+        out = fusedres.batch_norm_add_relu(a[0], a[1], None, None, None, None, True)
+    expected = F.relu(F.batch_norm(b[0], None, None, None, None, True) + b[1])
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    torch.testing.assert_close(out[~torch.isnan(out)], expected[~torch.isnan(expected)])
+    got = torch.autograd.grad(out, a[1], grad)[0]
+    want = torch.autograd.grad(expected, b[1], grad)[0]
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    torch.testing.assert_close(got, want, equal_nan=True)

@@ -30,7 +30,12 @@ _OPS: dict[str, dict[str, object]] = {}
 if EXTENSION_LOADED:
     _OPS["cpu"] = _OPS["cuda"] = {name: getattr(torch.ops.fusedres, name).default for name in OP_NAMES}
 
-_triton_batch_norm = None  # INTEGRATION-PENDING
+try:
+    from fusedres.triton import batch_norm as _triton_batch_norm
+except ImportError:  # no triton on this platform
+    _triton_batch_norm = None
+else:
+    _OPS["triton"] = {name: getattr(_triton_batch_norm, f"{name}_triton") for name in OP_NAMES}
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -4,9 +4,8 @@ Registers four operators with the same signatures and semantics as the C++ ones 
 csrc/ops.cpp (see fusedres/reference/batch_norm.py for the eager spec):
 
 * ``fusedres::batch_norm_stats_triton(input) -> (mean, var)``
-* ``fusedres::batch_norm_add_relu_fwd_triton(input, residual, weight, bias, running_mean,
-  running_var, batch_mean, batch_var, count, training, momentum, eps, relu)
-  -> (out, save_mean, save_invstd)``, updating running_mean / running_var in place
+* ``fusedres::batch_norm_add_relu_fwd_triton(input, residual, weight, bias, mean, invstd, relu,
+  training, count) -> out``
 * ``fusedres::batch_norm_add_relu_bwd_reduce_triton(grad_out, out, input, mean, invstd, relu,
   write_grad_residual) -> (sum_dy, sum_dy_xhat, grad_residual)``
 * ``fusedres::batch_norm_add_relu_bwd_input_triton(grad, out, input, mean, invstd, weight, sum_dy,
@@ -31,9 +30,12 @@ does not matter, and tensors whose layouts differ only where S == 1 or C == 1 ad
 identically.
 
 Arithmetic is in float32, or float64 for float64 input: the statistics dtype, which is also the
-dtype of mean / var / invstd and of the backward sums. Reductions are split across many programs
-that each write per-channel partials, combined in a fixed order by a second small kernel: no
-atomics, so every result is deterministic.
+dtype of mean / var / invstd and of the backward sums. Activations other than input (residual,
+out, grads) have input's dtype, as the C++ ops require; weight and bias may be float32 with
+float16 / bfloat16 input (autocast). Reductions are split across many programs that each write
+per-channel partials, combined in a fixed order by a second small kernel: no atomics, so every
+result is deterministic. Empty input (N*S == 0): NaN statistics and zero backward sums, as the
+C++ ops.
 """
 
 # The op signatures keep typing.Optional (UP045 is ignored file-wide): torch.library infers the
@@ -45,17 +47,14 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
 from fusedres.triton.add_norm import (
-    _INTERPRETED,
     _on_interpreter,
     _register,
     _round_to,
-    _rsqrt_rn,
     _skip_launch,
     _sm_count,
-    _split_eps,
     _stats_dtype,
     triton_usable,
 )
@@ -75,13 +74,17 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Kernels: statistics
 # ----------------------------------------------------------------------------------------------
 
-# Statistics are Welford's: every lane of a program's tile keeps (count, mean, M2) of the elements
-# it has seen (M2 = sum of squared deviations from the lane's mean), which stays accurate when the
-# mean is large against the spread. At the end the program merges its lanes, and the finalize
-# kernel merges the programs, with the multi-way form of Chan et al.'s parallel combine:
+# Statistics are Welford's, on data shifted by the channel's first element K (y = x - K, exact in
+# floating point when x is close to K): every lane of a program's tile keeps (count, mean, M2) of
+# the y it has seen (M2 = sum of squared deviations from the lane's mean). The shift keeps the
+# running means small, so their rounding does not drift: with fp32 data of mean 1e4 and std 1,
+# unshifted per-lane Welford loses ~1e-4 of the variance, shifted ~1e-6. At the end the program
+# merges its lanes, and the merge kernel merges the programs, with the multi-way form of Chan et
+# al.'s parallel combine:
 #   n = sum n_i,  mean = sum(n_i * mean_i) / n,  M2 = sum(M2_i + n_i * (mean_i - mean)^2)
-# (deviations are taken from the merged mean, so nothing cancels). var = M2 / n (biased).
-# The partials are a (3, P, C) tensor: count, mean and M2 of each program p and channel c.
+# (deviations are taken from the merged mean, so nothing cancels). var = M2 / n (biased), and
+# the mean is K + mean(y). The partials are a (3, P, C) tensor: count, mean(y) and M2 of each
+# program p and channel c.
 
 
 @triton.jit
@@ -99,6 +102,9 @@ def _welford_nchw_kernel(
     BLOCK_S: tl.constexpr,
 ):
     # Grid (C, P): program (c, p) reduces the [n_lo, n_hi) x [s_lo, s_hi) block of channel c.
+    # n_per and s_per are multiples of the tile, so a tile never crosses into the next block and
+    # the masks only need the tensor's bounds (n < N, s < S): with S a multiple of 16 the mask is
+    # then uniform over vector-width groups and the loads are vectorized.
     c = tl.program_id(0)
     p = tl.program_id(1)
     acc_ty = Part.dtype.element_ty
@@ -107,23 +113,30 @@ def _welford_nchw_kernel(
     n_hi = tl.minimum(n_lo + n_per, N)
     s_hi = tl.minimum(s_lo + s_per, S)
     X += c.to(tl.int64) * S
+    shift = tl.load(X).to(acc_ty)
     rn = tl.arange(0, BLOCK_N)[:, None]
     rs = tl.arange(0, BLOCK_S)[None, :]
-    cnt = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
+    # Lane (i, j) sees column j in cs[j] of the S tiles of each N tile it is valid in, and a lane
+    # is only ever masked in the last tile along N or S; so at N tile a, S tile b a valid lane
+    # holds a * cs[j] + b earlier values: counts are per column, not carried per lane.
+    cs = tl.maximum(s_hi - s_lo - rs + BLOCK_S - 1, 0) // BLOCK_S
     mean = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
     m2 = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + rn
-        nmask = n < n_hi
+        nmask = n < N
         row = X + n.to(tl.int64) * stride_n
+        seen = ((n0 - n_lo) // BLOCK_N) * cs
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + rs
-            mask = nmask & (s < s_hi)
-            x = tl.load(row + s, mask=mask, other=0.0).to(acc_ty)
-            cnt += mask.to(acc_ty)
+            mask = nmask & (s < S)
+            x = tl.load(row + s, mask=mask, other=0.0).to(acc_ty) - shift
+            rcp = 1.0 / (seen + ((s0 - s_lo) // BLOCK_S + 1)).to(acc_ty)
             delta = tl.where(mask, x - mean, 0.0)  # masked lanes keep their state
-            mean += delta / tl.maximum(cnt, 1.0)
+            mean += delta * rcp
             m2 += delta * (x - mean)
+    rows = tl.maximum(n_hi - n_lo - rn + BLOCK_N - 1, 0) // BLOCK_N  # N tiles each row is valid in
+    cnt = (rows * cs).to(acc_ty)
     tot = tl.maximum(n_hi - n_lo, 0).to(acc_ty) * tl.maximum(s_hi - s_lo, 0).to(acc_ty)
     mean_p = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / tl.maximum(tot, 1.0)
     d = mean - mean_p
@@ -146,7 +159,7 @@ def _welford_cl_kernel(
     BLOCK_C: tl.constexpr,
 ):
     # Grid (cdiv(C, BLOCK_C), P): program (b, p) reduces rows [r_lo, r_hi) of channel block b,
-    # each lane walking down one column; all lanes of a row share one count.
+    # each lane walking down one column.
     pc = tl.program_id(0)
     p = tl.program_id(1)
     acc_ty = Part.dtype.element_ty
@@ -154,19 +167,20 @@ def _welford_cl_kernel(
     cmask = cols < C
     r_lo = p.to(tl.int64) * rows_per
     r_hi = tl.minimum(r_lo + rows_per, M)
+    shift = tl.load(X + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]  # row 0
     rr = tl.arange(0, BLOCK_M)[:, None]
-    cnt = tl.zeros([BLOCK_M, 1], dtype=acc_ty)
     mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
     for r0 in range(r_lo, r_hi, BLOCK_M):
         r = r0 + rr
         rmask = r < r_hi
-        x = tl.load(X + r * C + cols[None, :], mask=rmask & cmask[None, :], other=0.0).to(acc_ty)
-        cnt += rmask.to(acc_ty)
-        rcp = 1.0 / tl.maximum(cnt, 1.0)
+        x = tl.load(X + r * C + cols[None, :], mask=rmask & cmask[None, :], other=0.0).to(acc_ty) - shift
+        # Only the last tile has masked rows: every valid lane has seen one value per tile.
+        rcp = 1.0 / ((r0 - r_lo) // BLOCK_M + 1).to(acc_ty)
         delta = tl.where(rmask, x - mean, 0.0)
         mean += delta * rcp
         m2 += delta * (x - mean)
+    cnt = (tl.maximum(r_hi - r_lo - rr + BLOCK_M - 1, 0) // BLOCK_M).to(acc_ty)  # values per lane
     tot = tl.maximum(r_hi - r_lo, 0).to(acc_ty)
     mean_p = tl.sum(cnt * mean, axis=0) / tl.maximum(tot, 1.0)
     d = mean - mean_p[None, :]
@@ -179,81 +193,47 @@ def _welford_cl_kernel(
 
 
 @triton.jit
-def _finalize_stats_kernel(
-    Part,  # (3, P, C) Welford partials when FROM_PARTIALS, else None
-    MeanIn,  # (C,) mean when not FROM_PARTIALS (batch_mean, or running_mean in eval), else None
-    VarIn,  # (C,) biased variance likewise (batch_var / running_var)
-    RunMean,  # (C,) running_mean to update in place, or None
-    RunVar,  # (C,) running_var to update in place, or None
-    MeanOut,  # (C,) statistics dtype
-    VarOut,  # (C,) var, or invstd when WRITE_INVSTD
+def _merge_stats_kernel(
+    Part,  # (3, P, C) Welford partials of the shifted data
+    X,  # the input: channel c's shift is X[c * shift_stride]
+    Mean,  # (C,) statistics dtype
+    Var,  # (C,) biased variance
     P,
     C,
-    count,  # elements behind the statistics, for running_var's unbiased variance
-    mom_hi,  # momentum = mom_hi + mom_lo and eps = eps_hi + eps_lo, as in add_norm.py
-    mom_lo,
-    eps_hi,
-    eps_lo,
-    FROM_PARTIALS: tl.constexpr,
-    WRITE_INVSTD: tl.constexpr,
-    UPDATE_MEAN: tl.constexpr,
-    UPDATE_VAR: tl.constexpr,
-    ACC_FP64: tl.constexpr,
+    shift_stride,  # S (NCHW) or 1 (channels_last)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # One program per block of channels: merges the P partials in a fixed order (two passes over
-    # them: the merged mean, then M2), then writes mean and var / invstd and updates the running
-    # statistics: running = momentum * batch + (1 - momentum) * running, with the unbiased
-    # var * count / (count - 1) for running_var.
+    # One program per block of channels: merges the P partials in a fixed order, in two passes
+    # over them (the merged mean, then M2). The launcher never runs it on empty input.
     pc = tl.program_id(0)
-    acc_ty = MeanOut.dtype.element_ty
+    acc_ty = Mean.dtype.element_ty
     cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    if FROM_PARTIALS:
-        plane = P * C
-        rp = tl.arange(0, BLOCK_P)[:, None]
-        acc_n = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-        acc_s = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + rp
-            m = (p < P) & cmask[None, :]
-            off = p * C + cols[None, :]
-            n_p = tl.load(Part + off, mask=m, other=0.0)
-            acc_n += n_p
-            acc_s += n_p * tl.load(Part + plane + off, mask=m, other=0.0)
-        n = tl.maximum(tl.sum(acc_n, axis=0), 1.0)  # 0 only for empty input: mean = var = 0
-        mean = tl.sum(acc_s, axis=0) / n
-        acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-        for p0 in range(0, P, BLOCK_P):
-            p = p0 + rp
-            m = (p < P) & cmask[None, :]
-            off = p * C + cols[None, :]
-            n_p = tl.load(Part + off, mask=m, other=0.0)
-            d = tl.load(Part + plane + off, mask=m, other=0.0) - mean[None, :]
-            acc_m2 += tl.load(Part + 2 * plane + off, mask=m, other=0.0) + n_p * d * d
-        var = tl.sum(acc_m2, axis=0) / n
-    else:
-        mean = tl.load(MeanIn + cols, mask=cmask, other=0.0).to(acc_ty)
-        var = tl.load(VarIn + cols, mask=cmask, other=0.0).to(acc_ty)
-    tl.store(MeanOut + cols, mean, mask=cmask)
-    if WRITE_INVSTD:
-        eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
-        tl.store(VarOut + cols, _rsqrt_rn(var + eps, ACC_FP64), mask=cmask)
-    else:
-        tl.store(VarOut + cols, var, mask=cmask)
-    if UPDATE_MEAN or UPDATE_VAR:
-        mom = tl.cast(mom_hi, acc_ty) + tl.cast(mom_lo, acc_ty)
-        keep = 1.0 - mom
-        if UPDATE_MEAN:
-            rm = tl.load(RunMean + cols, mask=cmask, other=0.0).to(acc_ty)
-            tl.store(RunMean + cols, _round_to(mom * mean + keep * rm, RunMean.dtype.element_ty), mask=cmask)
-        if UPDATE_VAR:
-            cnt = tl.cast(count, acc_ty)
-            rv = tl.load(RunVar + cols, mask=cmask, other=0.0).to(acc_ty)
-            # n / (n - 1) for n > 1; 1 otherwise (as the C++ kernels; torch would store NaN).
-            unbiased = var * tl.where(cnt > 1.0, cnt / tl.maximum(cnt - 1.0, 1.0), 1.0)
-            tl.store(RunVar + cols, _round_to(mom * unbiased + keep * rv, RunVar.dtype.element_ty), mask=cmask)
+    plane = P * C
+    rp = tl.arange(0, BLOCK_P)[:, None]
+    acc_n = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    acc_s = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + rp
+        m = (p < P) & cmask[None, :]
+        off = p * C + cols[None, :]
+        n_p = tl.load(Part + off, mask=m, other=0.0)
+        acc_n += n_p
+        acc_s += n_p * tl.load(Part + plane + off, mask=m, other=0.0)
+    n = tl.maximum(tl.sum(acc_n, axis=0), 1.0)
+    mean = tl.sum(acc_s, axis=0) / n
+    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + rp
+        m = (p < P) & cmask[None, :]
+        off = p * C + cols[None, :]
+        n_p = tl.load(Part + off, mask=m, other=0.0)
+        d = tl.load(Part + plane + off, mask=m, other=0.0) - mean[None, :]
+        acc_m2 += tl.load(Part + 2 * plane + off, mask=m, other=0.0) + n_p * d * d
+    shift = tl.load(X + cols.to(tl.int64) * shift_stride, mask=cmask, other=0.0).to(acc_ty)
+    tl.store(Mean + cols, shift + mean, mask=cmask)
+    tl.store(Var + cols, tl.sum(acc_m2, axis=0) / n, mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +308,8 @@ def _fwd_apply_kernel(
 
 # Backward maths, per channel c (all sums over the n = N*S elements of the channel, in the
 # statistics dtype). The forward computed xhat = (x - mean) * invstd, y = xhat * w + b and
-# out = relu(y + residual). With g = grad_out * (out > 0) (g = grad_out without relu), g is the
+# out = relu(y + residual). With g = grad_out zeroed where out <= 0 (threshold_backward's rule;
+# g = grad_out without relu), g is the
 # gradient of y + residual, so grad_residual = g (rounded once to grad_out's dtype, exact since g
 # is grad_out or 0), dbias = sum_dy = sum g and dweight = sum_dy_xhat = sum g * xhat.
 #
@@ -382,16 +363,16 @@ def _bwd_reduce_nchw_kernel(
     sgx = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n = n0 + rn
-        nmask = n < n_hi
+        nmask = n < N
         row = base + n.to(tl.int64) * stride_n
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + rs
-            mask = nmask & (s < s_hi)
+            mask = nmask & (s < S)
             offs = row + s
             dy = tl.load(DY + offs, mask=mask, other=0.0)
             if RELU:
                 o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-                dy = tl.where(o > 0.0, dy, tl.zeros_like(dy))
+                dy = tl.where(o <= 0.0, tl.zeros_like(dy), dy)
             if WRITE_GR:
                 tl.store(GR + offs, dy.to(GR.dtype.element_ty), mask=mask)
             g = dy.to(acc_ty)
@@ -439,7 +420,7 @@ def _bwd_reduce_cl_kernel(
         dy = tl.load(DY + offs, mask=mask, other=0.0)
         if RELU:
             o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-            dy = tl.where(o > 0.0, dy, tl.zeros_like(dy))
+            dy = tl.where(o <= 0.0, tl.zeros_like(dy), dy)
         if WRITE_GR:
             tl.store(GR + offs, dy.to(GR.dtype.element_ty), mask=mask)
         g = dy.to(acc_ty)
@@ -517,7 +498,7 @@ def _bwd_input_kernel(
     g = tl.load(G + offs, mask=mask, other=0.0).to(acc_ty)
     if MASK_OUT:
         o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-        g = tl.where(o > 0.0, g, 0.0)
+        g = tl.where(o <= 0.0, 0.0, g)
     if TRAINING:
         cnt = tl.cast(count, acc_ty)
         mean = tl.load(Mean + ch, mask=chmask, other=0.0)
@@ -533,6 +514,16 @@ def _bwd_input_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch heuristics
 # ----------------------------------------------------------------------------------------------
+
+
+def _hint(v) -> int:
+    """v as an int for the launch heuristics: a symbolic size (torch.compile with dynamic shapes)
+    gives its hint, without adding a guard. Block shapes never affect results, only speed."""
+    node = getattr(v, "node", None)
+    if node is not None:
+        hint = getattr(node, "hint", None)
+        return int(hint) if hint is not None else 4096
+    return int(v)
 
 
 class _Launch(NamedTuple):
@@ -561,21 +552,26 @@ def _launch_heuristics(
     merge p partials per channel; block_r then tiles the partials).
 
     GPU: tiles of 4096 elements for the elementwise passes (8 warps, 16 per thread) and 2048 for
-    reductions (4 warps; 2-3 live accumulators per element). channels_last tiles span up to 128
-    (apply) / 64 (reduce) channels, i.e. 256 / 128 contiguous bytes of bf16 per row. NCHW tiles
-    span the power of two that covers S with the least padding (S = 3136 -> 64, S = 49 -> 64),
-    widened when the N*C (or N) planes cannot fill the tile. Reductions split N*S so that about 8
-    programs per SM run, each over at least 4 tiles; the merge reads [64, 32] tiles of partials,
-    one program per 32 channels. Interpreter: tiles of 64 / 32 elements and at most 3 programs
-    per channel, so that small tests still cover several programs, loop iterations and masked
-    tails."""
+    reductions (4 warps; 2-3 live accumulators per element), halved for NCHW with S not a
+    multiple of 8, whose unvectorized per-element addresses cost registers. channels_last tiles
+    span up to 128 (apply) / 64 (reduce) channels, i.e. 256 / 128 contiguous bytes of bf16 per
+    row. NCHW tiles span the power of two that covers S with the least padding (S = 3136 -> 64,
+    S = 49 -> 64), widened when the N*C (or N) planes cannot fill the tile. Reductions split
+    N*S so that about 8 programs per SM run, each over at least 4 tiles; the merge reads
+    [64, 32] tiles of partials, one program per 32 channels. Sizes may be symbolic (torch.compile
+    with dynamic shapes): their hints choose the configuration. Interpreter: tiles of 64 / 32
+    elements and at most 3 programs per channel, so that small tests still cover several
+    programs, loop iterations and masked tails."""
     interp = _on_interpreter(device)
+    n, c, s, p = _hint(n), _hint(c), _hint(s), _hint(p)
     if kind == "merge":
         if interp:
             return _Launch(min(triton.next_power_of_2(p), 4), min(triton.next_power_of_2(c), 16), 1, 1)
         return _Launch(min(triton.next_power_of_2(p), 64), min(triton.next_power_of_2(c), 32), 4, 1)
     reduction = kind == "reduce"
     tile = (32 if reduction else 64) if interp else (2048 if reduction else 4096)
+    if not (interp or channels_last) and s % 8 != 0:
+        tile //= 2  # NCHW rows that cannot be loaded in 16-byte vectors: per-element addresses
     if channels_last:
         block_c = min(triton.next_power_of_2(c), 8 if interp else 64 if reduction else 128)
         block_r = max(tile // block_c, 1)
@@ -584,7 +580,11 @@ def _launch_heuristics(
         cap = min(triton.next_power_of_2(max(s, 1)), 16 if interp else 1024)
         block_c = _least_padding(max(s, 1), min(cap, 4 if interp else 32), cap)
         block_r = max(min(tile // block_c, triton.next_power_of_2(max(rows, 1))), 1)
-        block_c = max(min(triton.next_power_of_2(max(s, 1)), tile // block_r), block_c)
+        # Few planes: widen the tile along S while that pads S by at most 1/8.
+        wide = min(triton.next_power_of_2(max(s, 1)), tile // block_r)
+        while wide > block_c and triton.cdiv(s, wide) * wide > s + s // 8:
+            wide //= 2
+        block_c = max(wide, block_c)
     num_warps = 1 if interp else (4 if reduction else 8)
     split = 1
     if reduction:
@@ -598,22 +598,24 @@ def _launch_heuristics(
     return _Launch(block_r, block_c, num_warps, split)
 
 
-def _split_nchw(n: int, s: int, cfg: _Launch) -> tuple[int, int, int, int]:
-    """(n_per, s_per, splits_s, programs) for an NCHW reduction: split N first, then S, into
-    multiples of the tile."""
-    splits_n = max(min(cfg.split, triton.cdiv(n, cfg.block_r)), 1)
-    n_per = max(triton.cdiv(triton.cdiv(n, splits_n), cfg.block_r), 1) * cfg.block_r
-    splits_n = max(triton.cdiv(n, n_per), 1)
-    splits_s = max(min(triton.cdiv(cfg.split, splits_n), triton.cdiv(s, cfg.block_c)), 1)
-    s_per = max(triton.cdiv(triton.cdiv(s, splits_s), cfg.block_c), 1) * cfg.block_c
-    splits_s = max(triton.cdiv(s, s_per), 1)
-    return n_per, s_per, splits_s, splits_n * splits_s
+def _split_nchw(n, s, cfg: _Launch) -> tuple:
+    """(n_per, s_per, splits_s, programs) for an NCHW reduction: N split first, then S, into
+    multiples of the tile. n_per and s_per come from the sizes' hints; splits_s and programs
+    follow the sizes themselves (symbolic under torch.compile with dynamic shapes)."""
+    hn, hs = _hint(n), _hint(s)
+    splits_n = max(min(cfg.split, triton.cdiv(hn, cfg.block_r)), 1)
+    n_per = max(triton.cdiv(triton.cdiv(hn, splits_n), cfg.block_r), 1) * cfg.block_r
+    splits_n = max(triton.cdiv(hn, n_per), 1)
+    splits_s = max(min(triton.cdiv(cfg.split, splits_n), triton.cdiv(hs, cfg.block_c)), 1)
+    s_per = max(triton.cdiv(triton.cdiv(hs, splits_s), cfg.block_c), 1) * cfg.block_c
+    splits_s = triton.cdiv(s, s_per)
+    return n_per, s_per, splits_s, triton.cdiv(n, n_per) * splits_s
 
 
-def _split_rows(m: int, cfg: _Launch) -> tuple[int, int]:
-    """(rows_per, programs) for a channels_last reduction over m rows."""
-    rows_per = max(triton.cdiv(triton.cdiv(m, cfg.split), cfg.block_r), 1) * cfg.block_r
-    return rows_per, max(triton.cdiv(m, rows_per), 1)
+def _split_rows(m, cfg: _Launch) -> tuple:
+    """(rows_per, programs) for a channels_last reduction over m rows (as _split_nchw)."""
+    rows_per = max(triton.cdiv(triton.cdiv(_hint(m), cfg.split), cfg.block_r), 1) * cfg.block_r
+    return rows_per, triton.cdiv(m, rows_per)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -642,11 +644,16 @@ def _activation_layout(t: Tensor, name: str) -> bool:
 
 
 def _check_like_input(t: Tensor, name: str, input: Tensor) -> None:
+    """t is an activation of input's shape, dtype, device and memory format."""
     torch._check(
         t.dim() == 3 and t.shape == input.shape,
         lambda: f"batch_norm (triton): {name} must have input's shape {tuple(input.shape)}, got {tuple(t.shape)}",
     )
     torch._check(t.device == input.device, lambda: f"batch_norm (triton): {name} must be on {input.device}")
+    torch._check(
+        t.dtype == input.dtype,
+        lambda: f"batch_norm (triton): {name} must have input's dtype {input.dtype}, got {t.dtype}",
+    )
     cl = _activation_layout(t, name)
     _, c, s = input.shape
     torch._check(
@@ -656,6 +663,9 @@ def _check_like_input(t: Tensor, name: str, input: Tensor) -> None:
 
 
 def _check_channel_vector(t: Optional[Tensor], name: str, input: Tensor, dtype: Optional[torch.dtype] = None) -> None:
+    """t is None or a contiguous (C,) vector on input's device; of `dtype` when given (the
+    statistics), else of any floating dtype (weight, bias: fp32 with fp16/bf16 input under
+    autocast, or input's dtype)."""
     if t is None:
         return
     c = input.size(1)
@@ -671,19 +681,6 @@ def _check_channel_vector(t: Optional[Tensor], name: str, input: Tensor, dtype: 
         torch._check(t.dtype == dtype, lambda: f"batch_norm (triton): {name} must be {dtype}, got {t.dtype}")
 
 
-def _register_mutating(name: str, mutates_args: tuple[str, ...]):
-    """add_norm.py's ``_register`` for an operator that mutates some of its arguments."""
-
-    def dec(fn):
-        if not _INTERPRETED:
-            return triton_op(name, fn, mutates_args=mutates_args)
-        op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        op.register_fake(fn)
-        return op
-
-    return dec
-
-
 def _elementwise_grid(cl: bool, n: int, c: int, s: int, cfg: _Launch) -> tuple[int, int, int]:
     """(n_rows, row_len, tiles_c) of the matrix an elementwise pass tiles; the grid is
     cdiv(n_rows, BLOCK_R) * tiles_c programs."""
@@ -691,10 +688,21 @@ def _elementwise_grid(cl: bool, n: int, c: int, s: int, cfg: _Launch) -> tuple[i
     return n_rows, row_len, triton.cdiv(row_len, cfg.block_c)
 
 
-def _launch_welford(input: Tensor, cl: bool, stats: torch.dtype) -> tuple[Tensor, int]:
-    """Runs the per-program Welford pass; returns the (3, P, C) partials and P."""
+@_register("fusedres::batch_norm_stats_triton")
+def batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
+    cl = _activation_layout(input, "input")
     n, c, s = input.shape
     device = input.device
+    stats = _stats_dtype(input.dtype)
+    if n * s == 0:  # as the C++ ops: no values, NaN statistics
+        return torch.full((c,), float("nan"), dtype=stats, device=device), torch.full(
+            (c,), float("nan"), dtype=stats, device=device
+        )
+    mean = torch.empty((c,), dtype=stats, device=device)
+    var = torch.empty((c,), dtype=stats, device=device)
+    if _skip_launch(input):
+        return mean, var
+
     cfg = _launch_heuristics("reduce", cl, n, c, s, device)
     if cl:
         rows_per, programs = _split_rows(n * s, cfg)
@@ -719,41 +727,15 @@ def _launch_welford(input: Tensor, cl: bool, stats: torch.dtype) -> tuple[Tensor
             BLOCK_S=cfg.block_c,
             num_warps=cfg.num_warps,
         )
-    return part, programs
-
-
-@_register("fusedres::batch_norm_stats_triton")
-def batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
-    cl = _activation_layout(input, "input")
-    n, c, s = input.shape
-    device = input.device
-    stats = _stats_dtype(input.dtype)
-    mean = torch.empty((c,), dtype=stats, device=device)
-    var = torch.empty((c,), dtype=stats, device=device)
-    if _skip_launch(input):
-        return mean, var
-    part, programs = _launch_welford(input, cl, stats)
     merge = _launch_heuristics("merge", cl, n, c, s, device, programs)
-    wrap_triton(_finalize_stats_kernel)[(triton.cdiv(c, merge.block_c),)](
+    wrap_triton(_merge_stats_kernel)[(triton.cdiv(c, merge.block_c),)](
         part,
-        None,
-        None,
-        None,
-        None,
+        input,
         mean,
         var,
         programs,
         c,
-        0,
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-        FROM_PARTIALS=True,
-        WRITE_INVSTD=False,
-        UPDATE_MEAN=False,
-        UPDATE_VAR=False,
-        ACC_FP64=stats == torch.float64,
+        1 if cl else s,
         BLOCK_P=merge.block_r,
         BLOCK_C=merge.block_c,
         num_warps=merge.num_warps,
@@ -761,115 +743,57 @@ def batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-@_register_mutating("fusedres::batch_norm_add_relu_fwd_triton", mutates_args=("running_mean", "running_var"))
+@_register("fusedres::batch_norm_add_relu_fwd_triton")
 def batch_norm_add_relu_fwd_triton(
     input: Tensor,
     residual: Optional[Tensor],
     weight: Optional[Tensor],
     bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    batch_mean: Optional[Tensor],
-    batch_var: Optional[Tensor],
-    count: int,
-    training: bool,
-    momentum: float,
-    eps: float,
+    mean: Tensor,
+    invstd: Tensor,
     relu: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
+    training: bool,
+    count: int,
+) -> Tensor:
+    # training and count only matter to the autograd formula (fusedres/ops).
     cl = _activation_layout(input, "input")
     n, c, s = input.shape
     device = input.device
     stats = _stats_dtype(input.dtype)
-    torch._check(eps > 0, lambda: f"batch_norm (triton): eps must be > 0, got {eps}")
     if residual is not None:
         _check_like_input(residual, "residual", input)
-    for t, name in ((weight, "weight"), (bias, "bias"), (running_mean, "running_mean"), (running_var, "running_var")):
-        _check_channel_vector(t, name, input)
-    torch._check(
-        (batch_mean is None) == (batch_var is None),
-        lambda: "batch_norm (triton): batch_mean and batch_var must be given together",
-    )
-    _check_channel_vector(batch_mean, "batch_mean", input, stats)
-    _check_channel_vector(batch_var, "batch_var", input, stats)
-    torch._check(
-        training or (running_mean is not None and running_var is not None),
-        lambda: "batch_norm (triton): running_mean and running_var are required in eval mode",
-    )
+    _check_channel_vector(weight, "weight", input)
+    _check_channel_vector(bias, "bias", input)
+    _check_channel_vector(mean, "mean", input, stats)
+    _check_channel_vector(invstd, "invstd", input, stats)
 
     out = torch.empty_like(input)
-    save_mean = torch.empty((c,), dtype=stats, device=device)
-    save_invstd = torch.empty((c,), dtype=stats, device=device)
-    if _skip_launch(input):
-        return out, save_mean, save_invstd
-
-    # Per-channel statistics: this batch's (Welford partials, merged below), the given global
-    # ones, or (eval) the running ones. Running stats are left alone when a training batch has
-    # no elements and brings no statistics of its own (as torch does for empty input).
-    part, programs = None, 1
-    if not training:
-        mean_in, var_in = running_mean, running_var
-    elif batch_mean is not None:
-        mean_in, var_in = batch_mean, batch_var
-    else:
-        mean_in, var_in = None, None
-        part, programs = _launch_welford(input, cl, stats)
-    update = training and (batch_mean is not None or n * s > 0)
-    update_mean = update and running_mean is not None
-    update_var = update and running_var is not None
-    mom_hi, mom_lo = _split_eps(float(momentum))
-    eps_hi, eps_lo = _split_eps(float(eps))
-    merge = _launch_heuristics("merge", cl, n, c, s, device, programs)
-    wrap_triton(_finalize_stats_kernel)[(triton.cdiv(c, merge.block_c),)](
-        part,
-        mean_in,
-        var_in,
-        running_mean if update_mean else None,
-        running_var if update_var else None,
-        save_mean,
-        save_invstd,
-        programs,
+    if n * s == 0 or _skip_launch(input):
+        return out
+    cfg = _launch_heuristics("apply", cl, n, c, s, device)
+    n_rows, row_len, tiles_c = _elementwise_grid(cl, n, c, s, cfg)
+    wrap_triton(_fwd_apply_kernel)[(triton.cdiv(n_rows, cfg.block_r) * tiles_c,)](
+        input,
+        residual,
+        weight,
+        bias,
+        mean,
+        invstd,
+        out,
+        n_rows,
+        row_len,
         c,
-        count if count > 0 else n * s,
-        mom_hi,
-        mom_lo,
-        eps_hi,
-        eps_lo,
-        FROM_PARTIALS=part is not None,
-        WRITE_INVSTD=True,
-        UPDATE_MEAN=update_mean,
-        UPDATE_VAR=update_var,
-        ACC_FP64=stats == torch.float64,
-        BLOCK_P=merge.block_r,
-        BLOCK_C=merge.block_c,
-        num_warps=merge.num_warps,
+        tiles_c,
+        CHANNELS_LAST=cl,
+        HAS_R=residual is not None,
+        HAS_W=weight is not None,
+        HAS_B=bias is not None,
+        RELU=relu,
+        BLOCK_R=cfg.block_r,
+        BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps,
     )
-
-    if n * s > 0:
-        cfg = _launch_heuristics("apply", cl, n, c, s, device)
-        n_rows, row_len, tiles_c = _elementwise_grid(cl, n, c, s, cfg)
-        wrap_triton(_fwd_apply_kernel)[(triton.cdiv(n_rows, cfg.block_r) * tiles_c,)](
-            input,
-            residual,
-            weight,
-            bias,
-            save_mean,
-            save_invstd,
-            out,
-            n_rows,
-            row_len,
-            c,
-            tiles_c,
-            CHANNELS_LAST=cl,
-            HAS_R=residual is not None,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            RELU=relu,
-            BLOCK_R=cfg.block_r,
-            BLOCK_C=cfg.block_c,
-            num_warps=cfg.num_warps,
-        )
-    return out, save_mean, save_invstd
+    return out
 
 
 @_register("fusedres::batch_norm_add_relu_bwd_reduce_triton")
@@ -898,6 +822,8 @@ def batch_norm_add_relu_bwd_reduce_triton(
         grad_residual = torch.empty_like(input, dtype=grad_out.dtype)
     else:
         grad_residual = torch.empty((0,), dtype=grad_out.dtype, device=device)
+    if n * s == 0:
+        return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_residual
     if _skip_launch(input):
         return sum_dy, sum_dy_xhat, grad_residual
 
@@ -985,8 +911,9 @@ def batch_norm_add_relu_bwd_input_triton(
     _check_channel_vector(mean, "mean", input, stats)
     _check_channel_vector(invstd, "invstd", input, stats)
     _check_channel_vector(weight, "weight", input)
-    _check_channel_vector(sum_dy, "sum_dy", input)
-    _check_channel_vector(sum_dy_xhat, "sum_dy_xhat", input)
+    _check_channel_vector(sum_dy, "sum_dy", input, stats)
+    _check_channel_vector(sum_dy_xhat, "sum_dy_xhat", input, stats)
+    torch._check(not training or count > 0, lambda: "batch_norm (triton): count must be positive in training mode")
 
     grad_input = torch.empty_like(input)
     if n * s == 0 or _skip_launch(input):
@@ -1008,7 +935,7 @@ def batch_norm_add_relu_bwd_input_triton(
         row_len,
         c,
         tiles_c,
-        count if count > 0 else n * s,
+        count,  # unused in eval
         CHANNELS_LAST=cl,
         MASK_OUT=mask_out,
         HAS_W=weight is not None,
