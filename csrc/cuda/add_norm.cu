@@ -24,6 +24,7 @@
 // (rsqrt.approx, <= 2 ulp) and which propagates NaN. No atomics anywhere: all reductions use a
 // fixed tree / fixed order, so results are bitwise reproducible on the same device.
 #include "add_norm.h"
+#include "cuda/common.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -46,6 +47,8 @@
 
 namespace fusedres {
 namespace {
+
+using namespace fusedres::cuda;
 
 // ---------------------------------------------------------------------------------------------
 // Element types and conversions
@@ -71,17 +74,6 @@ constexpr int kBwdRowsBlock = 512;
 //  kAnyAccess:    decided per pack at run time (long-row kernels, where it does not matter).
 enum Access : int { kAnyAccess = 0, kVecAccess = 1, kScalarAccess = 2 };
 
-template <class T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <class T>
-using acc_t = typename AccOf<T>::type;
-
 // Packs per thread of the forward register kernel: it keeps one array of K * 8 values live
 // (h). fp64 values take two registers each, hence half. (The backward keeps four such arrays
 // and picks K = 1 or 2 per launch, see run_bwd.)
@@ -92,44 +84,6 @@ struct FwdPacks {
 template <>
 struct FwdPacks<double> {
   static constexpr int value = 2;
-};
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class A, class T>
-__device__ __forceinline__ A to_acc(T v) {
-  return static_cast<A>(to_float(v));
-}
-template <>
-__device__ __forceinline__ double to_acc<double, double>(double v) {
-  return v;
-}
-
-// Round-to-nearest-even conversion from the accumulation type; NaN and Inf are preserved.
-// fp64 -> fp16/bf16 converts directly (no double rounding through fp32), as eager .to() does.
-template <class T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ static __forceinline__ float from(float v) { return v; }
-  __device__ static __forceinline__ float from(double v) { return static_cast<float>(v); }
-};
-template <>
-struct Cvt<double> {
-  __device__ static __forceinline__ double from(float v) { return static_cast<double>(v); }
-  __device__ static __forceinline__ double from(double v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ static __forceinline__ __half from(float v) { return __float2half_rn(v); }
-  __device__ static __forceinline__ __half from(double v) { return __double2half(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ static __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __forceinline__ __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
 };
 
 // v rounded to T's precision and widened back to the accumulation type.
@@ -888,31 +842,6 @@ __global__ void __launch_bounds__(256)
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
-
-void check_cuda(cudaError_t err, const char* what) {
-  STD_TORCH_CHECK(err == cudaSuccess, "fusedres: ", what, ": ", cudaGetErrorString(err));
-}
-
-void check_launch(const char* kernel) {
-  check_cuda(cudaGetLastError(), kernel);
-}
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
-  return static_cast<cudaStream_t>(stream);
-}
-
-int sm_count() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute");
-  return sms > 0 ? sms : 1;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Every row start base + r * stride (r < rows) is 16-byte aligned.
 bool rows_aligned16(const void* base, int64_t stride, size_t elem, int64_t rows) {

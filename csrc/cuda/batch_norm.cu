@@ -35,6 +35,7 @@
 // fixed-size partials (no atomics), so results are bitwise reproducible on a given device.
 // Partials are combined and per-channel coefficients computed in fp64 (C threads, negligible).
 #include "batch_norm.h"
+#include "cuda/common.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -59,6 +60,8 @@
 namespace fusedres {
 namespace {
 
+using namespace fusedres::cuda;
+
 // Threads per block of every streaming kernel.
 constexpr int kThreads = 256;
 // Combine kernel: 32 channels x 16 partial lanes per block.
@@ -68,50 +71,6 @@ constexpr int kCombineY = 16;
 // ---------------------------------------------------------------------------------------------
 // Element types, conversions, vector access
 // ---------------------------------------------------------------------------------------------
-
-template <class T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-template <class T>
-using acc_t = typename AccOf<T>::type;
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class A, class T>
-__device__ __forceinline__ A to_acc(T v) {
-  return static_cast<A>(to_float(v));
-}
-template <>
-__device__ __forceinline__ double to_acc<double, double>(double v) {
-  return v;
-}
-
-// Round-to-nearest-even from the accumulation type; NaN and Inf are preserved.
-template <class T>
-struct Cvt;
-template <>
-struct Cvt<float> {
-  __device__ static __forceinline__ float from(float v) { return v; }
-};
-template <>
-struct Cvt<double> {
-  __device__ static __forceinline__ double from(double v) { return v; }
-};
-template <>
-struct Cvt<__half> {
-  __device__ static __forceinline__ __half from(float v) { return __float2half_rn(v); }
-};
-template <>
-struct Cvt<__nv_bfloat16> {
-  __device__ static __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
 
 // Scalar loads. kStream marks the last read of a tensor in the op (evict-first, so it does
 // not push out data that a later pass re-reads); the others use the default L2 policy.
@@ -916,26 +875,6 @@ __global__ void bwd_params_kernel(const A* __restrict__ mean, const A* __restric
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-void check_cuda(cudaError_t err, const char* what) {
-  STD_TORCH_CHECK(err == cudaSuccess, "fusedres: ", what, ": ", cudaGetErrorString(err));
-}
-
-void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* stream = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
-  return static_cast<cudaStream_t>(stream);
-}
-
-int sm_count() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  int sms = 0;
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return sms > 0 ? sms : 1;
-}
-
 template <class Kernel>
 int blocks_per_sm(Kernel kernel, int threads) {
   int n = 0;
@@ -943,8 +882,6 @@ int blocks_per_sm(Kernel kernel, int threads) {
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
   return std::max(n, 1);
 }
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
