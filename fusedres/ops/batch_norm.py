@@ -96,6 +96,11 @@ def match_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like, dtype=t.dtype).copy_(t)
 
 
+def _residual_view(residual, x, dtype):
+    """The residual as the kernels read it: x's (N, C, S) shape, strides and dtype."""
+    return match_layout(residual.reshape(x.shape), x).to(dtype) if residual is not None else None
+
+
 def _setup_context(ctx, inputs, output):
     input, _residual, weight, bias, mean, invstd, relu, training, count = inputs
     ctx.relu, ctx.training, ctx.count = relu, training, count
@@ -215,7 +220,7 @@ def batch_norm_add_relu(
 
 
 def _apply(backend, input, x, residual, weight, bias, mean, invstd, relu, training, count):
-    r = match_layout(residual.reshape(x.shape), x).to(input.dtype) if residual is not None else None
+    r = _residual_view(residual, x, input.dtype)
     out = _OPS[backend]["batch_norm_add_relu_fwd"](x, r, weight, bias, mean, invstd, relu, training, count)
     return out.view(input.shape)
 
@@ -309,7 +314,7 @@ def sync_batch_norm_add_relu(
     if backend == "reference":
         raise RuntimeError("sync_batch_norm_add_relu needs a kernel backend (cpu, cuda or triton), not 'reference'")
     x = as_channels_view(input)
-    r = match_layout(residual.reshape(x.shape), x).to(input.dtype) if residual is not None else None
+    r = _residual_view(residual, x, input.dtype)
     out = _SyncBatchNormAddReLU.apply(
         x, r, weight, bias, running_mean, running_var, float(momentum), eps, relu, group, backend
     )
