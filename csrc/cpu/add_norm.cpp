@@ -2,6 +2,7 @@
 // (add_norm_kernel.h) compiled for the baseline ISA and for AVX2+FMA, chosen at run time.
 #include "add_norm.h"
 #include "cpu/float_rows.h"
+#include "cpu/huge_pages.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -113,6 +114,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(
     bool store_h) {
   const RowsView shape = check_add_norm_fwd_args(x, residual, weight, bias, eps);
   auto [y, h, mean, rstd] = alloc_add_norm_fwd_outputs(x, shape, rms_norm, h_dtype, store_h);
+  advise_huge_pages(y);
+  advise_huge_pages(h);
   if (shape.rows == 0) {
     return {y, h, mean, rstd};
   }
@@ -149,6 +152,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     std::optional<ScalarType> dresidual_dtype) {
   const RowsView shape = check_add_norm_bwd_args(dy, dh, h, residual, weight, bias, mean, rstd, rms_norm);
   auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, shape, dresidual_dtype);
+  advise_huge_pages(dx);
+  advise_huge_pages(dresidual);
   const ScalarType acc = rstd.scalar_type();
   const int64_t chunks = num_chunks(shape.rows, shape.cols);
   // Zero-initialized so that M == 0 still yields zero grads.

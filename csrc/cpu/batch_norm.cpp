@@ -6,6 +6,7 @@
 // grad (read g or dy and out, x; write dx). Per-channel work between passes is O(C).
 #include "batch_norm.h"
 #include "cpu/float_rows.h"
+#include "cpu/huge_pages.h"
 
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
@@ -143,6 +144,7 @@ Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tens
   const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, invstd);
   const int64_t c_total = v.channels;
   Tensor out = empty_like_layout(input);
+  advise_huge_pages(out);
   visit_input(input, [&](auto t, auto a) {
     using T = typename decltype(t)::type;
     using acc_t = typename decltype(a)::type;
@@ -164,6 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
   const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, invstd, std::nullopt);
   const int64_t c_total = v.channels;
   Tensor g = write_grad_residual ? empty_like_layout(input) : torch::stable::new_empty(input, {0});
+  advise_huge_pages(g);
   std::vector<double> sum_dy(c_total, 0.0), sum_dy_xmu(c_total, 0.0);
   visit_input(input, [&](auto t, auto a) {
     using T = typename decltype(t)::type;
@@ -231,6 +234,7 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
   STD_TORCH_CHECK(sum_dy.scalar_type() == bn_stats_dtype(input) && sum_dy_xhat.scalar_type() == bn_stats_dtype(input),
                   "fusedres: sum_dy and sum_dy_xhat must have the statistics dtype");
   Tensor dx = empty_like_layout(input);
+  advise_huge_pages(dx);
   if (v.per_channel() == 0) {
     return dx;
   }
