@@ -145,7 +145,6 @@ def test_matches_fp64_reference(device, backend, case, dtype):
         assert_close_to_ref(name, o, e, r, dtype)
 
 
-
 # Outputs over 4 MiB take the CPU kernels' huge-page path (csrc/cpu/huge_pages.h); too big for the
 # Triton interpreter, so CPU only.
 LARGE_CASES = [Case((1100, 1024), prenorm=True), Case((1100, 1024), rms_norm=True, residual="fp32")]
@@ -154,6 +153,7 @@ LARGE_CASES = [Case((1100, 1024), prenorm=True), Case((1100, 1024), rms_norm=Tru
 @pytest.mark.parametrize("case", LARGE_CASES, ids=str)
 def test_large_cpu_outputs_match_fp64_reference(case):
     test_matches_fp64_reference("cpu", "cpu", case, torch.float32)
+
 
 @pytest.mark.parametrize("rms_norm", [False, True], ids=["ln", "rms"])
 @pytest.mark.parametrize("device,backend", device_backends())

@@ -135,11 +135,11 @@ def test_matches_fp64_reference(device, backend, case, dtype):
             assert_close_to_ref(name, o, e, r, torch.float32)
 
 
-
 # Activations over 4 MiB take the CPU kernels' huge-page path (csrc/cpu/huge_pages.h).
 @pytest.mark.parametrize("case", [Case((8, 64, 48, 48)), Case((8, 64, 48, 48), channels_last=True)], ids=str)
 def test_large_cpu_activations_match_fp64_reference(case):
     test_matches_fp64_reference("cpu", "cpu", case, torch.float32)
+
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("device,backend", device_backends())
