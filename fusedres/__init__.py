@@ -3,25 +3,30 @@
 import fusedres
 y = fusedres.add_layer_norm(x, residual, weight, bias)           # LayerNorm(x + residual)
 y, h = fusedres.add_rms_norm(x, residual, weight, prenorm=True)  # pre-norm block: h goes on
+model = fusedres.fuse(model)                                     # a ResNet / Transformer, in place
 """
 
 from fusedres import nn  # noqa: E402  (modules use the ops above)
 from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
 from fusedres.backends import available_backends, get_backend, set_backend, use_backend
+from fusedres.convert import FuseReport, fuse, unfuse
 from fusedres.ops import add_layer_norm, add_norm, add_rms_norm, batch_norm_add_relu
 
 __all__ = [
     "EXTENSION_ERROR",
     "EXTENSION_LOADED",
+    "FuseReport",
     "__version__",
     "add_layer_norm",
     "add_norm",
     "add_rms_norm",
     "available_backends",
     "batch_norm_add_relu",
+    "fuse",
     "get_backend",
     "nn",
     "set_backend",
+    "unfuse",
     "use_backend",
 ]

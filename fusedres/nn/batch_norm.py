@@ -8,6 +8,102 @@ from torch import nn
 from fusedres.ops.batch_norm import batch_norm_add_relu, bias_add_relu, sync_batch_norm_add_relu
 
 
+def _sync_enabled(bn: nn.Module) -> bool:
+    import torch.distributed as dist
+
+    group = getattr(bn, "process_group", None)
+    return bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def bn_add_relu(
+    bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True
+) -> torch.Tensor:
+    """relu(bn(input) + residual) for any nn.BatchNorm*d / nn.SyncBatchNorm module, with its
+    parameters, buffers, momentum (None = cumulative average) and track_running_stats semantics.
+    A SyncBatchNorm (or SyncBatchNormAddReLU2d) in distributed training reduces its statistics
+    over its process group, as nn.SyncBatchNorm does."""
+    bn._check_input_dim(input)
+    # Mirrors nn.modules.batchnorm._BatchNorm.forward, so behaviour matches it exactly.
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNormAddReLU2d)) and _sync_enabled(bn):
+        return sync_batch_norm_add_relu(
+            input,
+            residual,
+            bn.running_mean if bn.track_running_stats else None,
+            bn.running_var if bn.track_running_stats else None,
+            bn.weight,
+            bn.bias,
+            factor,
+            bn.eps,
+            relu=relu,
+            group=bn.process_group,
+        )
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_running = not bn.training or bn.track_running_stats
+    return batch_norm_add_relu(
+        input,
+        residual,
+        bn.running_mean if use_running else None,
+        bn.running_var if use_running else None,
+        bn.weight,
+        bn.bias,
+        bn_training,
+        factor,
+        bn.eps,
+        relu=relu,
+    )
+
+
+def _fold_versions(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
+    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((id(t), t._version) if t is not None else None for t in tensors)
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv's weight and bias with eval-mode bn folded in (differentiable), computed in fp32."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("eval-mode folding needs running stats (track_running_stats=True)")
+    invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
+    scale = invstd * bn.weight.float() if bn.weight is not None else invstd
+    w = conv.weight
+    folded_w = (w.float() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    conv_bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
+    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
+    folded_b = ((conv_bias - bn.running_mean.float()) * scale + shift).to(w.dtype)
+    return folded_w, folded_b
+
+
+def _folded_params(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
+    params = [conv.weight, conv.bias, bn.weight, bn.bias]
+    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if needs_grad or torch.compiler.is_compiling():
+        return fold_conv_bn(conv, bn)
+    # Cached on the BN module as a plain attribute (never in the state_dict), keyed by the
+    # tensors' versions: an optimizer step or a running-stat update refolds.
+    versions = _fold_versions(conv, bn)
+    cached = bn.__dict__.get("_fusedres_folded")
+    if cached is None or cached[0] != versions:
+        with torch.no_grad():
+            cached = (versions, *fold_conv_bn(conv, bn))
+        bn.__dict__["_fusedres_folded"] = cached
+    return cached[1], cached[2]
+
+
+def conv_bn_add_relu(
+    conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """relu(bn(conv(x)) + residual). Training (or BN without running stats): the conv, then the
+    fused BN kernel. Eval: BN folded into the conv's weight and bias, then one bias + add + ReLU
+    pass, instead of BN, add and ReLU each re-reading the activation."""
+    if bn.training or not bn.track_running_stats or bn.running_mean is None:
+        return bn_add_relu(bn, conv(x), residual)
+    weight, bias = _folded_params(conv, bn)
+    return bias_add_relu(conv._conv_forward(x, weight, None), bias, residual)
+
+
 class _BatchNormAddReLU:
     """forward(x, residual=None) = relu(bn(x) + residual), with nn.BatchNorm*'s parameters,
     buffers, momentum=None (cumulative average) and track_running_stats semantics."""
@@ -15,26 +111,7 @@ class _BatchNormAddReLU:
     relu: bool = True
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input_dim(input)
-        # Mirrors nn.modules.batchnorm._BatchNorm.forward, so behaviour matches it exactly.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_running = not self.training or self.track_running_stats
-        return batch_norm_add_relu(
-            input,
-            residual,
-            self.running_mean if use_running else None,
-            self.running_var if use_running else None,
-            self.weight,
-            self.bias,
-            bn_training,
-            factor,
-            self.eps,
-            relu=self.relu,
-        )
+        return bn_add_relu(self, input, residual, relu=self.relu)
 
     @classmethod
     def from_module(cls, bn: nn.modules.batchnorm._BatchNorm):
@@ -80,37 +157,6 @@ class SyncBatchNormAddReLU2d(BatchNormAddReLU2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.process_group = process_group
 
-    def _synchronized(self) -> bool:
-        import torch.distributed as dist
-
-        return (
-            self.training
-            and dist.is_available()
-            and dist.is_initialized()
-            and (dist.get_world_size(self.process_group) > 1)
-        )
-
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if not self._synchronized():
-            return super().forward(input, residual)
-        self._check_input_dim(input)
-        factor = self.momentum if self.momentum is not None else 0.0
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        return sync_batch_norm_add_relu(
-            input,
-            residual,
-            self.running_mean if self.track_running_stats else None,
-            self.running_var if self.track_running_stats else None,
-            self.weight,
-            self.bias,
-            factor,
-            self.eps,
-            relu=self.relu,
-            group=self.process_group,
-        )
-
 
 class ConvBNAddReLU2d(nn.Module):
     """relu(bn(conv(x)) + residual). Training: batch statistics through the fused BN kernel.
@@ -128,57 +174,17 @@ class ConvBNAddReLU2d(nn.Module):
             raise ValueError(f"conv has {conv.out_channels} output channels but bn has {bn.num_features} features")
         self.conv = conv
         self.bn = bn if isinstance(bn, BatchNormAddReLU2d) else BatchNormAddReLU2d.from_module(bn)
-        self._folded = None  # (versions, weight, bias): plain attribute, never in the state_dict
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         return cls(conv, bn)
 
-    def _versions(self):
-        tensors = [
-            self.conv.weight,
-            self.conv.bias,
-            self.bn.weight,
-            self.bn.bias,
-            self.bn.running_mean,
-            self.bn.running_var,
-        ]
-        return tuple((id(t), t._version) if t is not None else None for t in tensors)
-
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """conv weight and bias with eval-mode BN folded in (differentiable)."""
-        bn = self.bn
-        if bn.running_mean is None or bn.running_var is None:
-            raise RuntimeError("eval-mode folding needs running stats (track_running_stats=True)")
-        invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
-        scale = invstd * bn.weight.float() if bn.weight is not None else invstd
-        w = self.conv.weight
-        folded_w = (w.float() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-        conv_bias = self.conv.bias.float() if self.conv.bias is not None else torch.zeros_like(scale)
-        shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
-        folded_b = ((conv_bias - bn.running_mean.float()) * scale + shift).to(w.dtype)
-        return folded_w, folded_b
-
-    def _folded_params(self):
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        if needs_grad or torch.compiler.is_compiling():
-            return self.folded_weight_and_bias()
-        versions = self._versions()
-        if self._folded is None or self._folded[0] != versions:
-            with torch.no_grad():
-                self._folded = (versions, *self.folded_weight_and_bias())
-        return self._folded[1], self._folded[2]
+        return fold_conv_bn(self.conv, self.bn)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.training or not self.bn.track_running_stats:
-            return self.bn(self.conv(x), residual)
-        weight, bias = self._folded_params()
-        y = self.conv._conv_forward(x, weight, None)
-        return bias_add_relu(y, bias, residual)
-
-    def train(self, mode: bool = True):
-        self._folded = None  # statistics move in training: fold afresh afterwards
-        return super().train(mode)
+        return conv_bn_add_relu(self.conv, self.bn, x, residual)
 
 
 class ConvBNReLU2d(ConvBNAddReLU2d):
@@ -189,6 +195,9 @@ class ConvBNReLU2d(ConvBNAddReLU2d):
 
 
 __all__ = [
+    "bn_add_relu",
+    "conv_bn_add_relu",
+    "fold_conv_bn",
     "BatchNormAddReLU1d",
     "BatchNormAddReLU2d",
     "BatchNormAddReLU3d",

@@ -1,0 +1,78 @@
+"""torchvision ResNets (resnet18..152, resnext, wide_resnet): the conv-BN-ReLU pairs and the
+block tails `relu(bn(conv(x)) + identity)`, as torchvision.models.resnet writes them.
+
+Each fused forward below is the torchvision forward with its BN/add/ReLU runs replaced by
+conv_bn_add_relu: the fused BN kernel in training, BN folded into the conv in eval.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fusedres.convert.core import Pattern, register
+from fusedres.nn.batch_norm import conv_bn_add_relu
+
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def _check_parts(module: nn.Module, convs: tuple[str, ...], bns: tuple[str, ...]) -> str | None:
+    if type(getattr(module, "relu", None)) is not nn.ReLU:
+        return f"activation is {type(getattr(module, 'relu', None)).__name__}, not nn.ReLU"
+    for name in convs:
+        if type(getattr(module, name, None)) is not nn.Conv2d:
+            return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.Conv2d"
+    for name in bns:
+        if type(getattr(module, name, None)) not in _BN_TYPES:
+            return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"
+    return None
+
+
+def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # torchvision.models.resnet.BasicBlock.forward
+    identity = self.downsample(x) if self.downsample is not None else x
+    out = conv_bn_add_relu(self.conv1, self.bn1, x)
+    return conv_bn_add_relu(self.conv2, self.bn2, out, identity)
+
+
+def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # torchvision.models.resnet.Bottleneck.forward
+    identity = self.downsample(x) if self.downsample is not None else x
+    out = conv_bn_add_relu(self.conv1, self.bn1, x)
+    out = conv_bn_add_relu(self.conv2, self.bn2, out)
+    return conv_bn_add_relu(self.conv3, self.bn3, out, identity)
+
+
+def _resnet_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # torchvision.models.resnet.ResNet._forward_impl, with the stem's conv-BN-ReLU fused.
+    x = conv_bn_add_relu(self.conv1, self.bn1, x)
+    x = self.maxpool(x)
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    x = torch.flatten(self.avgpool(x), 1)
+    return self.fc(x)
+
+
+register(
+    Pattern(
+        "torchvision.models.resnet.BasicBlock",
+        "conv1-bn1-relu and the tail relu(bn2(conv2(x)) + identity)",
+        lambda m: _check_parts(m, ("conv1", "conv2"), ("bn1", "bn2")),
+        _basic_block_forward,
+    )
+)
+register(
+    Pattern(
+        "torchvision.models.resnet.Bottleneck",
+        "conv1-bn1-relu, conv2-bn2-relu and the tail relu(bn3(conv3(x)) + identity)",
+        lambda m: _check_parts(m, ("conv1", "conv2", "conv3"), ("bn1", "bn2", "bn3")),
+        _bottleneck_forward,
+    )
+)
+register(
+    Pattern(
+        "torchvision.models.resnet.ResNet",
+        "the stem's conv1-bn1-relu",
+        lambda m: _check_parts(m, ("conv1",), ("bn1",)),
+        _resnet_forward,
+    )
+)
