@@ -54,3 +54,31 @@ def assert_close_to_ref(name: str, ours, eager, ref, dtype: torch.dtype) -> None
     assert err <= bound, f"{name} ({dtype}): " + describe_mismatch(
         torch.where(finite, ours64, 0), torch.where(finite, ref64, 0), bound
     )
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter grad and floating buffer (BN running stats), by name."""
+    out = {f"{n}.grad": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    out.update({n: b for n, b in model.named_buffers() if b.is_floating_point()})
+    return out
+
+
+def assert_model_parity(
+    fused: torch.nn.Module, original: torch.nn.Module, reference: torch.nn.Module, atol: float = 1e-5
+) -> None:
+    """The flash-attn rule, model-wide: for every grad and running stat, the fused model's distance
+    to a float64 copy of the original is at most twice the original's own, plus atol x magnitude."""
+    ours, eager, ref = _model_tensors(fused), _model_tensors(original), _model_tensors(reference)
+    assert ours.keys() == eager.keys() == ref.keys(), set(ours) ^ set(eager)
+    for name, r in ref.items():
+        assert_within_rule(name, ours[name], eager[name], r, atol)
+
+
+def assert_within_rule(name: str, ours: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, atol: float) -> None:
+    assert ours.shape == eager.shape and ours.dtype == eager.dtype, (
+        f"{name}: {ours.dtype}{tuple(ours.shape)} vs {eager.dtype}{tuple(eager.shape)}"
+    )
+    ref64 = ref.detach().double()
+    err = max_abs_error(ours.detach().double(), ref64)
+    bound = 2 * max_abs_error(eager.detach().double(), ref64) + atol * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{name}: max error vs float64 {err:.3g} above {bound:.3g}"

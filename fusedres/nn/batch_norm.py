@@ -63,16 +63,18 @@ def _fold_versions(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
 
 
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv's weight and bias with eval-mode bn folded in (differentiable), computed in fp32."""
+    """conv's weight and bias with eval-mode bn folded in (differentiable), computed in fp32 (or
+    float64 for a float64 conv) and returned in the conv weight's dtype."""
     if bn.running_mean is None or bn.running_var is None:
         raise RuntimeError("eval-mode folding needs running stats (track_running_stats=True)")
-    invstd = torch.rsqrt(bn.running_var.float() + bn.eps)
-    scale = invstd * bn.weight.float() if bn.weight is not None else invstd
     w = conv.weight
-    folded_w = (w.float() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-    conv_bias = conv.bias.float() if conv.bias is not None else torch.zeros_like(scale)
-    shift = bn.bias.float() if bn.bias is not None else torch.zeros_like(scale)
-    folded_b = ((conv_bias - bn.running_mean.float()) * scale + shift).to(w.dtype)
+    acc = torch.promote_types(w.dtype, torch.float32)
+    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    scale = invstd * bn.weight.to(acc) if bn.weight is not None else invstd
+    folded_w = (w.to(acc) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    conv_bias = conv.bias.to(acc) if conv.bias is not None else torch.zeros_like(scale)
+    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
+    folded_b = ((conv_bias - bn.running_mean.to(acc)) * scale + shift).to(w.dtype)
     return folded_w, folded_b
 
 
