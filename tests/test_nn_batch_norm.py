@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -231,3 +232,18 @@ def test_sync_batch_norm_matches_full_batch_on_two_processes(channels_last):
         assert layout_kept, f"rank {rank}: output lost the input's memory format"
         for name, err in errors.items():
             assert err < 1e-4, f"rank {rank}: {name} differs from the full-batch result by {err}"
+
+
+def test_convert_sync_batchnorm_keeps_state_and_computes_batch_norm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm2d(4, momentum=None)))
+    reference = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    params = list(model.parameters())
+    fusedres.nn.convert_sync_batchnorm(model)
+    assert [type(m).__name__ for m in model.modules()].count("SyncBatchNorm2d") == 2
+    assert list(model.state_dict()) == keys and list(model.parameters()) == params
+    x = torch.randn(5, 3, 6, 6)
+    for _ in range(2):  # outside distributed training: plain BatchNorm, running stats included
+        torch.testing.assert_close(model(x), reference(x))
+    for a, b in zip(model.buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b)

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from fusedres.convert.core import Pattern, register
-from fusedres.nn.batch_norm import conv_bn_add_relu
+from fusedres.nn.batch_norm import SyncBatchNorm2d, conv_bn_add_relu
 
-_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
+# Modules whose forward(x) is exactly batch norm; bn_add_relu handles each (synchronized ones too).
+_BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
 
 
 def _check_parts(module: nn.Module, convs: tuple[str, ...], bns: tuple[str, ...]) -> str | None:
@@ -24,7 +25,7 @@ def _check_parts(module: nn.Module, convs: tuple[str, ...], bns: tuple[str, ...]
             return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.Conv2d"
     for name in bns:
         if type(getattr(module, name, None)) not in _BN_TYPES:
-            return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.BatchNorm2d or nn.SyncBatchNorm"
+            return f"{name} is {type(getattr(module, name, None)).__name__}, not a BatchNorm2d / SyncBatchNorm"
     return None
 
 

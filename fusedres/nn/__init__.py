@@ -7,7 +7,9 @@ from fusedres.nn.batch_norm import (
     BatchNormAddReLU3d,
     ConvBNAddReLU2d,
     ConvBNReLU2d,
+    SyncBatchNorm2d,
     SyncBatchNormAddReLU2d,
+    convert_sync_batchnorm,
 )
 
 __all__ = [
@@ -18,5 +20,7 @@ __all__ = [
     "BatchNormAddReLU3d",
     "ConvBNAddReLU2d",
     "ConvBNReLU2d",
+    "SyncBatchNorm2d",
     "SyncBatchNormAddReLU2d",
+    "convert_sync_batchnorm",
 ]

@@ -160,6 +160,39 @@ class SyncBatchNormAddReLU2d(BatchNormAddReLU2d):
         self.process_group = process_group
 
 
+class SyncBatchNorm2d(SyncBatchNormAddReLU2d):
+    """nn.SyncBatchNorm for 4-D inputs through the fused kernels: also on the CPU (gloo), where
+    nn.SyncBatchNorm refuses to run under DistributedDataParallel. forward(x) is plain BN, so it
+    drops into any model (see convert_sync_batchnorm); fuse() still fuses the ReLU and residual
+    around it."""
+
+    relu = False
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Like nn.SyncBatchNorm.convert_sync_batchnorm, but to SyncBatchNorm2d: every nn.BatchNorm2d
+    (and 4-D nn.SyncBatchNorm) is replaced by one sharing its parameters and buffers, so the
+    state_dict and the optimizer's view of the model do not change."""
+    if type(module) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+        new = SyncBatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group,
+            device="meta",
+        )
+        new._parameters = module._parameters
+        new._buffers = module._buffers
+        return new.train(module.training)
+    for name, child in module.named_children():
+        new_child = convert_sync_batchnorm(child, process_group)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
 class ConvBNAddReLU2d(nn.Module):
     """relu(bn(conv(x)) + residual). Training: batch statistics through the fused BN kernel.
     Eval: BN folded into the conv's weight and bias, then one bias + add + ReLU pass. The folded
@@ -205,5 +238,7 @@ __all__ = [
     "BatchNormAddReLU3d",
     "ConvBNAddReLU2d",
     "ConvBNReLU2d",
+    "SyncBatchNorm2d",
     "SyncBatchNormAddReLU2d",
+    "convert_sync_batchnorm",
 ]
