@@ -1,0 +1,231 @@
+"""End-to-end: a training step (forward, backward, optimizer) and inference of whole models,
+before and after fusedres.fuse(), with throughput and peak memory.
+
+python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--out DIR]
+
+Models are built from configs with random weights (nothing is downloaded): torchvision's
+resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a Llama-like stack
+(LlamaModel). On a GPU the defaults are the issue's targets (bf16 autocast, resnet50 at batch
+256); on the CPU, small batches and fp32 so a run takes a few minutes. The original and fused
+copies share initial weights and are timed alternately, so drift in the machine hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+import fusedres
+from fusedres.bench.timing import measure
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    name: str
+    unit: str  # what throughput counts: "images" or "tokens"
+    build: Callable[[], torch.nn.Module]
+    make_batch: Callable[[torch.device], torch.Tensor]
+    items_per_batch: int
+    channels_last: bool = False
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        out = model(batch)
+        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+        return out.float().square().mean()
+
+
+def _resnet50(batch: int, size: int) -> ModelCase:
+    def build():
+        from torchvision.models import resnet50
+
+        return resnet50()
+
+    return ModelCase(
+        f"resnet50 b{batch} {size}px",
+        "images",
+        build,
+        lambda dev: torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last),
+        batch,
+        channels_last=True,
+    )
+
+
+def _gpt2(batch: int, seq: int, layers: int) -> ModelCase:
+    def build():
+        from transformers import GPT2Config, GPT2Model
+
+        return GPT2Model(GPT2Config(n_embd=768, n_layer=layers, n_head=12, n_positions=max(seq, 1024)))
+
+    return ModelCase(
+        f"gpt2-small-like {layers}L b{batch} s{seq}",
+        "tokens",
+        build,
+        lambda dev: torch.randint(0, 50257, (batch, seq), device=dev),
+        batch * seq,
+    )
+
+
+def _llama(batch: int, seq: int, layers: int, hidden: int) -> ModelCase:
+    def build():
+        from transformers import LlamaConfig, LlamaModel
+
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=hidden,
+            intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 256),
+            max_position_embeddings=max(seq, 2048),
+        )
+        return LlamaModel(cfg)
+
+    return ModelCase(
+        f"llama-like {layers}L d{hidden} b{batch} s{seq}",
+        "tokens",
+        build,
+        lambda dev: torch.randint(0, 32000, (batch, seq), device=dev),
+        batch * seq,
+    )
+
+
+def default_cases(device: torch.device) -> dict[str, ModelCase]:
+    if device.type == "cuda":
+        return {
+            "resnet50": _resnet50(256, 224),
+            "gpt2": _gpt2(16, 1024, 12),
+            "llama": _llama(8, 2048, 8, 2048),
+        }
+    return {
+        "resnet50": _resnet50(4, 128),
+        "gpt2": _gpt2(2, 128, 4),
+        "llama": _llama(2, 128, 4, 512),
+    }
+
+
+def _peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def bench_model(case: ModelCase, device: torch.device, dtype: torch.dtype | None, reps: int) -> list[dict]:
+    """Rows for (train, inference) x (original, fused)."""
+    torch.manual_seed(0)
+    original = case.build().to(device)
+    if case.channels_last:
+        original = original.to(memory_format=torch.channels_last)
+    fused = fusedres.fuse(copy.deepcopy(original))
+    batch = case.make_batch(device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    variants = {"original": original, "fused": fused}
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in variants.items()}
+
+    def train_step(name):
+        model, opt = variants[name], optimizers[name]
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                loss = case.loss(model, batch)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    def infer(name):
+        model = variants[name]
+
+        @torch.no_grad()
+        def run():
+            with autocast:
+                model(batch)
+
+        return run
+
+    rows = []
+    for mode, make, set_mode in (("train", train_step, "train"), ("inference", infer, "eval")):
+        for m in variants.values():
+            m.train(set_mode == "train")
+        timings = {}
+        for name in variants:  # warm both first, then time them
+            make(name)()
+        for name in variants:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            t = measure(make(name), device, warmup=1, reps=reps, max_seconds=60)
+            timings[name] = (t, _peak_bytes(device))
+        for name, (t, peak) in timings.items():
+            rows.append(
+                {
+                    "model": case.name,
+                    "mode": mode,
+                    "variant": name,
+                    "median_ms": t.median_ms,
+                    "p20_ms": t.p20_ms,
+                    "p80_ms": t.p80_ms,
+                    "throughput": case.items_per_batch / (t.median_ms * 1e-3),
+                    "unit": f"{case.unit}/s",
+                    "peak_mem_gb": peak / 1e9 if peak is not None else None,
+                    "speedup": timings["original"][0].median_ms / t.median_ms,
+                }
+            )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = f"{'model':<34} {'mode':<10} {'variant':<9} {'ms':>9} {'throughput':>16} {'peak GB':>8} {'speedup':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "n/a"
+        lines.append(
+            f"{r['model']:<34} {r['mode']:<10} {r['variant']:<9} {r['median_ms']:>9.1f} "
+            f"{r['throughput']:>9.1f} {r['unit']:<6} {peak:>8} {r['speedup']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fusedres.bench.models", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="*", default=None, help="resnet50, gpt2, llama (default: all)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16, float16 or none (default: bf16 on GPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default: 20 GPU, 5 CPU)")
+    p.add_argument("--out", default=None, help="directory for models.json and models.md")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "none")
+    dtype = None if dtype_name == "none" else getattr(torch, dtype_name)
+    reps = args.reps or (20 if device.type == "cuda" else 5)
+    cases = default_cases(device)
+    names = args.models or list(cases)
+    unknown = sorted(set(names) - set(cases))
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; choose from {list(cases)}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"fusedres {fusedres.__version__} end-to-end on {where}, autocast {dtype_name}", flush=True)
+    rows = []
+    for name in names:
+        rows += bench_model(cases[name], device, dtype, reps)
+        print(f"done {cases[name].name}", file=sys.stderr, flush=True)
+    table = format_rows(rows)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        env = {"device": where, "torch": torch.__version__, "fusedres": fusedres.__version__, "autocast": dtype_name}
+        with open(os.path.join(args.out, "models.json"), "w") as f:
+            json.dump({"environment": env, "rows": rows, "cases": [asdict(cases[n])["name"] for n in names]}, f)
+        with open(os.path.join(args.out, "models.md"), "w") as f:
+            f.write(f"# fusedres end-to-end\n\n{env}\n\n```\n{table}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
