@@ -209,3 +209,28 @@ def test_compiles_fullgraph(training):
     for out in outs:
         out.sum().backward()
     assert_models_close(fused, original)
+
+
+@pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("resnet26d", 8), ("seresnet18", 0)])
+def test_timm_resnets(arch, blocks):
+    """timm's blocks are fused when their extras (SE, DropBlock, anti-aliasing, drop path) are
+    off; others are skipped with the reason. Float64, with random (not zero-init) BN weights."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    original = timm.create_model(arch, pretrained=False, num_classes=5).double()
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    fused, report = fusedres.fuse(copy.deepcopy(original), report=True)
+    assert len(report.replaced) == blocks
+    if not blocks:
+        assert report.skipped and all(r for _, r in report.skipped), str(report)
+        return
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        outs = [m.train(train)(x) for m in (fused, original)]
+        torch.testing.assert_close(*outs, rtol=1e-9, atol=1e-9)
+        for out in outs:
+            out.sum().backward()
+        assert_models_close(fused, original)

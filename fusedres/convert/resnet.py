@@ -1,5 +1,5 @@
-"""torchvision ResNets (resnet18..152, resnext, wide_resnet): the conv-BN-ReLU pairs and the
-block tails `relu(bn(conv(x)) + identity)`, as torchvision.models.resnet writes them.
+"""torchvision (and timm) ResNets (resnet18..152, resnext, wide_resnet): the conv-BN-ReLU pairs
+and the block tails `relu(bn(conv(x)) + identity)`, as torchvision.models.resnet writes them.
 
 Each fused forward below is the torchvision forward with its BN/add/ReLU runs replaced by
 conv_bn_add_relu: the fused BN kernel in training, BN folded into the conv in eval.
@@ -17,8 +17,10 @@ from fusedres.nn.batch_norm import SyncBatchNorm2d, conv_bn_add_relu
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
 
 
-def _check_parts(module: nn.Module, convs: tuple[str, ...], bns: tuple[str, ...]) -> str | None:
-    if type(getattr(module, "relu", None)) is not nn.ReLU:
+def _check_parts(
+    module: nn.Module, convs: tuple[str, ...], bns: tuple[str, ...], relu: str | None = "relu"
+) -> str | None:
+    if relu is not None and type(getattr(module, relu, None)) is not nn.ReLU:
         return f"activation is {type(getattr(module, 'relu', None)).__name__}, not nn.ReLU"
     for name in convs:
         if type(getattr(module, name, None)) is not nn.Conv2d:
@@ -75,5 +77,43 @@ register(
         "the stem's conv1-bn1-relu",
         lambda m: _check_parts(m, ("conv1",), ("bn1",)),
         _resnet_forward,
+    )
+)
+
+
+# timm's ResNet blocks are torchvision's with optional extras (DropBlock, anti-aliasing,
+# squeeze-excitation, stochastic depth) and named activations. Fused when the extras are off
+# (Identity / None), which is how timm builds resnet18..152, resnext and wide_resnet by default.
+
+
+def _check_timm_block(module: nn.Module, n: int) -> str | None:
+    convs = tuple(f"conv{i}" for i in range(1, n + 1))
+    bns = tuple(f"bn{i}" for i in range(1, n + 1))
+    for name in [f"act{i}" for i in range(1, n + 1)]:
+        if type(getattr(module, name, None)) is not nn.ReLU:
+            return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.ReLU"
+    for name in ("drop_block", "aa"):
+        if type(getattr(module, name, None)) is not nn.Identity:
+            return f"{name} is {type(getattr(module, name, None)).__name__}; only Identity is fused"
+    for name in ("se", "drop_path"):
+        if getattr(module, name, None) is not None:
+            return f"has {name} ({type(getattr(module, name)).__name__}); only blocks without it are fused"
+    return _check_parts(module, convs, bns, relu=None)
+
+
+register(
+    Pattern(
+        "timm.models.resnet.BasicBlock",
+        "conv1-bn1-act1 and the tail act2(bn2(conv2(x)) + shortcut)",
+        lambda m: _check_timm_block(m, 2),
+        _basic_block_forward,
+    )
+)
+register(
+    Pattern(
+        "timm.models.resnet.Bottleneck",
+        "conv1-bn1-act1, conv2-bn2-act2 and the tail act3(bn3(conv3(x)) + shortcut)",
+        lambda m: _check_timm_block(m, 3),
+        _bottleneck_forward,
     )
 )
