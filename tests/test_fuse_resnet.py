@@ -227,10 +227,11 @@ def test_timm_resnets(arch, blocks):
     if not blocks:
         assert report.skipped and all(r for _, r in report.skipped), str(report)
         return
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(4, 3, 48, 48, dtype=torch.float64)
+    g = torch.randn(4, 5, dtype=torch.float64)
     for train in (True, False):
         outs = [m.train(train)(x) for m in (fused, original)]
         torch.testing.assert_close(*outs, rtol=1e-9, atol=1e-9)
         for out in outs:
-            out.sum().backward()
+            (out * g).sum().backward()
         assert_models_close(fused, original)
