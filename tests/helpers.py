@@ -82,3 +82,57 @@ def assert_within_rule(name: str, ours: torch.Tensor, eager: torch.Tensor, ref: 
     err = max_abs_error(ours.detach().double(), ref64)
     bound = 2 * max_abs_error(eager.detach().double(), ref64) + atol * max(1.0, ref64.abs().max().item())
     assert err <= bound, f"{name}: max error vs float64 {err:.3g} above {bound:.3g}"
+
+
+def assert_checkpoints_load_both_ways(fused: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """A state_dict saved from either model loads into the other, key for key and value for value."""
+    import io
+
+    for src, dst in ((fused, plain), (plain, fused)):
+        buf = io.BytesIO()
+        torch.save(src.state_dict(), buf)
+        buf.seek(0)
+        dst.load_state_dict(torch.load(buf))
+        for (ka, a), (kb, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+            assert ka == kb and torch.equal(a, b), ka
+
+
+def _distributed_worker(target, rank: int, world: int, port: int, queue, args) -> None:
+    import os
+    import traceback
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        queue.put((rank, True, target(rank, *args)))
+    except Exception:
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(target, *args, world: int = 2, timeout: float = 240) -> list:
+    """target(rank, *args) in `world` spawned CPU processes joined by a gloo process group; returns
+    what each returned, by rank. A failure in any process fails the test with its traceback."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_distributed_worker, args=(target, rank, world, port, queue, args)) for rank in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=timeout) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    for rank, ok, value in results:
+        assert ok, f"rank {rank} failed:\n{value}"
+    return [value for _, _, value in sorted(results, key=lambda r: r[0])]

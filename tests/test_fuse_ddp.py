@@ -6,26 +6,16 @@ its norms never mix samples."""
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import traceback
 
 import pytest
 import torch
+from helpers import run_distributed
 from torch import nn
 
 import fusedres
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models.resnet import BasicBlock  # noqa: E402
-
-WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(kind: str) -> nn.Module:
@@ -50,58 +40,38 @@ def _batch(kind: str):
     return x, torch.randint(0, 5, (8,), generator=gen)
 
 
-def _worker(rank: int, port: int, kind: str, queue) -> None:
-    import torch.distributed as dist
+def _worker(rank: int, kind: str):
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        original = _model(kind)
-        reference = copy.deepcopy(original)  # one process, whole batch, plain torch
-        model = fusedres.nn.convert_sync_batchnorm(original) if kind == "resnet" else original
-        model, report = fusedres.fuse(model, report=True)
-        ddp = DistributedDataParallel(model)
-        x, y = _batch(kind)
-        lo, hi = rank * 4, rank * 4 + 4
-        nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi]).backward()
-        nn.functional.cross_entropy(reference(x), y).backward()
-        errors = {
-            f"{name}.grad": (p.grad - q.grad).abs().max().item()
-            for (name, p), q in zip(model.named_parameters(), reference.parameters())
+    original = _model(kind)
+    reference = copy.deepcopy(original)  # one process, whole batch, plain torch
+    model = fusedres.nn.convert_sync_batchnorm(original) if kind == "resnet" else original
+    model, report = fusedres.fuse(model, report=True)
+    ddp = DistributedDataParallel(model)
+    x, y = _batch(kind)
+    lo, hi = rank * 4, rank * 4 + 4
+    nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi]).backward()
+    nn.functional.cross_entropy(reference(x), y).backward()
+    errors = {
+        f"{name}.grad": (p.grad - q.grad).abs().max().item()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters())
+    }
+    errors.update(
+        {
+            name: (b - c).abs().max().item()
+            for (name, b), c in zip(model.named_buffers(), reference.buffers())
+            if b.is_floating_point()
         }
-        errors.update(
-            {
-                name: (b - c).abs().max().item()
-                for (name, b), c in zip(model.named_buffers(), reference.buffers())
-                if b.is_floating_point()
-            }
-        )
-        queue.put((rank, len(report.replaced), errors))
-    except Exception:
-        queue.put((rank, None, traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
+    )
+    return len(report.replaced), errors
 
 
 @pytest.mark.parametrize("kind,blocks", [("resnet", 2), ("transformer", 2)])
 def test_ddp_grads_match_one_process_on_the_whole_batch(kind, blocks):
     if "cpu" not in fusedres.available_backends("cpu"):
         pytest.skip("the synchronized BatchNorm path needs the cpu kernel backend")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, kind, queue)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=180) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, replaced, errors in results:
-        assert replaced is not None, f"rank {rank} failed:\n{errors}"
+    results = run_distributed(_worker, kind)
+    for rank, (replaced, errors) in enumerate(results):
         assert replaced == blocks, f"rank {rank}: {replaced} blocks fused"
         for name, err in errors.items():
             assert err < 1e-5, f"rank {rank}: {name} differs from the one-process result by {err}"

@@ -4,11 +4,10 @@ checkpoints in both directions, unfuse(), and variants that must be left alone."
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from helpers import assert_model_parity, assert_within_rule
+from helpers import assert_checkpoints_load_both_ways, assert_model_parity, assert_within_rule
 from torch import nn
 
 import fusedres
@@ -123,13 +122,7 @@ def test_checkpoints_load_both_ways():
     with torch.no_grad():
         for p in fused.parameters():
             p.add_(torch.randn_like(p))
-    for src, dst in ((fused, original), (original, fused)):
-        buf = io.BytesIO()
-        torch.save(src.state_dict(), buf)
-        buf.seek(0)
-        dst.load_state_dict(torch.load(buf))
-        for (ka, a), (kb, b) in zip(src.state_dict().items(), dst.state_dict().items()):
-            assert ka == kb and torch.equal(a, b), ka
+    assert_checkpoints_load_both_ways(fused, original)
 
 
 def test_unfuse_restores_the_original_classes_and_results():

@@ -7,11 +7,10 @@ output and every parameter grad must be within the tests' rule of the float64 ru
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
-from helpers import assert_model_parity, assert_within_rule
+from helpers import assert_checkpoints_load_both_ways, assert_model_parity, assert_within_rule
 from torch import nn
 
 import fusedres
@@ -166,13 +165,7 @@ def test_hf_checkpoints_load_both_ways():
         for p in fused.parameters():
             p.add_(torch.randn_like(p))
     plain = hf_model("llama")[0]
-    for src, dst in ((fused, plain), (plain, fused)):
-        buf = io.BytesIO()
-        torch.save(src.state_dict(), buf)
-        buf.seek(0)
-        dst.load_state_dict(torch.load(buf))
-        for (ka, a), (kb, b) in zip(src.state_dict().items(), dst.state_dict().items()):
-            assert ka == kb and torch.equal(a, b), ka
+    assert_checkpoints_load_both_ways(fused, plain)
     fusedres.unfuse(fused)
     assert [type(m) for m in fused.modules()] == [type(m) for m in plain.modules()]
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_distributed
 from torch import nn
 
 import fusedres
@@ -157,78 +156,56 @@ def test_sync_variant_is_plain_outside_distributed():
     torch.testing.assert_close(sync(x, r), plain(x, r))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sync_worker(rank, world, port, channels_last, queue):
+def _sync_worker(rank, channels_last):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        gen = torch.Generator().manual_seed(0)
-        # Uneven local batches (3 and 5), as a last batch can be.
-        x_full = torch.randn(8, 4, 5, 5, generator=gen) * 2 + 1
-        r_full = torch.randn(8, 4, 5, 5, generator=gen)
-        g_full = torch.randn(8, 4, 5, 5, generator=gen)
-        lo, hi = (0, 3) if rank == 0 else (3, 8)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        x = x_full[lo:hi].contiguous(memory_format=fmt).requires_grad_()
-        r = r_full[lo:hi].clone().requires_grad_()
-        module = SyncBatchNormAddReLU2d(4)
-        with torch.no_grad():
-            module.weight.copy_(torch.arange(1.0, 5.0))
-            module.bias.copy_(torch.linspace(-0.5, 0.5, 4))
-        y = module(x, r)
-        (y * g_full[lo:hi]).sum().backward()
-        dw = module.weight.grad.clone()
-        dist.all_reduce(dw)  # what DDP does with parameter grads
+    gen = torch.Generator().manual_seed(0)
+    # Uneven local batches (3 and 5), as a last batch can be.
+    x_full = torch.randn(8, 4, 5, 5, generator=gen) * 2 + 1
+    r_full = torch.randn(8, 4, 5, 5, generator=gen)
+    g_full = torch.randn(8, 4, 5, 5, generator=gen)
+    lo, hi = (0, 3) if rank == 0 else (3, 8)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x_full[lo:hi].contiguous(memory_format=fmt).requires_grad_()
+    r = r_full[lo:hi].clone().requires_grad_()
+    module = SyncBatchNormAddReLU2d(4)
+    with torch.no_grad():
+        module.weight.copy_(torch.arange(1.0, 5.0))
+        module.bias.copy_(torch.linspace(-0.5, 0.5, 4))
+    y = module(x, r)
+    (y * g_full[lo:hi]).sum().backward()
+    dw = module.weight.grad.clone()
+    dist.all_reduce(dw)  # what DDP does with parameter grads
 
-        # The single-process answer on the whole batch.
-        ref = nn.BatchNorm2d(4)
-        ref.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("running")}, strict=False)
-        ref.running_mean.zero_()
-        ref.running_var.fill_(1)
-        xf, rf = x_full.clone().requires_grad_(), r_full.clone().requires_grad_()
-        with torch.no_grad():
-            ref.weight.copy_(torch.arange(1.0, 5.0))
-            ref.bias.copy_(torch.linspace(-0.5, 0.5, 4))
-        yf = F.relu(ref(xf) + rf)
-        (yf * g_full).sum().backward()
-        checks = {
-            "out": (y, yf[lo:hi]),
-            "dx": (x.grad, xf.grad[lo:hi]),
-            "dresidual": (r.grad, rf.grad[lo:hi]),
-            "dweight": (dw, ref.weight.grad),
-            "running_mean": (module.running_mean, ref.running_mean),
-            "running_var": (module.running_var, ref.running_var),
-        }
-        errors = {k: (a - b).abs().max().item() for k, (a, b) in checks.items()}
-        queue.put((rank, errors, y.is_contiguous(memory_format=fmt)))
-    finally:
-        dist.destroy_process_group()
+    # The single-process answer on the whole batch.
+    ref = nn.BatchNorm2d(4)
+    ref.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("running")}, strict=False)
+    ref.running_mean.zero_()
+    ref.running_var.fill_(1)
+    xf, rf = x_full.clone().requires_grad_(), r_full.clone().requires_grad_()
+    with torch.no_grad():
+        ref.weight.copy_(torch.arange(1.0, 5.0))
+        ref.bias.copy_(torch.linspace(-0.5, 0.5, 4))
+    yf = F.relu(ref(xf) + rf)
+    (yf * g_full).sum().backward()
+    checks = {
+        "out": (y, yf[lo:hi]),
+        "dx": (x.grad, xf.grad[lo:hi]),
+        "dresidual": (r.grad, rf.grad[lo:hi]),
+        "dweight": (dw, ref.weight.grad),
+        "running_mean": (module.running_mean, ref.running_mean),
+        "running_var": (module.running_var, ref.running_var),
+    }
+    errors = {k: (a - b).abs().max().item() for k, (a, b) in checks.items()}
+    return errors, y.is_contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_sync_batch_norm_matches_full_batch_on_two_processes(channels_last):
     if not fusedres.EXTENSION_LOADED and "triton" not in fusedres.available_backends("cpu"):
         pytest.skip("needs a kernel backend on cpu")
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_sync_worker, args=(rank, 2, port, channels_last, queue)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=240) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    for rank, errors, layout_kept in results:
+    results = run_distributed(_sync_worker, channels_last)
+    for rank, (errors, layout_kept) in enumerate(results):
         assert layout_kept, f"rank {rank}: output lost the input's memory format"
         for name, err in errors.items():
             assert err < 1e-4, f"rank {rank}: {name} differs from the full-batch result by {err}"

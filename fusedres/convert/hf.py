@@ -17,18 +17,9 @@ import inspect
 from torch import nn
 
 from fusedres.convert.core import Pattern, register
-from fusedres.convert.norms import norm_after_add
+from fusedres.convert.norms import check_layer_norms, norm_after_add
 
 _HF = "transformers.models"
-
-
-def _check_layer_norm(module: nn.Module, name: str) -> str | None:
-    norm = getattr(module, name, None)
-    if type(norm) is not nn.LayerNorm:
-        return f"{name} is {type(norm).__name__}, not nn.LayerNorm"
-    if len(norm.normalized_shape) != 1:
-        return f"{name} normalizes over {len(norm.normalized_shape)} dims; fused norms take one"
-    return None
 
 
 def _check_rms_norm(module: nn.Module, name: str) -> str | None:
@@ -72,7 +63,7 @@ def _check_bert_output(module: nn.Module) -> str | None:
     for name in ("dense", "dropout"):
         if not isinstance(getattr(module, name, None), nn.Module):
             return f"has no {name} submodule"
-    return _check_layer_norm(module, "LayerNorm")
+    return check_layer_norms(module, ("LayerNorm",))
 
 
 for _path in (
@@ -137,11 +128,7 @@ def _gpt2_block_forward(
 
 def _check_gpt2_block(module: nn.Module) -> str | None:
     names = ("ln_1", "ln_2") + (("ln_cross_attn",) if hasattr(module, "crossattention") else ())
-    for name in names:
-        reason = _check_layer_norm(module, name)
-        if reason:
-            return reason
-    return _check_signature(module, _GPT2_SIGNATURE)
+    return check_layer_norms(module, names) or _check_signature(module, _GPT2_SIGNATURE)
 
 
 register(

@@ -9,8 +9,20 @@ operands so the fused op produces those same dtypes.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from fusedres.ops.add_norm import add_norm
+
+
+def check_layer_norms(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    """None when each named submodule is an nn.LayerNorm over one dim, else why not."""
+    for name in names:
+        norm = getattr(module, name, None)
+        if type(norm) is not nn.LayerNorm:
+            return f"{name} is {type(norm).__name__}, not nn.LayerNorm"
+        if len(norm.normalized_shape) != 1:
+            return f"{name} normalizes over {len(norm.normalized_shape)} dims; fused norms take one"
+    return None
 
 
 def norm_after_add(

@@ -15,17 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fusedres.convert.core import Pattern, register
-from fusedres.convert.norms import norm_after_add
-
-
-def _check_norms(module: nn.Module, names: tuple[str, ...]) -> str | None:
-    for name in names:
-        norm = getattr(module, name, None)
-        if type(norm) is not nn.LayerNorm:
-            return f"{name} is {type(norm).__name__}, not nn.LayerNorm"
-        if len(norm.normalized_shape) != 1:
-            return f"{name} normalizes over {len(norm.normalized_shape)} dims; fused norms take one"
-    return None
+from fusedres.convert.norms import check_layer_norms, norm_after_add
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None, *, prenorm: bool = False):
@@ -83,7 +73,7 @@ register(
     Pattern(
         "torch.nn.modules.transformer.TransformerEncoderLayer",
         "norm1/norm2 with their residual adds",
-        lambda m: _check_norms(m, ("norm1", "norm2")),
+        lambda m: check_layer_norms(m, ("norm1", "norm2")),
         _encoder_layer_forward,
     )
 )
@@ -91,7 +81,7 @@ register(
     Pattern(
         "torch.nn.modules.transformer.TransformerDecoderLayer",
         "norm1/norm2/norm3 with their residual adds",
-        lambda m: _check_norms(m, ("norm1", "norm2", "norm3")),
+        lambda m: check_layer_norms(m, ("norm1", "norm2", "norm3")),
         _decoder_layer_forward,
     )
 )
