@@ -228,3 +228,13 @@ def test_timm_resnets(arch, blocks):
         for out in outs:
             (out * g).sum().backward()
         assert_models_close(fused, original)
+
+
+def test_report_is_logged_and_printable(caplog):
+    model = tiny_resnet()
+    model.layer3[0].relu = nn.SiLU()
+    with caplog.at_level("INFO", logger="fusedres"):
+        _, report = fusedres.fuse(model, report=True)
+    text = str(report)
+    assert text in caplog.text
+    assert "4 block(s) fused, 1 skipped" in text and "skipped layer3.0: BasicBlock: activation is SiLU" in text
