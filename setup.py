@@ -15,30 +15,50 @@ Environment switches:
                            plus compute_90 PTX that newer GPUs JIT-compile).
   MAX_JOBS                 parallel compile jobs (ninja).
   FUSEDRES_DEBUG=1         -O0 -g builds.
+  FUSEDRES_LOCAL_VERSION   a local version label for the build, e.g. cu13: version 0.1.0+cu13.
+  FUSEDRES_COMMIT          the commit recorded in the build info (default: `git rev-parse` of this
+                           tree, else the COMMIT file that an sdist carries).
+
+The build info (torch and CUDA built against, nvcc, archs, commit, date) goes to
+fusedres/_build_info.py, which `python -m fusedres` shows and fusedres/_extension.py checks
+against the running torch before loading _C. The version lives in fusedres/_version.py only.
+Building an sdist (or only the metadata) needs no torch: the extension is configured for builds.
 """
 
 from __future__ import annotations
 
+import datetime
 import glob
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.sdist import sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # torch's stable ABI as of 2.10 (format: major, minor, patch bytes then an ABI tag).
 TORCH_TARGET_VERSION = "0x020a000000000000"
-PY_LIMITED_API = "0x030a0000"  # Python 3.10
+PY_LIMITED_API = "0x030A0000"  # Python 3.10 (spelled as torch's BuildExtension adds it too: no redefinition warning)
+
+
+# setup.py commands that need no compiled extension (and so no torch): source and metadata only.
+NO_EXTENSION_COMMANDS = {"sdist", "egg_info", "dist_info", "--name", "--version"}
 
 
 def read_version() -> str:
     scope: dict = {}
     with open(os.path.join(ROOT, "fusedres", "_version.py")) as f:
         exec(f.read(), scope)
-    return scope["__version__"]
+    version = scope["__version__"]
+    local = os.environ.get("FUSEDRES_LOCAL_VERSION", "").strip()
+    if local and not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
+        raise SystemExit(f"FUSEDRES_LOCAL_VERSION must be a local version label like cu13, got {local!r}")
+    return f"{version}+{local}" if local else version
 
 
 def find_cuda_home() -> str | None:
@@ -65,11 +85,52 @@ def pip_cuda_include_dirs() -> list[str]:
 
 
 def git_commit() -> str:
+    """FUSEDRES_COMMIT, else this tree's git commit (only when ROOT is the top of a checkout, not an
+    sdist unpacked somewhere inside another repository), else the COMMIT file an sdist carries."""
+    if os.environ.get("FUSEDRES_COMMIT"):
+        return os.environ["FUSEDRES_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        lines = out.stdout.split()
+        if out.returncode == 0 and len(lines) == 2 and os.path.samefile(lines[0], ROOT):
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            )
+            return lines[1] + ("-dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        pass
+    try:
+        with open(os.path.join(ROOT, "COMMIT")) as f:
+            return f.read().strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def nvcc_version(cuda_home: str) -> str | None:
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    except OSError:
+        return None
+    match = re.search(r"release [\d.]+, V([\d.]+)", out.stdout)
+    return match.group(1) if match else None
+
+
+def build_date() -> str:
+    # SOURCE_DATE_EPOCH: reproducible builds pin the date.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else None
+    return (when or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class SdistWithCommit(sdist):
+    """The sdist carries the commit it was made from (COMMIT), for the build info of wheels built from it."""
+
+    def make_release_tree(self, base_dir, files):
+        super().make_release_tree(base_dir, files)
+        with open(os.path.join(base_dir, "COMMIT"), "w") as f:
+            f.write(git_commit() + "\n")
 
 
 def write_build_info(**info) -> None:
@@ -82,8 +143,10 @@ def write_build_info(**info) -> None:
 
 
 def get_extensions():
+    if NO_EXTENSION_COMMANDS & set(sys.argv[1:]):
+        return [], {}
     if os.environ.get("FUSEDRES_NO_EXTENSION", "0") == "1":
-        write_build_info(extension=False)
+        write_build_info(extension=False, version=read_version(), commit=git_commit(), build_date=build_date())
         return [], {}
 
     cuda_mode = os.environ.get("FUSEDRES_CUDA", "auto").lower()
@@ -138,14 +201,21 @@ def get_extensions():
         if use_cuda:
             extra_compile_args["nvcc"].append(f"-Xcompiler=-idirafter{inc}")
 
+    # fusedres/_extension.py compares these with the running torch before it loads _C.
     write_build_info(
         extension=True,
-        torch=torch.__version__,
-        cuda=torch.version.cuda if use_cuda else None,
+        version=read_version(),
+        torch=torch.__version__,  # the torch built against (any torch >= stable_abi_target loads _C)
+        torch_cuda=torch.version.cuda,  # that torch's CUDA (None: a CPU build)
+        cuda=torch.version.cuda if use_cuda else None,  # CUDA kernels built, for this CUDA (its major)
+        nvcc=nvcc_version(cuda_home) if use_cuda else None,
         cuda_home=cuda_home if use_cuda else None,
         cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
         stable_abi_target="2.10",
+        python_limited_api="3.10",
+        platform=f"{platform.system().lower()}_{platform.machine()}",
         commit=git_commit(),
+        build_date=build_date(),
     )
     ext = extension(
         "fusedres._C",
@@ -163,6 +233,6 @@ setup(
     version=read_version(),
     packages=find_packages(include=["fusedres", "fusedres.*"]),
     ext_modules=ext_modules,
-    cmdclass=cmdclass,
+    cmdclass={"sdist": SdistWithCommit, **cmdclass},
     options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

@@ -6,6 +6,23 @@ import os
 import platform
 
 
+def build_info_report(info: dict) -> dict:
+    """The build record that setup.py wrote (fusedres/_build_info.py), as report lines."""
+    if not info.get("extension"):
+        return {"_C build": "none (a source tree without a build, or FUSEDRES_NO_EXTENSION=1)"}
+    get = lambda key: info.get(key, "n/a")
+    return {
+        "_C built against torch": f"{get('torch')} (CUDA {get('torch_cuda') or 'none'})",
+        "_C ABI": f"torch stable ABI {get('stable_abi_target')}, Python limited API {get('python_limited_api')}",
+        "_C CUDA kernels": (
+            f"yes, CUDA {info['cuda']} (nvcc {get('nvcc')}), archs {get('cuda_arch_list')}"
+            if info.get("cuda")
+            else "no"
+        ),
+        "_C build": f"commit {get('commit')}, {get('build_date')}, {get('platform')}",
+    }
+
+
 def environment_report() -> dict:
     import torch
 
@@ -19,20 +36,14 @@ def environment_report() -> dict:
     except ImportError as e:
         triton_version = f"not installed ({e})"
     report = {
-        "fusedres": fusedres.__version__,
+        "fusedres": f"{fusedres.__version__} at {os.path.dirname(fusedres.__file__)}",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch CUDA": torch.version.cuda or "none (CPU build)",
         "triton": triton_version,
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
         "_C loaded": "yes" if EXTENSION_LOADED else f"no: {EXTENSION_ERROR}",
-        "_C built against torch": BUILD_INFO.get("torch", "n/a"),
-        "_C CUDA kernels": (
-            f"yes, CUDA {BUILD_INFO['cuda']}, archs {BUILD_INFO.get('cuda_arch_list')}"
-            if BUILD_INFO.get("cuda")
-            else "no"
-        ),
-        "_C commit": BUILD_INFO.get("commit", "n/a"),
+        **build_info_report(BUILD_INFO),
         "selected backend": fusedres.get_backend(),
         "backends (cpu)": ", ".join(fusedres.available_backends("cpu")),
     }

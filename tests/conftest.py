@@ -33,5 +33,20 @@ def pytest_report_header(config):
     return [
         f"fusedres {fusedres.__version__}: _C loaded={EXTENSION_LOADED} ({EXTENSION_ERROR or 'ok'}), "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
-        f"backends cpu={fusedres.available_backends('cpu')}"
+        f"backends cpu={fusedres.available_backends('cpu')}",
+        _imported_from(),
     ]
+
+
+def _imported_from() -> str:
+    """Which fusedres the tests run: the installed wheel (site-packages) or this checkout."""
+    package = os.path.dirname(os.path.abspath(fusedres.__file__))
+    where = "site-packages" if os.path.basename(os.path.dirname(package)) == "site-packages" else "not site-packages"
+    return f"fusedres imported from {package} ({where})"
+
+
+def pytest_terminal_summary(terminalreporter):
+    # `pytest -q` (the Quickstart) prints no header: say which fusedres ran at the end instead.
+    if terminalreporter.verbosity < 0:
+        for line in pytest_report_header(terminalreporter.config):
+            terminalreporter.write_line(line)
