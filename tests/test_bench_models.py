@@ -56,3 +56,11 @@ def test_cli_writes_results(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         models.main(["--models", "nope", "--device", "cpu"])
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_alternating_times_take_turns():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    samples = models.alternating_times(fns, torch.device("cpu"), reps=3)
+    assert order == ["a", "b"] * 3
+    assert all(len(v) == 3 and min(v) >= 0 for v in samples.values())

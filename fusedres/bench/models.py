@@ -7,7 +7,8 @@ Models are built from configs with random weights (nothing is downloaded): torch
 resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a Llama-like stack
 (LlamaModel). On a GPU the defaults are the issue's targets (bf16 autocast, resnet50 at batch
 256); on the CPU, small batches and fp32 so a run takes a few minutes. The original and fused
-copies share initial weights and are timed alternately, so drift in the machine hits both.
+copies share initial weights and are timed in turns (step by step), so drift in the machine hits
+both alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -24,7 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fusedres
-from fusedres.bench.timing import measure
+from fusedres.bench.timing import quantiles
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,27 @@ def default_cases(device: torch.device) -> dict[str, ModelCase]:
     }
 
 
+def _time_call(fn: Callable[[], None], device: torch.device) -> float:
+    """One call's wall time in ms (the GPU drained before and after, since a step is long)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def alternating_times(fns: dict[str, Callable[[], None]], device: torch.device, reps: int) -> dict[str, list[float]]:
+    """Times each callable `reps` times, taking turns (a, b, a, b, ...), so that a slow stretch of
+    the machine (another process, thermal or frequency changes) lands on both alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_call(fn, device))
+    return samples
+
+
 def _peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
@@ -153,16 +176,19 @@ def bench_model(case: ModelCase, device: torch.device, dtype: torch.dtype | None
     for mode, make, set_mode in (("train", train_step, "train"), ("inference", infer, "eval")):
         for m in variants.values():
             m.train(set_mode == "train")
-        timings = {}
-        for name in variants:  # warm both first, then time them
-            make(name)()
-        for name in variants:
+        fns = {name: make(name) for name in variants}
+        for fn in fns.values():  # warm-up: allocator, autotuning, lazy inits
+            fn()
+            fn()
+        peaks = {}
+        for name, fn in fns.items():  # peak memory of one step each, measured apart
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            t = measure(make(name), device, warmup=1, reps=reps, max_seconds=60)
-            timings[name] = (t, _peak_bytes(device))
-        for name, (t, peak) in timings.items():
+            fn()
+            peaks[name] = _peak_bytes(device)
+        timings = {name: quantiles(t) for name, t in alternating_times(fns, device, reps).items()}
+        for name, t in timings.items():
             rows.append(
                 {
                     "model": case.name,
@@ -173,8 +199,8 @@ def bench_model(case: ModelCase, device: torch.device, dtype: torch.dtype | None
                     "p80_ms": t.p80_ms,
                     "throughput": case.items_per_batch / (t.median_ms * 1e-3),
                     "unit": f"{case.unit}/s",
-                    "peak_mem_gb": peak / 1e9 if peak is not None else None,
-                    "speedup": timings["original"][0].median_ms / t.median_ms,
+                    "peak_mem_gb": peaks[name] / 1e9 if peaks[name] is not None else None,
+                    "speedup": timings["original"].median_ms / t.median_ms,
                 }
             )
     return rows
