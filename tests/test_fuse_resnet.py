@@ -15,9 +15,6 @@ import fusedres
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import resnet  # noqa: E402
 
-if not fusedres.available_backends("cpu"):
-    pytest.skip("no fusedres backend usable on cpu", allow_module_level=True)
-
 # Blocks per architecture: BasicBlock / Bottleneck counts + the stem.
 ARCHS = {
     "resnet18": 8 + 1,
