@@ -18,6 +18,8 @@ Environment switches:
   FUSEDRES_LOCAL_VERSION   a local version label for the build, e.g. cu13: version 0.1.0+cu13.
   FUSEDRES_COMMIT          the commit recorded in the build info (default: `git rev-parse` of this
                            tree, else the COMMIT file that an sdist carries).
+The defaults (arch list, CUDA_HOME) and the FUSEDRES_CUDA decision live in build_config.py, which
+scripts/build_wheel.sh and scripts/check_wheel.py share.
 
 The build info (torch and CUDA built against, nvcc, archs, commit, date) goes to
 fusedres/_build_info.py, which `python -m fusedres` shows and fusedres/_extension.py checks
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import datetime
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -40,7 +43,6 @@ from setuptools import find_packages, setup
 from setuptools.command.sdist import sdist
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # torch's stable ABI as of 2.10 (format: major, minor, patch bytes then an ABI tag).
 TORCH_TARGET_VERSION = "0x020a000000000000"
 PY_LIMITED_API = "0x030A0000"  # Python 3.10 (spelled as torch's BuildExtension adds it too: no redefinition warning)
@@ -48,6 +50,17 @@ PY_LIMITED_API = "0x030A0000"  # Python 3.10 (spelled as torch's BuildExtension 
 
 # setup.py commands that need no compiled extension (and so no torch): source and metadata only.
 NO_EXTENSION_COMMANDS = {"sdist", "egg_info", "dist_info", "--name", "--version"}
+
+
+def load_build_config():
+    # By path: a PEP 517 backend does not put this directory on sys.path.
+    spec = importlib.util.spec_from_file_location("build_config", os.path.join(ROOT, "build_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_config = load_build_config()
 
 
 def read_version() -> str:
@@ -59,20 +72,6 @@ def read_version() -> str:
     if local and not re.fullmatch(r"[A-Za-z0-9]+(\.[A-Za-z0-9]+)*", local):
         raise SystemExit(f"FUSEDRES_LOCAL_VERSION must be a local version label like cu13, got {local!r}")
     return f"{version}+{local}" if local else version
-
-
-def find_cuda_home() -> str | None:
-    # torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script
-    # outside the toolkit; settle it here before torch.utils.cpp_extension is imported.
-    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
-            return candidate
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
-            return home
-    return None
 
 
 def pip_cuda_include_dirs() -> list[str]:
@@ -149,21 +148,17 @@ def get_extensions():
         write_build_info(extension=False, version=read_version(), commit=git_commit(), build_date=build_date())
         return [], {}
 
-    cuda_mode = os.environ.get("FUSEDRES_CUDA", "auto").lower()
-    if cuda_mode not in ("auto", "0", "1"):
-        raise SystemExit(f"FUSEDRES_CUDA must be auto, 0 or 1, got {cuda_mode!r}")
-    cuda_home = find_cuda_home() if cuda_mode != "0" else None
+    cuda_mode = build_config.cuda_mode()
+    cuda_home = build_config.find_cuda_home() if cuda_mode != "0" else None
     if cuda_home:
+        # Settled before torch.utils.cpp_extension is imported: it guesses CUDA_HOME on import.
         os.environ["CUDA_HOME"] = cuda_home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = build_config.arch_list()
 
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    use_cuda = cuda_mode != "0" and torch.version.cuda is not None and cuda_home is not None
-    if cuda_mode == "1" and not use_cuda:
-        why = "torch was built without CUDA" if torch.version.cuda is None else "nvcc was not found (set CUDA_HOME)"
-        raise SystemExit(f"FUSEDRES_CUDA=1 but the CUDA kernels cannot be built: {why}")
+    use_cuda = build_config.use_cuda(cuda_mode, cuda_home, torch.version.cuda)
 
     debug = os.environ.get("FUSEDRES_DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]

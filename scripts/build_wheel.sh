@@ -8,26 +8,25 @@
 # PYTHON (default python3) must have torch, setuptools, wheel, ninja and build (the `dev` extra):
 # there is no build isolation, the extension is compiled against the torch that PYTHON has.
 # Honoured: FUSEDRES_CUDA (default here: 1 when nvcc is found and torch has CUDA, else 0),
-# TORCH_CUDA_ARCH_LIST (default 8.0;9.0+PTX), MAX_JOBS, CUDA_HOME (default /usr/local/cuda when
-# it has nvcc), FUSEDRES_LOCAL_VERSION (e.g. cu13: version 0.1.0+cu13), SOURCE_DATE_EPOCH.
+# TORCH_CUDA_ARCH_LIST, MAX_JOBS, CUDA_HOME (defaults as for setup.py: build_config.py),
+# FUSEDRES_LOCAL_VERSION (e.g. cu13: version 0.1.0+cu13), SOURCE_DATE_EPOCH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 dist=${1:-dist}
 
-if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
-  export CUDA_HOME=/usr/local/cuda
+# The defaults and the CUDA decision are setup.py's, from build_config.py (not repeated here).
+config() { "$python" build_config.py "$1"; }
+cuda_home=$(config cuda-home)
+if [ -n "$cuda_home" ]; then
+  export CUDA_HOME=$cuda_home
 fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}
-if [ -z "${FUSEDRES_CUDA:-}" ] || [ "$FUSEDRES_CUDA" = auto ]; then
-  # A wheel build says what it makes: CUDA kernels required when they can be built, else none.
-  if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] &&
-    "$python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
-    export FUSEDRES_CUDA=1
-  else
-    export FUSEDRES_CUDA=0
-  fi
-fi
+TORCH_CUDA_ARCH_LIST=$(config arch-list)
+export TORCH_CUDA_ARCH_LIST
+# A wheel build says what it makes: auto becomes 1 (CUDA kernels required) when they can be built,
+# else 0; FUSEDRES_CUDA=1 that cannot be met fails here, before anything is built.
+FUSEDRES_CUDA=$(config cuda-mode)
+export FUSEDRES_CUDA
 torch_version=$("$python" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')
 echo "build_wheel: torch $torch_version; FUSEDRES_CUDA=$FUSEDRES_CUDA CUDA_HOME=${CUDA_HOME:-none}" \
   "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-all cores} -> $dist/"

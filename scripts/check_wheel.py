@@ -4,14 +4,14 @@
     python scripts/check_wheel.py dist/fusedres-*.whl [--sdist dist/fusedres-*.tar.gz]
                                   [--require-cuda] [--archs "8.0;9.0+PTX"]
 
-Wheel: named and tagged cp310-abi3 (one wheel for every CPython >= 3.10), not pure; one
-extension, fusedres/_C.abi3.so; fusedres/_build_info.py present and consistent with the
-metadata. _C: no undefined c10::/at::/torch:: (C++, unstable ABI) symbols, only torch's stable C
-shim (aoti_torch_*, torch_*); no libtorch_python or libpython dependency; Python symbols from the
-limited API. CUDA (when the build info says so, or --require-cuda): `cuobjdump --list-elf` shows
-code for every arch in --archs and `--list-ptx` PTX for those marked +PTX; _C needs the
-libcudart of the CUDA major it was built for. sdist: carries csrc/, setup.py, pyproject.toml,
-MANIFEST.in, COMMIT, and no build outputs.
+Wheel: named and tagged cp310-abi3 (one wheel for every CPython >= 3.10), not pure; nothing
+but fusedres/ and its .dist-info; one extension, fusedres/_C.abi3.so; fusedres/_build_info.py
+present and consistent with the metadata. _C: no undefined c10::/at::/torch:: (C++, unstable ABI)
+symbols, only torch's stable C shim (aoti_torch_*, torch_*); no libtorch_python or libpython
+dependency; Python symbols from the limited API. CUDA (when the build info says so, or
+--require-cuda): `cuobjdump --list-elf` shows code for every arch in --archs and `--list-ptx` PTX
+for those marked +PTX; _C needs the libcudart of the CUDA major it was built for. sdist: carries
+csrc/, setup.py, build_config.py, pyproject.toml, MANIFEST.in, COMMIT, and no build outputs.
 
 Needs binutils (nm, readelf, c++filt); cuobjdump from $CUOBJDUMP, $CUDA_HOME/bin, PATH, or the
 copy Triton ships. Exits 1 when any check fails.
@@ -32,7 +32,11 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ARCHS = "8.0;9.0+PTX"
+# setup.py's default arch list (build_config.py, stdlib only, by path: scripts/ is not a package).
+_spec = importlib.util.spec_from_file_location("build_config", ROOT / "build_config.py")
+build_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build_config)
+DEFAULT_ARCHS = build_config.DEFAULT_ARCH_LIST
 # Namespaces of torch's C++ API: their symbols are not part of the stable ABI.
 UNSTABLE_CXX = re.compile(r"(?<![\w:])(c10|at|torch|caffe2)::")
 # Private CPython symbols that Python's limited API itself uses (Py_DECREF and friends).
@@ -166,6 +170,8 @@ def check_wheel(c: Checker, wheel: Path, archs: str, require_cuda: bool) -> None
         version_line = re.search(r"^Version: (.+)$", z.read(f"{dist_info}/METADATA").decode(), re.M)
         c.check(bool(version_line) and version_line[1] == m["version"], "METADATA version matches the file name")
 
+        stray = sorted({n.split("/")[0] for n in names} - {"fusedres", dist_info})
+        c.check(not stray, "nothing but fusedres/ and its .dist-info", ", ".join(stray))
         sos = [n for n in names if n.endswith(".so")]
         if not c.check(sos == ["fusedres/_C.abi3.so"], "exactly one extension: fusedres/_C.abi3.so", ", ".join(sos)):
             return
@@ -186,11 +192,23 @@ def check_sdist(c: Checker, sdist: Path) -> None:
     with tarfile.open(sdist) as t:
         top, *_ = t.getnames()[0].split("/")
         names = {n.removeprefix(top + "/") for n in t.getnames()}
-    required = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "COMMIT", "fusedres/__init__.py"}
+    required = {
+        "setup.py",
+        "build_config.py",
+        "pyproject.toml",
+        "MANIFEST.in",
+        "README.md",
+        "COMMIT",
+        "fusedres/__init__.py",
+    }
     if (ROOT / "csrc").is_dir():  # run from a checkout: every source file it builds from
         required |= {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     missing = sorted(required - names)
-    c.check(not missing, "sdist carries the sources, setup.py, pyproject.toml, MANIFEST.in, COMMIT", ", ".join(missing))
+    c.check(
+        not missing,
+        "sdist carries the sources, setup.py, build_config.py, pyproject.toml, MANIFEST.in, COMMIT",
+        ", ".join(missing),
+    )
     junk = sorted(n for n in names if n.endswith((".so", ".o", ".pyc")) or n == "fusedres/_build_info.py")
     c.check(not junk, "sdist carries no build outputs", ", ".join(junk))
 

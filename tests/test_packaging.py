@@ -1,12 +1,16 @@
-"""Packaging: the load checks of fusedres._C (a wheel that does not fit the running torch gives one
-clear message and leaves the Triton and reference backends working), and, after the Quickstart's
-scripts/install.sh, that the tests run the installed wheel rather than this checkout."""
+"""Packaging: the build configuration that setup.py and the wheel scripts share (build_config.py),
+the load checks of fusedres._C (a wheel that does not fit the running torch gives one clear message
+and leaves the Triton and reference backends working), and, after the Quickstart's
+scripts/install.sh, that the tests run the installed wheel rather than this checkout.
+scripts/check_wheel.py's own checks are in test_check_wheel.py."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -29,6 +33,102 @@ CUDART_MISSING = "libcudart.so.13: cannot open shared object file: No such file 
 
 def _never_called():
     raise AssertionError("_C must not be imported when the build does not fit torch")
+
+
+# --- build_config.py: the defaults and the CUDA decision, defined once ----------------------------
+
+BUILD_CONFIG = REPO / "build_config.py"  # not in the wheel: next to setup.py (and in the sdist)
+
+
+@pytest.fixture
+def build_config():
+    spec = importlib.util.spec_from_file_location("build_config", BUILD_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _toolkit(root: Path, *, runtime_header: bool = True) -> Path:
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (root / "bin" / "nvcc").chmod(0o755)
+    if runtime_header:
+        (root / "include").mkdir()
+        (root / "include" / "cuda_runtime.h").write_text("")
+    return root
+
+
+def test_arch_list(build_config):
+    assert build_config.arch_list({}) == "8.0;9.0+PTX" == build_config.DEFAULT_ARCH_LIST
+    assert build_config.arch_list({"TORCH_CUDA_ARCH_LIST": ""}) == "8.0;9.0+PTX"
+    assert build_config.arch_list({"TORCH_CUDA_ARCH_LIST": "9.0a"}) == "9.0a"
+
+
+def test_find_cuda_home(build_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(build_config, "DEFAULT_CUDA_HOME", str(tmp_path / "no-cuda"))
+    home, other = _toolkit(tmp_path / "cuda-13.0"), _toolkit(tmp_path / "cuda-12.8")
+    empty = tmp_path / "empty"
+    assert build_config.find_cuda_home({"CUDA_HOME": str(home), "CUDA_PATH": str(other), "PATH": ""}) == str(home)
+    # a CUDA_HOME without nvcc is passed over, as setup.py always did
+    assert build_config.find_cuda_home({"CUDA_HOME": str(empty), "CUDA_PATH": str(other), "PATH": ""}) == str(other)
+    monkeypatch.setattr(build_config, "DEFAULT_CUDA_HOME", str(home))
+    assert build_config.find_cuda_home({"PATH": ""}) == str(home)
+    monkeypatch.setattr(build_config, "DEFAULT_CUDA_HOME", str(empty))
+    # else the toolkit above the nvcc on PATH (through symlinks), if it has the runtime headers
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").symlink_to(other / "bin" / "nvcc")
+    assert build_config.find_cuda_home({"PATH": str(tmp_path / "bin")}) == str(other)
+    wrapper = _toolkit(tmp_path / "wrapper", runtime_header=False)
+    assert build_config.find_cuda_home({"PATH": str(wrapper / "bin")}) is None
+    assert build_config.find_cuda_home({"PATH": ""}) is None
+
+
+@pytest.mark.parametrize(
+    "mode, cuda_home, torch_cuda, expected",
+    [
+        ("auto", "/cuda", "13.0", True),
+        ("auto", None, "13.0", False),
+        ("auto", "/cuda", None, False),
+        ("0", "/cuda", "13.0", False),
+        ("1", "/cuda", "13.0", True),
+        ("1", None, "13.0", "FUSEDRES_CUDA=1 but the CUDA kernels cannot be built: nvcc was not found (set CUDA_HOME)"),
+        ("1", "/cuda", None, "FUSEDRES_CUDA=1 but the CUDA kernels cannot be built: torch was built without CUDA"),
+    ],
+)
+def test_use_cuda(build_config, mode, cuda_home, torch_cuda, expected):
+    if isinstance(expected, str):
+        with pytest.raises(SystemExit, match=re.escape(expected)):
+            build_config.use_cuda(mode, cuda_home, torch_cuda)
+    else:
+        assert build_config.use_cuda(mode, cuda_home, torch_cuda) is expected
+
+
+def test_cuda_mode(build_config):
+    assert build_config.cuda_mode({}) == "auto"
+    assert build_config.cuda_mode({"FUSEDRES_CUDA": "AUTO"}) == "auto"
+    assert build_config.cuda_mode({"FUSEDRES_CUDA": "1"}) == "1"
+    with pytest.raises(SystemExit, match="FUSEDRES_CUDA must be auto, 0 or 1, got 'yes'"):
+        build_config.cuda_mode({"FUSEDRES_CUDA": "yes"})
+
+
+def _build_config_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    # The CLI that scripts/build_wheel.sh calls, with the Python running the tests (it has torch).
+    env = {**os.environ, **env}
+    return subprocess.run([sys.executable, str(BUILD_CONFIG), *args], capture_output=True, text=True, env=env)
+
+
+def test_build_config_cli(tmp_path):
+    assert _build_config_cli("arch-list", TORCH_CUDA_ARCH_LIST="").stdout == "8.0;9.0+PTX\n"
+    assert _build_config_cli("arch-list", TORCH_CUDA_ARCH_LIST="9.0").stdout == "9.0\n"
+    home = _toolkit(tmp_path / "cuda")
+    assert _build_config_cli("cuda-home", CUDA_HOME=str(home)).stdout == f"{home}\n"
+    assert _build_config_cli("cuda-mode", FUSEDRES_CUDA="0").stdout == "0\n"
+    expected = "1" if torch.version.cuda else "0"
+    assert _build_config_cli("cuda-mode", FUSEDRES_CUDA="auto", CUDA_HOME=str(home)).stdout == f"{expected}\n"
+    bad = _build_config_cli("cuda-mode", FUSEDRES_CUDA="yes")
+    assert (bad.returncode, bad.stdout) == (1, "")
+    assert "FUSEDRES_CUDA must be auto, 0 or 1" in bad.stderr
+    assert _build_config_cli("cuda").returncode == 2
 
 
 # --- the checks, as pure functions ---------------------------------------------------------------
