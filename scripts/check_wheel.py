@@ -13,6 +13,22 @@ dependency; Python symbols from the limited API. CUDA (when the build info says 
 for those marked +PTX; _C needs the libcudart of the CUDA major it was built for. sdist: carries
 csrc/, setup.py, build_config.py, pyproject.toml, MANIFEST.in, COMMIT, and no build outputs.
 
+CUDA kernels' resources, per kernel and cubin arch (a table of them is printed): no kernel may
+use local memory, and none may have more registers than its launch bounds allow.
+- Registers and launch bounds: `cuobjdump --dump-resource-usage` gives each kernel's REG, STACK,
+  LOCAL and SHARED; `--dump-elf` its EIATTR_MAX_THREADS (x y z), which ptxas writes for kernels
+  declared __launch_bounds__(T) (the ELF attribute, not the kernel's name: names and template
+  arguments change, the attribute is what the driver enforces). One block of T threads must fit
+  the 65536-register file: registers are allocated 8 per thread (256 per warp), so the cap is
+  65536 / (T rounded up to a warp) rounded down to 8, at most 255 (512 -> 128, 1024 -> 64).
+  A kernel without launch bounds has no EIATTR_MAX_THREADS: only the 255 limit is checked, and it
+  is listed, since its launcher alone decides whether a block fits.
+- Spills: cuobjdump prints no spill figures (ptxas -v does, at compile time only), so the
+  binary's own evidence stands in for them: a non-zero STACK (the per-thread stack frame, which
+  holds spilled registers, and also local arrays and registers saved around real calls) or LOCAL,
+  and the local-memory stores and loads (STL/LDL) in the kernel's SASS (`--dump-sass`). A local
+  array or a frame for a call fails as well: it costs the same memory traffic as a spill.
+
 Needs binutils (nm, readelf, c++filt); cuobjdump from $CUOBJDUMP, $CUDA_HOME/bin, PATH, or the
 copy Triton ships. Exits 1 when any check fails.
 """
@@ -29,6 +45,8 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +101,220 @@ def find_cuobjdump() -> str | None:
     if spec and spec.origin:  # Triton ships cuobjdump for its own use
         candidates.append(os.path.join(os.path.dirname(spec.origin), "backends", "nvidia", "bin", "cuobjdump"))
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+# --- the CUDA kernels' resources ---------------------------------------------------------------
+# sm_80 and sm_90 alike: 65536 32-bit registers per SM (a block may use them all), at most 255 per
+# thread, allocated per warp in units of 256, i.e. 8 per thread.
+REGISTER_FILE = 65536
+MAX_REGS_PER_THREAD = 255
+REG_ALLOC_UNIT = 8
+# A local-memory load or store in SASS: `/*02c0*/  STL [R1], R0 ;`, `/*0330*/  @!P0 LDL.64 R2, [R1+0x8] ;`.
+LOCAL_MEMORY_OP = re.compile(r"\*/\s+(?:@!?\w+\s+)?(LDL|STL)\b")
+
+
+def register_budget(threads: int) -> int:
+    """The most registers per thread with which one block of `threads` threads fits the register
+    file, which is what nvcc caps a kernel declared __launch_bounds__(threads) at: 512 -> 128,
+    768 -> 80, 1024 -> 64, 256 or fewer -> 255."""
+    warps = -(-threads // 32)
+    fits = REGISTER_FILE // (warps * 32) // REG_ALLOC_UNIT * REG_ALLOC_UNIT
+    return min(MAX_REGS_PER_THREAD, fits)
+
+
+@dataclass
+class KernelResources:
+    """One kernel in one arch's cubin, as cuobjdump reports it."""
+
+    arch: str  # "sm_80"
+    name: str  # mangled
+    regs: int
+    stack: int  # bytes per thread of stack frame: where spilled registers (and local arrays) go
+    local: int  # bytes per thread of local memory outside the stack frame
+    shared: int  # bytes of static shared memory per block
+    max_threads: int | None = None  # block size __launch_bounds__ allows (EIATTR_MAX_THREADS); None: no bound
+    local_loads: int | None = None  # LDL instructions in its SASS (None: SASS not read)
+    local_stores: int | None = None  # STL instructions
+
+    @property
+    def reg_budget(self) -> int:
+        return register_budget(self.max_threads) if self.max_threads else MAX_REGS_PER_THREAD
+
+    @property
+    def uses_local_memory(self) -> bool:
+        return bool(self.stack or self.local or self.local_loads or self.local_stores)
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.uses_local_memory:
+            sass = f", {self.local_stores} STL / {self.local_loads} LDL" if self.local_stores is not None else ""
+            found.append(f"local memory (spills): STACK {self.stack} B, LOCAL {self.local} B{sass}")
+        if self.regs > self.reg_budget:
+            found.append(
+                f"{self.regs} registers > {self.reg_budget}, the most a block of {self.max_threads} threads"
+                f" (its launch bound) can have in the {REGISTER_FILE}-register file"
+            )
+        return found
+
+
+def _cubin_lines(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(arch, line) for the lines of a cuobjdump dump that describe cubins (ELF), not PTX."""
+    arch, in_elf = None, False
+    for line in lines:
+        if line.startswith("Fatbin "):
+            in_elf, arch = line.startswith("Fatbin elf code"), None
+        elif line.startswith("arch = "):
+            arch = line.split("=", 1)[1].strip()
+        elif in_elf and arch:
+            yield arch, line
+
+
+def parse_resource_usage(lines: Iterable[str]) -> dict[tuple[str, str], dict[str, int]]:
+    """`cuobjdump --dump-resource-usage`: {(arch, kernel): {"REG": 64, "STACK": 0, "SHARED": 256, ...}}.
+    It prints no spill figures (ptxas -v does, at compile time only)."""
+    usage, function = {}, None
+    for arch, line in _cubin_lines(lines):
+        if m := re.match(r"\s*Function (\S+):\s*$", line):
+            function = m[1]
+        elif function:
+            usage[(arch, function)] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            function = None
+    return usage
+
+
+def parse_max_threads(lines: Iterable[str]) -> dict[tuple[str, str], int]:
+    """`cuobjdump --dump-elf`: {(arch, kernel): threads per block} from each kernel's .nv.info section,
+    whose EIATTR_MAX_THREADS (x y z) ptxas writes for __launch_bounds__ kernels only."""
+    bounds, function, attribute = {}, None, None
+    for arch, line in _cubin_lines(lines):
+        if line.startswith("."):  # a section header
+            function = line.strip().removeprefix(".nv.info.") if line.startswith(".nv.info.") else None
+            attribute = None
+        elif function is None:
+            continue
+        elif m := re.match(r"\s*Attribute:\s*(\w+)", line):
+            attribute = m[1]
+        elif attribute == "EIATTR_MAX_THREADS" and (m := re.match(r"\s*Value:\s*(.*)", line)):
+            x, y, z = (int(v, 16) for v in m[1].split()[:3])
+            bounds[(arch, function)] = x * y * z
+            attribute = None
+    return bounds
+
+
+def parse_local_memory_ops(lines: Iterable[str]) -> dict[tuple[str, str], tuple[int, int]]:
+    """`cuobjdump --dump-sass`: {(arch, kernel): (LDL count, STL count)}."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    key = None
+    for arch, line in _cubin_lines(lines):
+        if m := re.match(r"\s*Function : (\S+)", line):
+            key = (arch, m[1])
+            counts[key] = [0, 0]
+        elif key and (m := LOCAL_MEMORY_OP.search(line)):
+            counts[key][m[1] == "STL"] += 1
+    return {key: (loads, stores) for key, (loads, stores) in counts.items()}
+
+
+def kernel_resources(
+    usage: Iterable[str], elf: Iterable[str], sass: Iterable[str] | None = None
+) -> list[KernelResources]:
+    """Every kernel of every cubin, from the three cuobjdump dumps (lines of each)."""
+    bounds = parse_max_threads(elf)
+    local_ops = parse_local_memory_ops(sass) if sass is not None else {}
+    kernels = []
+    for (arch, name), u in parse_resource_usage(usage).items():
+        loads, stores = local_ops.get((arch, name), (None, None)) if sass is not None else (None, None)
+        kernels.append(
+            KernelResources(
+                arch=arch,
+                name=name,
+                regs=u.get("REG", 0),
+                stack=u.get("STACK", 0),
+                local=u.get("LOCAL", 0),
+                shared=u.get("SHARED", 0),
+                max_threads=bounds.get((arch, name)),
+                local_loads=loads,
+                local_stores=stores,
+            )
+        )
+    return kernels
+
+
+def demangle(names: list[str]) -> list[str]:
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return names
+    demangled = out.stdout.splitlines()
+    return demangled if len(demangled) == len(names) else names
+
+
+def short_kernel_name(demangled: str) -> str:
+    """`void fusedres::(anonymous namespace)::add_norm_fwd_rows_kernel<1, __nv_bfloat16, float>(
+    fusedres::(anonymous namespace)::FwdArgs<...>)` -> `add_norm_fwd_rows_kernel<1, bf16, float>`."""
+    name = re.sub(r"\(anonymous namespace\)::|\bfusedres::(cuda::)?", "", demangled.removeprefix("void "))
+    depth = 0
+    for i, ch in enumerate(name):
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if ch == "(" and depth == 0:
+            name = name[:i]
+            break
+    name = name.replace("__nv_bfloat16", "bf16").replace("__half", "half")
+    return re.sub(r">\s+(?=>)", ">", name)
+
+
+def resource_table(kernels: list[KernelResources], names: dict[str, str]) -> str:
+    """One row per kernel and arch; `names` maps mangled names to the ones to show."""
+    header = ("kernel", "arch", "regs", "reg cap", "threads", "stack", "local", "STL/LDL", "shared", "")
+    rows = [header]
+    for k in sorted(kernels, key=lambda k: (names[k.name], k.arch)):
+        rows.append(
+            (
+                names[k.name],
+                k.arch,
+                str(k.regs),
+                str(k.reg_budget),
+                str(k.max_threads or "-"),
+                str(k.stack),
+                str(k.local),
+                "-" if k.local_stores is None else f"{k.local_stores}/{k.local_loads}",
+                str(k.shared),
+                "FAIL" if k.problems() else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    right = {2, 3, 4, 5, 6, 7, 8}
+    return "\n".join(
+        "    " + "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in rows
+    )
+
+
+def check_kernel_resources(c: Checker, kernels: list[KernelResources]) -> None:
+    """Fails on any kernel that uses local memory, or has more registers than its launch bounds allow."""
+    mangled = sorted({k.name for k in kernels})
+    names = dict(zip(mangled, map(short_kernel_name, demangle(mangled))))
+    print(resource_table(kernels, names))
+    archs = sorted({k.arch for k in kernels})
+    c.check(bool(kernels), "cuobjdump --dump-resource-usage lists the kernels", f"{len(kernels)} in {archs}")
+    for what, failing in (
+        ("no kernel uses local memory (register spills)", [k for k in kernels if k.uses_local_memory]),
+        ("every kernel's registers fit its launch bounds", [k for k in kernels if k.regs > k.reg_budget]),
+    ):
+        c.check(not failing, what, "; ".join(f"{names[k.name]} {k.arch}: {', '.join(k.problems())}" for k in failing))
+    unbounded = sorted({names[k.name] for k in kernels if k.max_threads is None})
+    if unbounded:
+        print(
+            f"  info {len(unbounded)} kernel(s) without __launch_bounds__ (no EIATTR_MAX_THREADS; registers checked"
+            f" against {MAX_REGS_PER_THREAD} only, the block size is the launcher's): {', '.join(unbounded)}"
+        )
+
+
+def cuobjdump_lines(cuobjdump: str, option: str, so: Path) -> Iterator[str]:
+    """One dump, streamed (the ELF and SASS dumps run to tens of MB)."""
+    with subprocess.Popen([cuobjdump, option, str(so)], stdout=subprocess.PIPE, text=True) as p:
+        yield from p.stdout
+    if p.returncode:
+        raise subprocess.CalledProcessError(p.returncode, [cuobjdump, option, str(so)])
 
 
 def read_build_info(text: str) -> dict:
@@ -147,6 +379,13 @@ def check_cuda(c: Checker, so: Path, info: dict, archs: str, require: bool) -> N
     c.check(
         want_ptx <= ptx, f"cuobjdump --list-ptx: PTX for compute_{', '.join(sorted(want_ptx))}", f"found {sorted(ptx)}"
     )
+    dump = lambda option: cuobjdump_lines(cuobjdump, option, so)
+    try:
+        kernels = kernel_resources(dump("--dump-resource-usage"), dump("--dump-elf"), dump("--dump-sass"))
+    except subprocess.CalledProcessError as e:
+        c.check(False, "cuobjdump dumps the kernels' resources", f"{' '.join(e.cmd)} exited {e.returncode}")
+        return
+    check_kernel_resources(c, kernels)
 
 
 def check_wheel(c: Checker, wheel: Path, archs: str, require_cuda: bool) -> None:
