@@ -12,15 +12,20 @@ namespace {
 int64_t check_rows(const Tensor& t, const char* name, int64_t n) {
   const int64_t dim = t.dim();
   STD_TORCH_CHECK(dim >= 1 && t.size(dim - 1) == n, "fusedres: ", name, " must have shape (..., ", n, ")");
-  STD_TORCH_CHECK(n <= 1 || t.stride(dim - 1) == 1, "fusedres: ", name,
-      " must have unit stride along its last dimension");
   STD_TORCH_CHECK(is_supported_float(t.scalar_type()), "fusedres: ", name,
       " must be float32, float64, float16 or bfloat16");
   int64_t rows = 1;
+  for (int64_t d = 0; d < dim - 1; ++d) {
+    rows *= t.size(d);
+  }
+  if (rows == 0) {
+    return 0;  // nothing is addressed
+  }
+  STD_TORCH_CHECK(n <= 1 || t.stride(dim - 1) == 1, "fusedres: ", name,
+      " must have unit stride along its last dimension");
   int64_t expected = -1;  // the stride the next outer dimension of size > 1 must have
   for (int64_t d = dim - 2; d >= 0; --d) {
     const int64_t size = t.size(d);
-    rows *= size;
     if (size <= 1) {
       continue;
     }

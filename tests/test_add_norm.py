@@ -243,16 +243,18 @@ def test_inference_skips_h_but_matches():
 def test_backward_with_recomputed_h_matches_stored_h(device, backend, dtype):
     """The backward op given x + residual (h recomputed) equals the one given the stored h."""
     skip_if_unusable(device, backend)
-    from fusedres.ops.add_norm import _BWD_OPS, _FWD_OPS
+    from fusedres.ops.add_norm import _KERNELS
 
     torch.manual_seed(0)
     x = torch.randn(6, 77, device=device, dtype=dtype)
     residual = torch.randn(6, 77, device=device, dtype=torch.float32)
     weight, bias = torch.randn(77, device=device), torch.randn(77, device=device)
     for h_dtype in (torch.float32, dtype):
-        y, h, mean, rstd = _FWD_OPS[backend](x, residual, weight, bias, 1e-5, False, h_dtype, True)
+        y, h, mean, rstd = _KERNELS[backend].fwd_op(x, residual, weight, bias, 1e-5, False, h_dtype, True)
         dy = torch.randn_like(y)
-        stored = _BWD_OPS[backend](dy, None, h, None, h_dtype, weight, bias, mean, rstd, False, torch.float32)
-        recomputed = _BWD_OPS[backend](dy, None, x, residual, h_dtype, weight, bias, mean, rstd, False, torch.float32)
+        stored = _KERNELS[backend].bwd_op(dy, None, h, None, h_dtype, weight, bias, mean, rstd, False, torch.float32)
+        recomputed = _KERNELS[backend].bwd_op(
+            dy, None, x, residual, h_dtype, weight, bias, mean, rstd, False, torch.float32
+        )
         for a, b in zip(stored, recomputed):
             torch.testing.assert_close(a, b, rtol=0, atol=0)

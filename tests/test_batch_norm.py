@@ -259,13 +259,14 @@ def test_cpp_ops_reject_bad_layouts_directly():
     if not fusedres.EXTENSION_LOADED:
         pytest.skip("fusedres._C not loaded")
     x = torch.randn(2, 4, 9)
-    mean, invstd = torch.zeros(4), torch.ones(4)
+    mean, var = torch.zeros(4), torch.ones(4)
+    fwd = torch.ops.fusedres.batch_norm_add_relu_fwd
     with pytest.raises(RuntimeError, match="dense in NCHW or channels_last"):
-        torch.ops.fusedres.batch_norm_add_relu_fwd(x.transpose(0, 2), None, None, None, mean, invstd, True, True, 18)
+        fwd(x.transpose(0, 2), None, None, None, mean, var, 1e-5, True, True, 18)
     with pytest.raises(RuntimeError, match="mean must have shape"):
-        torch.ops.fusedres.batch_norm_add_relu_fwd(x, None, None, None, torch.zeros(3), invstd, True, True, 18)
+        fwd(x, None, None, None, torch.zeros(3), var, 1e-5, True, True, 18)
     with pytest.raises(RuntimeError, match="residual must have input's shape"):
-        torch.ops.fusedres.batch_norm_add_relu_fwd(x, torch.randn(2, 4, 8), None, None, mean, invstd, True, True, 18)
+        fwd(x, torch.randn(2, 4, 8), None, None, mean, var, 1e-5, True, True, 18)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

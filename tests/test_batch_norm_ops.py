@@ -7,66 +7,91 @@ import torch
 
 import fusedres
 from fusedres._extension import EXTENSION_LOADED
-from fusedres.ops.batch_norm import OP_NAMES, batch_norm_update_running_stats
 
 needs_extension = pytest.mark.skipif(not EXTENSION_LOADED, reason=f"fusedres._C not loaded: {fusedres.EXTENSION_ERROR}")
 
 
 def samples(device, ops):
-    """(op, args) for every BatchNorm op over NCHW and channels_last views, fp32 and bf16."""
+    """(op, args) for every BatchNorm op over NCHW, channels_last and 3-D views, fp32 and bf16,
+    with and without statistics and running stats. ops: the five registered operators."""
     out = []
     torch.manual_seed(0)
+    stats_op, combine_op, fwd_op, reduce_op, input_op = ops
     for dtype in (torch.float32, torch.bfloat16):
-        for cl in (False, True):
-            x4 = torch.randn(3, 5, 4, 3, device=device, dtype=dtype)
-            if cl:
-                x4 = x4.contiguous(memory_format=torch.channels_last)
-            x = x4.reshape(3, 5, 12)
-            r = torch.randn_like(x4).reshape(3, 5, 12)
+        for layout in ("nchw", "channels_last", "3d"):
+            x = torch.randn(3, 5, 4, 3, device=device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            elif layout == "3d":
+                x = x.reshape(3, 5, 12)
+            r = torch.randn_like(x)
             w, b = torch.randn(5, device=device), torch.randn(5, device=device)
-            mean, var = ops["batch_norm_stats"](x)
-            invstd = torch.rsqrt(var + 1e-5)
-            out.append((ops["batch_norm_stats"], (x,)))
+            rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+            out.append((stats_op, (x, rm.clone(), rv.clone(), 0.1)))
+            out.append((stats_op, (x, None, None, 0.0)))
+            mean, var = stats_op(x, None, None, 0.0)
+            gathered = torch.stack([torch.cat([mean, var, mean.new_full((1,), n)]) for n in (36.0, 12.0)])
+            out.append((combine_op, (gathered, rm.clone(), rv.clone(), 0.1)))
+            out.append((combine_op, (gathered, None, None, 0.0)))
             for training in (True, False):
-                args = (x, r, w, b, mean, invstd, True, training, 36)
-                out.append(
-                    (
-                        ops["batch_norm_add_relu_fwd"],
-                        tuple(
-                            t.detach().requires_grad_() if i < 4 and isinstance(t, torch.Tensor) else t
-                            for i, t in enumerate(args)
-                        ),
-                    )
-                )
-            out.append((ops["batch_norm_add_relu_fwd"], (x, None, None, None, mean, invstd, False, True, 36)))
-            y = ops["batch_norm_add_relu_fwd"](x, r, w, b, mean, invstd, True, True, 36)
+                m, v = (mean, var) if training else (rm, rv)
+                args = (x, r, w, b, m, v, 1e-5, True, training, 36)
+                out.append((fwd_op, tuple(t.detach().requires_grad_() if i < 4 else t for i, t in enumerate(args))))
+            out.append((fwd_op, (x, None, None, None, mean, var, 1e-5, False, True, 36)))
+            out.append((fwd_op, (x, r, None, b, None, None, 1e-5, True, False, 36)))  # folded-conv tail
+            y = fwd_op(x, r, w, b, mean, var, 1e-5, True, True, 36)
             dy = torch.randn_like(y)
-            out.append((ops["batch_norm_add_relu_bwd_reduce"], (dy, y, x, mean, invstd, True, True)))
-            out.append((ops["batch_norm_add_relu_bwd_reduce"], (dy, y, x, mean, invstd, False, False)))
-            sdy, sdx, g = ops["batch_norm_add_relu_bwd_reduce"](dy, y, x, mean, invstd, True, True)
-            out.append((ops["batch_norm_add_relu_bwd_input"], (g, None, x, mean, invstd, w, sdy, sdx, 36, True, True)))
-            out.append(
-                (ops["batch_norm_add_relu_bwd_input"], (dy, y, x, mean, invstd, None, sdy, sdx, 36, False, True))
-            )
+            out.append((reduce_op, (dy, y, x, mean, var, 1e-5, True, True)))
+            out.append((reduce_op, (dy, y, x, mean, var, 1e-5, False, False)))
+            out.append((reduce_op, (dy, y, x, None, None, 1e-5, True, False)))
+            sdy, sdx, g = reduce_op(dy, y, x, mean, var, 1e-5, True, True)
+            out.append((input_op, (g, None, x, mean, var, 1e-5, w, sdy, sdx, 36, True, True)))
+            out.append((input_op, (dy, y, x, mean, var, 1e-5, None, sdy, sdx, 36, False, True)))
+            out.append((input_op, (dy, y, x, rm, rv, 1e-5, w, None, None, 36, False, True)))
     return out
+
+
+def _registered(backend):
+    from fusedres.ops.batch_norm import _KERNELS
+
+    return _KERNELS[backend][1]
 
 
 @needs_extension
 def test_opcheck_cpp_ops_cpu():
-    ops = {name: getattr(torch.ops.fusedres, name) for name in OP_NAMES}
-    for op, args in samples("cpu", ops):
+    for op, args in samples("cpu", _registered("cpu")):
         torch.library.opcheck(op, args)
 
 
-def test_opcheck_running_stats_op():
-    rm, rv = torch.randn(6), torch.rand(6) + 0.5
-    mean, var = torch.randn(6), torch.rand(6)
-    torch.library.opcheck(batch_norm_update_running_stats, (rm, rv, mean, var, 0.1, 20))
-    expected_rm = 0.9 * rm + 0.1 * mean
-    expected_rv = 0.9 * rv + 0.1 * var * 20 / 19
-    batch_norm_update_running_stats(rm, rv, mean, var, 0.1, 20)
-    torch.testing.assert_close(rm, expected_rm)
-    torch.testing.assert_close(rv, expected_rv)
+@needs_extension
+def test_stats_op_updates_running_stats_like_batch_norm():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 3 + 2
+    rm, rv = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    mean, var = torch.ops.fusedres.batch_norm_stats(x, rm, rv, 0.3)
+    torch.nn.functional.batch_norm(x, rm_ref, rv_ref, None, None, True, 0.3)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)))
+    torch.testing.assert_close(var, x.var((0, 2, 3), unbiased=False))
+    torch.testing.assert_close(rm, rm_ref)
+    torch.testing.assert_close(rv, rv_ref)
+
+
+@needs_extension
+def test_combine_op_matches_whole_batch_stats():
+    torch.manual_seed(0)
+    parts = [torch.randn(n, 3, 4, dtype=torch.float64) * 2 + 1 for n in (3, 5, 1)]
+    rows = []
+    for p in parts:
+        mean, var = torch.ops.fusedres.batch_norm_stats(p, None, None, 0.0)
+        rows.append(torch.cat([mean, var, mean.new_full((1,), p.numel() // 3)]))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    mean, var = torch.ops.fusedres.batch_norm_combine_stats(torch.stack(rows), rm, rv, 0.1)
+    whole = torch.cat(parts)
+    torch.testing.assert_close(mean, whole.mean((0, 2)))
+    torch.testing.assert_close(var, whole.var((0, 2), unbiased=False))
+    torch.testing.assert_close(rm, 0.1 * whole.mean((0, 2)))
+    torch.testing.assert_close(rv, 0.9 + 0.1 * whole.var((0, 2), unbiased=True))
 
 
 @pytest.mark.gpu
@@ -74,9 +99,7 @@ def test_opcheck_running_stats_op():
 def test_opcheck_gpu(backend):
     if backend not in fusedres.available_backends("cuda"):
         pytest.skip(f"{backend} backend not usable on cuda here")
-    from fusedres.ops.batch_norm import _OPS
-
-    for op, args in samples("cuda", _OPS[backend]):
+    for op, args in samples("cuda", _registered(backend)):
         torch.library.opcheck(op, args)
 
 

@@ -22,7 +22,7 @@ struct RowArg {
   RowArg() = default;
   explicit RowArg(const Tensor& t)
       : base(static_cast<char*>(t.data_ptr())),
-        stride(t.stride(0) * static_cast<int64_t>(t.element_size())),
+        stride(row_stride(t) * static_cast<int64_t>(t.element_size())),
         dtype(t.scalar_type()) {}
   char* row(int64_t r) const { return base + r * stride; }
   explicit operator bool() const { return base != nullptr; }
@@ -138,6 +138,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(
   return {y, h, mean, rstd};
 }
 
+// Sums the (chunks, n) partials in chunk order into a parameter grad of any float dtype.
+template <typename acc_t>
+void store_column_sums(const std::vector<acc_t>& partials, int64_t chunks, int64_t n, Tensor& out) {
+  std::vector<acc_t> total(n, acc_t(0));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const acc_t* row = partials.data() + c * n;
+    for (int64_t i = 0; i < n; ++i) {
+      total[i] += row[i];
+    }
+  }
+  store_acc_vector(total.data(), n, out);
+}
+
+template <typename acc_t>
+void run_bwd_and_reduce(const AddNormBwdRows& args, const std::optional<Tensor>& weight, Tensor* dweight,
+                        Tensor* dbias, int64_t m, int64_t n) {
+  const int64_t chunks = num_chunks(m, n);
+  // Zero-initialized so that M == 0 still yields zero grads.
+  std::vector<acc_t> dw_partials(dweight ? chunks * n : 0, acc_t(0));
+  std::vector<acc_t> db_partials(dbias ? chunks * n : 0, acc_t(0));
+  if (m > 0) {
+    run_bwd<acc_t>(args, weight, dweight ? dw_partials.data() : nullptr, dbias ? db_partials.data() : nullptr, m,
+                   chunks);
+  }
+  if (dweight) {
+    store_column_sums(dw_partials, chunks, n, *dweight);
+  }
+  if (dbias) {
+    store_column_sums(db_partials, chunks, n, *dbias);
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     const Tensor& dy,
     const std::optional<Tensor>& dh,
@@ -151,43 +183,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
     bool rms_norm,
     std::optional<ScalarType> dresidual_dtype) {
   const RowsView shape = check_add_norm_bwd_args(dy, dh, h, residual, weight, bias, mean, rstd, rms_norm);
-  auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, shape, dresidual_dtype);
+  auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, h, dresidual_dtype);
+  Tensor dweight = alloc_param_grad(dy, weight);
+  Tensor dbias = alloc_param_grad(dy, bias);
   advise_huge_pages(dx);
   advise_huge_pages(dresidual);
-  const ScalarType acc = rstd.scalar_type();
-  const int64_t chunks = num_chunks(shape.rows, shape.cols);
-  // Zero-initialized so that M == 0 still yields zero grads.
-  std::optional<Tensor> dw_partials, db_partials;
-  if (weight.has_value()) {
-    dw_partials = torch::stable::new_zeros(dy, {chunks, shape.cols}, acc);
+  AddNormBwdRows args{};
+  args.dy = RowArg(dy);
+  args.dh = dh.has_value() ? RowArg(*dh) : RowArg();
+  args.h = RowArg(h);
+  args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
+  args.h_dtype = h_dtype;
+  args.dx = RowArg(dx);
+  args.dresidual = dresidual_dtype.has_value() ? RowArg(dresidual) : RowArg();
+  args.mean = rms_norm ? nullptr : mean.const_data_ptr();
+  args.rstd = rstd.const_data_ptr();
+  args.n = shape.cols;
+  args.rms_norm = rms_norm;
+  Tensor* dw = weight.has_value() ? &dweight : nullptr;
+  Tensor* db = bias.has_value() ? &dbias : nullptr;
+  if (rstd.scalar_type() == ScalarType::Double) {
+    run_bwd_and_reduce<double>(args, weight, dw, db, shape.rows, shape.cols);
+  } else {
+    run_bwd_and_reduce<float>(args, weight, dw, db, shape.rows, shape.cols);
   }
-  if (bias.has_value()) {
-    db_partials = torch::stable::new_zeros(dy, {chunks, shape.cols}, acc);
-  }
-  if (shape.rows > 0) {
-    AddNormBwdRows args{};
-    args.dy = RowArg(dy);
-    args.dh = dh.has_value() ? RowArg(*dh) : RowArg();
-    args.h = RowArg(h);
-    args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
-    args.h_dtype = h_dtype;
-    args.dx = RowArg(dx);
-    args.dresidual = dresidual_dtype.has_value() ? RowArg(dresidual) : RowArg();
-    args.mean = rms_norm ? nullptr : mean.const_data_ptr();
-    args.rstd = rstd.const_data_ptr();
-    args.n = shape.cols;
-    args.rms_norm = rms_norm;
-    auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; };
-    if (acc == ScalarType::Double) {
-      run_bwd<double>(args, weight, static_cast<double*>(ptr(dw_partials)),
-                      static_cast<double*>(ptr(db_partials)), shape.rows, chunks);
-    } else {
-      run_bwd<float>(args, weight, static_cast<float*>(ptr(dw_partials)),
-                     static_cast<float*>(ptr(db_partials)), shape.rows, chunks);
-    }
-  }
-  Tensor dweight = dw_partials ? reduce_partials(*dw_partials, weight) : reduce_partials(dx, std::nullopt);
-  Tensor dbias = db_partials ? reduce_partials(*db_partials, bias) : reduce_partials(dx, std::nullopt);
   return {dx, dresidual, dweight, dbias};
 }
 

@@ -93,19 +93,84 @@ void batch_stats(const Tensor& input, const ChannelsView& v, std::vector<double>
   }
 }
 
-Tensor stats_tensor(const Tensor& input, const std::vector<double>& values) {
-  Tensor t = torch::stable::new_empty(input, {static_cast<int64_t>(values.size())}, bn_stats_dtype(input));
+Tensor stats_tensor(const Tensor& like, const std::vector<double>& values, ScalarType dtype) {
+  Tensor t = empty_on(like, {static_cast<int64_t>(values.size())}, dtype);
   store_acc_vector(values.data(), static_cast<int64_t>(values.size()), t);
   return t;
 }
 
-std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
-  const ChannelsView v = check_bn_activation(input, "input");
+// running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, as
+// F.batch_norm updates them; in double, whatever the running stats' dtype.
+void update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
+                          const std::vector<double>& mean, const std::vector<double>& var, double count,
+                          double momentum) {
+  if (!running_mean.has_value() || count <= 0) {
+    return;
+  }
+  const int64_t c_total = static_cast<int64_t>(mean.size());
+  std::vector<double> rm = to_acc_vector<double>(running_mean, c_total, 0.0);
+  std::vector<double> rv = to_acc_vector<double>(running_var, c_total, 0.0);
+  for (int64_t c = 0; c < c_total; ++c) {
+    rm[c] = (1 - momentum) * rm[c] + momentum * mean[c];
+    rv[c] = (1 - momentum) * rv[c] + momentum * unbiased_var(var[c], count);
+  }
+  Tensor rm_out = *running_mean;
+  Tensor rv_out = *running_var;
+  store_acc_vector(rm.data(), c_total, rm_out);
+  store_acc_vector(rv.data(), c_total, rv_out);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input, const std::optional<Tensor>& running_mean,
+                                                const std::optional<Tensor>& running_var, double momentum) {
+  const ChannelsView v = check_bn_stats_args(input, running_mean, running_var);
   std::vector<double> mean, var;
   visit_input(input, [&](auto t, auto a) {
     batch_stats<typename decltype(t)::type, typename decltype(a)::type>(input, v, mean, var);
   });
-  return {stats_tensor(input, mean), stats_tensor(input, var)};
+  update_running_stats(running_mean, running_var, mean, var, static_cast<double>(v.per_channel()), momentum);
+  const ScalarType stats = bn_stats_dtype(input);
+  return {stats_tensor(input, mean, stats), stats_tensor(input, var, stats)};
+}
+
+// Chan et al.'s pairwise combination of (count, mean, M2), process by process in row order.
+std::tuple<Tensor, Tensor> batch_norm_combine_stats_cpu(const Tensor& stats, const std::optional<Tensor>& running_mean,
+                                                        const std::optional<Tensor>& running_var, double momentum) {
+  const int64_t c_total = check_bn_combine_args(stats, running_mean, running_var);
+  const int64_t w_total = stats.size(0);
+  const std::vector<double> rows = to_acc_vector<double>(stats, stats.numel(), 0.0);
+  std::vector<double> mean(c_total, 0.0), var(c_total, 0.0);
+  double count = 0;
+  for (int64_t w = 0; w < w_total; ++w) {
+    count += std::max(0.0, rows[w * (2 * c_total + 1) + 2 * c_total]);
+  }
+  for (int64_t c = 0; c < c_total; ++c) {
+    double n = 0, m = 0, m2 = 0;
+    for (int64_t w = 0; w < w_total; ++w) {
+      const double* row = rows.data() + w * (2 * c_total + 1);
+      const double nb = row[2 * c_total];
+      if (nb <= 0) {
+        continue;
+      }
+      const double delta = row[c] - m;
+      const double total = n + nb;
+      m += delta * nb / total;
+      m2 += row[c_total + c] * nb + delta * delta * n * nb / total;
+      n = total;
+    }
+    mean[c] = n > 0 ? m : std::numeric_limits<double>::quiet_NaN();
+    var[c] = n > 0 ? m2 / n : std::numeric_limits<double>::quiet_NaN();
+  }
+  update_running_stats(running_mean, running_var, mean, var, count, momentum);
+  return {stats_tensor(stats, mean, stats.scalar_type()), stats_tensor(stats, var, stats.scalar_type())};
+}
+
+// invstd = 1 / sqrt(var + eps) per channel, in double; 1 without statistics.
+std::vector<double> invstd_of(const std::optional<Tensor>& var, double eps, int64_t c_total) {
+  std::vector<double> out = to_acc_vector<double>(var, c_total, 0.0);
+  for (double& v : out) {
+    v = var.has_value() ? 1.0 / std::sqrt(v + eps) : 1.0;
+  }
+  return out;
 }
 
 template <typename T, typename acc_t>
@@ -139,20 +204,21 @@ void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& o
 
 Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tensor>& residual,
                                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                                   const Tensor& mean, const Tensor& invstd, bool relu, bool /*training*/,
-                                   int64_t /*count*/) {
-  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, invstd);
+                                   const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps,
+                                   bool relu, bool /*training*/, int64_t /*count*/) {
+  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, var);
   const int64_t c_total = v.channels;
-  Tensor out = empty_like_layout(input);
+  Tensor out = empty_strided_like(input, input.scalar_type());
   advise_huge_pages(out);
+  const std::vector<double> invstd = invstd_of(var, eps, c_total);
+  const std::vector<double> w = to_acc_vector<double>(weight, c_total, 1.0);
   visit_input(input, [&](auto t, auto a) {
     using T = typename decltype(t)::type;
     using acc_t = typename decltype(a)::type;
-    const std::vector<acc_t> w = to_acc_vector<acc_t>(weight, c_total, acc_t(1));
     const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
-    std::vector<acc_t> scale = to_acc_vector<acc_t>(invstd, c_total, acc_t(1));
+    std::vector<acc_t> scale(c_total);
     for (int64_t c = 0; c < c_total; ++c) {
-      scale[c] *= w[c];
+      scale[c] = static_cast<acc_t>(invstd[c] * w[c]);
     }
     apply<T, acc_t>(input, residual, out, v, m, scale, to_acc_vector<acc_t>(bias, c_total, acc_t(0)), relu);
   });
@@ -160,12 +226,14 @@ Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tens
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& out,
-                                                                      const Tensor& input, const Tensor& mean,
-                                                                      const Tensor& invstd, bool relu,
-                                                                      bool write_grad_residual) {
-  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, invstd, std::nullopt);
+                                                                      const Tensor& input,
+                                                                      const std::optional<Tensor>& mean,
+                                                                      const std::optional<Tensor>& var, double eps,
+                                                                      bool relu, bool write_grad_residual) {
+  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, var, std::nullopt);
   const int64_t c_total = v.channels;
-  Tensor g = write_grad_residual ? empty_like_layout(input) : torch::stable::new_empty(input, {0});
+  Tensor g = write_grad_residual ? empty_strided_like(input, input.scalar_type())
+                                 : empty_on(input, {0}, input.scalar_type());
   advise_huge_pages(g);
   std::vector<double> sum_dy(c_total, 0.0), sum_dy_xmu(c_total, 0.0);
   visit_input(input, [&](auto t, auto a) {
@@ -215,25 +283,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
       write_grad_residual ? run(No{}, Yes{}) : run(No{}, No{});
     }
   });
-  const std::vector<double> istd = to_acc_vector<double>(invstd, c_total, 0.0);
+  const std::vector<double> istd = invstd_of(var, eps, c_total);
   for (int64_t c = 0; c < c_total; ++c) {
     sum_dy_xmu[c] *= istd[c];  // now sum of g * xhat
   }
-  return {stats_tensor(input, sum_dy), stats_tensor(input, sum_dy_xmu), g};
+  const ScalarType stats = bn_stats_dtype(input);
+  return {stats_tensor(input, sum_dy, stats), stats_tensor(input, sum_dy_xmu, stats), g};
 }
 
 Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                         const Tensor& mean, const Tensor& invstd, const std::optional<Tensor>& weight,
-                                         const Tensor& sum_dy, const Tensor& sum_dy_xhat, int64_t count, bool training,
-                                         bool relu) {
-  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, invstd, weight);
+                                         const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
+                                         double eps, const std::optional<Tensor>& weight,
+                                         const std::optional<Tensor>& sum_dy, const std::optional<Tensor>& sum_dy_xhat,
+                                         int64_t count, bool training, bool relu) {
+  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, var, weight);
   const int64_t c_total = v.channels;
-  check_bn_channel_vector(sum_dy, "sum_dy", input, c_total);
-  check_bn_channel_vector(sum_dy_xhat, "sum_dy_xhat", input, c_total);
-  STD_TORCH_CHECK(!training || count > 0, "fusedres: count must be positive in training mode");
-  STD_TORCH_CHECK(sum_dy.scalar_type() == bn_stats_dtype(input) && sum_dy_xhat.scalar_type() == bn_stats_dtype(input),
-                  "fusedres: sum_dy and sum_dy_xhat must have the statistics dtype");
-  Tensor dx = empty_like_layout(input);
+  check_bn_sums(sum_dy, sum_dy_xhat, input, c_total, training, count);
+  Tensor dx = empty_strided_like(input, input.scalar_type());
   advise_huge_pages(dx);
   if (v.per_channel() == 0) {
     return dx;
@@ -242,7 +308,7 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
     using T = typename decltype(t)::type;
     using acc_t = typename decltype(acc_tag)::type;
     const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
-    const std::vector<double> istd = to_acc_vector<double>(invstd, c_total, 0.0);
+    const std::vector<double> istd = invstd_of(var, eps, c_total);
     const std::vector<double> w = to_acc_vector<double>(weight, c_total, 1.0);
     const std::vector<double> sdy = to_acc_vector<double>(sum_dy, c_total, 0.0);
     const std::vector<double> sdx = to_acc_vector<double>(sum_dy_xhat, c_total, 0.0);
@@ -284,6 +350,7 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_stats", TORCH_BOX(&batch_norm_stats_cpu));
+  m.impl("batch_norm_combine_stats", TORCH_BOX(&batch_norm_combine_stats_cpu));
   m.impl("batch_norm_add_relu_fwd", TORCH_BOX(&batch_norm_add_relu_fwd_cpu));
   m.impl("batch_norm_add_relu_bwd_reduce", TORCH_BOX(&batch_norm_add_relu_bwd_reduce_cpu));
   m.impl("batch_norm_add_relu_bwd_input", TORCH_BOX(&batch_norm_add_relu_bwd_input_cpu));

@@ -7,7 +7,8 @@ import numbers
 import torch
 from torch import nn
 
-from fusedres.ops.add_norm import add_norm
+from fusedres._checks import check_add_norm_args
+from fusedres.ops.add_norm import _add_norm
 
 
 def _as_shape(normalized_shape) -> tuple[int, ...]:
@@ -34,25 +35,24 @@ class _AddNorm(nn.Module):
         self.register_parameter("bias", zeros)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        k = len(self.normalized_shape)
-        if tuple(x.shape[-k:]) != self.normalized_shape:
-            raise ValueError(
-                f"x must end with normalized_shape {self.normalized_shape}, got x of shape {tuple(x.shape)}"
-            )
-        # Trailing dims are normalized together: flatten them into one (a view when possible).
-        flat = (lambda t: t.flatten(-k)) if k > 1 else (lambda t: t)
-        weight = self.weight.reshape(-1) if self.weight is not None else None
-        bias = self.bias.reshape(-1) if self.bias is not None else None
+        shape = self.normalized_shape
+        k = len(shape)
+        if x.shape[-k:] != shape:
+            raise ValueError(f"x must end with normalized_shape {shape}, got x of shape {tuple(x.shape)}")
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        out = add_norm(
-            flat(x),
-            flat(residual) if residual is not None else None,
-            weight,
-            bias,
-            eps,
-            rms_norm=self.rms_norm,
-            prenorm=self.prenorm,
-            residual_in_fp32=self.residual_in_fp32,
+        if k == 1:
+            eps = check_add_norm_args(x, residual, self.weight, self.bias, eps)
+            return _add_norm(
+                x, residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32
+            )
+        # Several trailing dims are normalized together: the activations are flattened into one
+        # (a view when possible); the parameters keep their shape (the kernels read them as N
+        # contiguous elements, and their grads come back in that shape).
+        flat_x = x.flatten(-k)
+        flat_residual = residual.flatten(-k) if residual is not None else None
+        eps = check_add_norm_args(flat_x, flat_residual, self.weight, self.bias, eps, param_shape=shape)
+        out = _add_norm(
+            flat_x, flat_residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32
         )
         if self.prenorm:
             return out[0].view(x.shape), out[1].view(x.shape)

@@ -28,7 +28,7 @@ def bn_add_relu(
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    if isinstance(bn, (nn.SyncBatchNorm, SyncBatchNormAddReLU2d)) and _sync_enabled(bn):
+    if isinstance(bn, (nn.SyncBatchNorm, _ProcessGroup)) and _sync_enabled(bn):
         return sync_batch_norm_add_relu(
             input,
             residual,
@@ -140,10 +140,10 @@ class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
     """nn.BatchNorm3d followed by + residual and ReLU, fused."""
 
 
-class SyncBatchNormAddReLU2d(BatchNormAddReLU2d):
-    """BatchNormAddReLU2d whose training statistics span every process of `process_group` (all of
-    torch.distributed's default group when None), as nn.SyncBatchNorm. Outside distributed
-    training (not initialized, or one process) it is BatchNormAddReLU2d."""
+class _ProcessGroup:
+    """Training statistics over every process of `process_group` (all of torch.distributed's
+    default group when None), as nn.SyncBatchNorm. Outside distributed training (not
+    initialized, or one process) the module computes local statistics."""
 
     def __init__(
         self,
@@ -160,7 +160,12 @@ class SyncBatchNormAddReLU2d(BatchNormAddReLU2d):
         self.process_group = process_group
 
 
-class SyncBatchNorm2d(SyncBatchNormAddReLU2d):
+class SyncBatchNormAddReLU2d(_ProcessGroup, BatchNormAddReLU2d):
+    """BatchNormAddReLU2d with statistics over every process of `process_group`, as
+    nn.SyncBatchNorm."""
+
+
+class SyncBatchNorm2d(_ProcessGroup, _BatchNormAddReLU, nn.BatchNorm2d):
     """nn.SyncBatchNorm for 4-D inputs through the fused kernels: also on the CPU (gloo), where
     nn.SyncBatchNorm refuses to run under DistributedDataParallel. forward(x) is plain BN, so it
     drops into any model (see convert_sync_batchnorm); fuse() still fuses the ReLU and residual

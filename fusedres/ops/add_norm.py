@@ -1,65 +1,87 @@
 """Add & Norm: LayerNorm or RMSNorm of h = x + residual, with h optionally returned (prenorm).
 
 The operators are declared once in csrc/ops.cpp (C++ kernels: CPU and CUDA) and defined with
-the same signature in fusedres/triton/add_norm.py (Triton). This module adds what every backend
-shares: argument checks, backend dispatch, the fake (meta) kernel and the autograd formula.
+the same schema in fusedres/triton/add_norm.py (Triton). This module adds what every backend
+shares: the fake (meta) kernel, one autograd formula, and the public functions.
 fusedres/reference/add_norm.py is the spec all of them are tested against.
+
+Two paths, one formula (`_setup_context` + `_backward`):
+- eager: `_AddNormFunction.apply` calls the backend's kernel directly (the C++ operator below
+  the Autograd dispatch key, or the Triton launcher): one Python -> kernel crossing forward and
+  one backward. Without grad it calls the kernel alone.
+- torch.compile: the registered operators, with the same formula attached by
+  `torch.library.register_autograd`, so the compiler traces them like any aten op (and opcheck
+  tests them).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from fusedres._checks import as_rows, check_add_norm_args, stats_dtype
 from fusedres._extension import EXTENSION_LOADED
 from fusedres.backends import resolve_backend
-from fusedres.ops._checks import check_float_tensor, check_positive, check_same_device
 from fusedres.reference.add_norm import add_norm_reference, h_dtype_for
 
-# --- operators per backend --------------------------------------------------------------------
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_is_compiling = torch.compiler.is_compiling
 
-_FWD_OPS: dict[str, object] = {}
-_BWD_OPS: dict[str, object] = {}
+
+class _Kernels(NamedTuple):
+    fwd: object  # eager: called below the Autograd key
+    bwd: object
+    fwd_op: object  # the registered operators (torch.compile, opcheck)
+    bwd_op: object
+
+
+_KERNELS: dict[str, _Kernels] = {}
 
 if EXTENSION_LOADED:
-    _FWD_OPS["cpu"] = _FWD_OPS["cuda"] = torch.ops.fusedres.add_norm_fwd.default
-    _BWD_OPS["cpu"] = _BWD_OPS["cuda"] = torch.ops.fusedres.add_norm_bwd.default
+    _fwd, _bwd = torch.ops.fusedres.add_norm_fwd.default, torch.ops.fusedres.add_norm_bwd.default
+    _KERNELS["cpu"] = _KERNELS["cuda"] = _Kernels(_fwd, _bwd, _fwd, _bwd)
 
 try:
-    from fusedres.triton import add_norm as _triton_add_norm
+    from fusedres.triton import add_norm as _triton
 except ImportError:  # no triton on this platform
-    _triton_add_norm = None
+    _triton = None
 else:
-    _FWD_OPS["triton"] = _triton_add_norm.add_norm_fwd_triton
-    _BWD_OPS["triton"] = _triton_add_norm.add_norm_bwd_triton
+    _KERNELS["triton"] = _Kernels(
+        _triton.add_norm_fwd,
+        _triton.add_norm_bwd,
+        torch.ops.fusedres.add_norm_fwd_triton.default,
+        torch.ops.fusedres.add_norm_bwd_triton.default,
+    )
 
 
-def _stats_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
+# --- fake kernels ------------------------------------------------------------------------------
+
+
+def add_norm_fwd_fake(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h):
+    m = x.numel() // x.shape[-1] if x.dim() else 1
+    stats = stats_dtype(x.dtype)
+    y = x.new_empty(x.shape)
+    h = x.new_empty(x.shape if store_h else (0,), dtype=h_dtype)
+    mean = x.new_empty((0 if rms_norm else m,), dtype=stats)
+    rstd = x.new_empty((m,), dtype=stats)
+    return y, h, mean, rstd
+
+
+def add_norm_bwd_fake(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
+    dx = dy.new_empty(h.shape)
+    dresidual = dy.new_empty(h.shape, dtype=dresidual_dtype) if dresidual_dtype is not None else dy.new_empty(0)
+    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else dy.new_empty(0)
+    dbias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else dy.new_empty(0)
+    return dx, dresidual, dweight, dbias
 
 
 if EXTENSION_LOADED:
-
-    @torch.library.register_fake("fusedres::add_norm_fwd")
-    def _add_norm_fwd_fake(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h):
-        m, n = x.shape
-        stats = _stats_dtype(x.dtype)
-        y = x.new_empty((m, n))
-        h = x.new_empty((m, n) if store_h else (0,), dtype=h_dtype)
-        mean = x.new_empty((0 if rms_norm else m,), dtype=stats)
-        rstd = x.new_empty((m,), dtype=stats)
-        return y, h, mean, rstd
-
-    @torch.library.register_fake("fusedres::add_norm_bwd")
-    def _add_norm_bwd_fake(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
-        m, n = h.shape
-        dx = dy.new_empty((m, n))
-        dresidual = dy.new_empty((m, n), dtype=dresidual_dtype) if dresidual_dtype is not None else dy.new_empty(0)
-        dweight = weight.new_empty((n,)) if weight is not None else dy.new_empty(0)
-        dbias = bias.new_empty((n,)) if bias is not None else dy.new_empty(0)
-        return dx, dresidual, dweight, dbias
+    torch.library.register_fake("fusedres::add_norm_fwd")(add_norm_fwd_fake)
+    torch.library.register_fake("fusedres::add_norm_bwd")(add_norm_bwd_fake)
 
 
-# --- autograd, shared by every backend's operator ---------------------------------------------
+# --- autograd: one formula for both paths ------------------------------------------------------
 
 
 def _setup_context(ctx, inputs, output):
@@ -69,7 +91,6 @@ def _setup_context(ctx, inputs, output):
     ctx.h_dtype = h_dtype
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
-    ctx.mark_non_differentiable(mean, rstd)
     # Backward needs the tensor that was normalized: the stored h, or x (+ residual, added back
     # by the backward kernel) when h was not written. x.to(h_dtype) only ever widens x, so x
     # itself stands for h when there is no residual.
@@ -77,129 +98,168 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h if store_h else x, residual if recompute else None, weight, bias, mean, rstd)
 
 
-def _rows_unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
-    # Incoming grads may be expanded or transposed views; the kernels need unit column stride.
-    if t is None or t.shape[-1] <= 1 or t.stride(-1) == 1:
-        return t
-    return t.contiguous()
+def _backward_with(bwd, ctx, dy, dh):
+    h, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    needs_x, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+    if dy is None:  # only h was used downstream
+        dy = h.new_zeros(h.shape, dtype=ctx.x_dtype)
+    separate_dresidual = needs_residual and ctx.residual_dtype not in (None, ctx.x_dtype)
+    dx, dresidual, dweight, dbias = bwd(
+        as_rows(dy),
+        as_rows(dh) if dh is not None and dh.numel() > 0 else None,
+        h,
+        residual,
+        ctx.h_dtype,
+        weight,
+        bias if needs_bias else None,
+        mean,
+        rstd,
+        ctx.rms_norm,
+        ctx.residual_dtype if separate_dresidual else None,
+    )
+    # x and residual get the same grad (dL/dh); one tensor serves both when dtypes agree.
+    return (
+        dx if needs_x else None,
+        (dresidual if separate_dresidual else dx) if needs_residual else None,
+        dweight if needs_weight else None,
+        dbias if needs_bias else None,
+    )
 
 
-def _make_backward(bwd_op):
+def _make_registered_backward(bwd_op):
     def backward(ctx, dy, dh, _dmean, _drstd):
-        h, residual, weight, bias, mean, rstd = ctx.saved_tensors
-        needs_x, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
-        if dy is None:  # only h was used downstream
-            dy = h.new_zeros(h.shape, dtype=ctx.x_dtype)
-        separate_dresidual = needs_residual and ctx.residual_dtype not in (None, ctx.x_dtype)
-        dx, dresidual, dweight, dbias = bwd_op(
-            _rows_unit_stride(dy),
-            _rows_unit_stride(dh) if dh is not None and dh.numel() > 0 else None,
-            h,
-            residual,
-            ctx.h_dtype,
-            weight,
-            bias,
-            mean,
-            rstd,
-            ctx.rms_norm,
-            ctx.residual_dtype if separate_dresidual else None,
-        )
-        # x and residual get the same grad (dL/dh); one tensor serves both when dtypes agree.
-        return (
-            dx if needs_x else None,
-            (dresidual if separate_dresidual else dx) if needs_residual else None,
-            dweight if needs_weight else None,
-            dbias if needs_bias else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_backward_with(bwd_op, ctx, dy, dh), None, None, None, None)
 
     return backward
 
 
-_registered_ops = set()
-for _name, _fwd in _FWD_OPS.items():
-    if _fwd not in _registered_ops:
-        torch.library.register_autograd(_fwd, _make_backward(_BWD_OPS[_name]), setup_context=_setup_context)
-        _registered_ops.add(_fwd)
+for _kernels in {k.fwd_op: k for k in _KERNELS.values()}.values():
+    torch.library.register_autograd(
+        _kernels.fwd_op, _make_registered_backward(_kernels.bwd_op), setup_context=_setup_context
+    )
+
+
+class _AddNormFunction(torch.autograd.Function):
+    """The eager path: the backend's kernels called directly, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels):
+        ctx.set_materialize_grads(False)
+        with _below_autograd():
+            output = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+        _setup_context(ctx, (x, residual, weight, bias, eps, rms_norm, h_dtype, store_h), output)
+        ctx.bwd = kernels.bwd
+        return (output[0], output[1]) if prenorm else output[0]
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        with _below_autograd():
+            grads = _backward_with(ctx.bwd, ctx, dy, dh)
+        return (*grads, None, None, None, None, None, None)
 
 
 # --- public API --------------------------------------------------------------------------------
 
 
-def _check_add_norm_args(x, residual, weight, bias, eps) -> float:
-    check_float_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the normalized one)")
-    n = x.shape[-1]
-    if n == 0:
-        raise ValueError(f"the normalized (last) dimension of x must not be empty, got x of shape {tuple(x.shape)}")
-    check_float_tensor("residual", residual, optional=True)
-    if residual is not None and residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        check_float_tensor(name, t, optional=True)
-        if t is not None and tuple(t.shape) != (n,):
-            raise ValueError(f"{name} must have shape ({n},) to match x's last dimension, got {tuple(t.shape)}")
-    check_same_device("x", x, residual=residual, weight=weight, bias=bias)
-    return check_positive("eps", eps)
-
-
-def _as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """(..., N) -> (M, N) with unit stride along N: a view whenever the layout allows."""
-    if t is None:
-        return None
-    return _rows_unit_stride(t).reshape(-1, t.shape[-1])
-
-
-def _contiguous_vector(t: torch.Tensor | None) -> torch.Tensor | None:
-    return t if t is None or t.is_contiguous() else t.contiguous()
-
-
 def add_norm(x, residual, weight, bias, eps, *, rms_norm: bool, prenorm: bool = False, residual_in_fp32: bool = False):
     """LayerNorm (rms_norm=False) or RMSNorm (rms_norm=True) of h = x + residual over the last
     dimension. Returns y, or (y, h) with prenorm=True. See add_layer_norm / add_rms_norm."""
-    eps = _check_add_norm_args(x, residual, weight, bias, eps)
+    eps = check_add_norm_args(x, residual, weight, bias, eps)
+    return _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
+
+
+def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32):
+    """add_norm after its arguments were checked (modules check theirs their own way)."""
     backend = resolve_backend(x.device)
     if backend == "reference":
+        if weight is not None and weight.dim() != 1:  # a module's multi-dim parameters
+            weight, bias = weight.reshape(-1), bias.reshape(-1) if bias is not None else None
         return add_norm_reference(
             x, residual, weight, bias, eps, rms_norm=rms_norm, prenorm=prenorm, residual_in_fp32=residual_in_fp32
         )
+    kernels = _KERNELS[backend]
     h_dtype = h_dtype_for(x, residual, residual_in_fp32)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias))
+    x, residual = as_rows(x), as_rows(residual)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad
+        or (residual is not None and residual.requires_grad)
+        or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+    )
     # h is written only when someone reads it: prenorm returns it; a backward reads it, except
     # on the CPU, which adds the residual back in the backward instead: a fresh output page costs
     # a CPU far more than re-reading a tensor (memory-neutral too: x and residual are kept in
     # place of h).
-    recompute_h = backend == "cpu" and residual is not None
-    store_h = prenorm or (needs_grad and residual is not None and not recompute_h)
-    y, h, _mean, _rstd = _FWD_OPS[backend](
-        _as_rows(x),
-        _as_rows(residual),
-        _contiguous_vector(weight),
-        _contiguous_vector(bias),
-        eps,
-        rms_norm,
-        h_dtype,
-        store_h,
-    )
-    y = y.view(x.shape)
-    return (y, h.view(x.shape)) if prenorm else y
+    store_h = prenorm or (needs_grad and residual is not None and backend != "cpu")
+    if _is_compiling():
+        y, h, _mean, _rstd = kernels.fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+        return (y, h) if prenorm else y
+    if needs_grad:
+        return _AddNormFunction.apply(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels)
+    with _below_autograd():
+        y, h, _mean, _rstd = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+    return (y, h) if prenorm else y
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenorm=False, residual_in_fp32=False):
     """``F.layer_norm(x + residual, (N,), weight, bias, eps)`` in one pass over memory.
 
-    h = x + residual is formed in fp32 and rounded to residual's dtype (x's when residual is
-    None; float32 when residual_in_fp32). prenorm=True returns (y, h), h being the next block's
-    residual. y has x's dtype. residual, weight and bias may be None.
+    Fuses ``h = x + residual; y = F.layer_norm(h, (N,), weight, bias, eps)``: BERT's
+    ``LayerNorm(dropout(dense(h)) + input)`` (post-norm), or with ``prenorm=True`` the
+    ``residual = x + residual; hidden = norm(residual)`` step of a pre-norm block (GPT-2).
+
+    Args:
+        x: (..., N) activations, float32 / float64 / float16 / bfloat16.
+        residual: x's shape, or None (plain LayerNorm). Any float dtype: h = x + residual is
+            formed in fp32 and rounded to residual's dtype (x's when None; float32 with
+            ``residual_in_fp32=True``), as eager ``(x + residual)`` would be.
+        weight, bias: (N,) or None.
+        eps: added to the variance, > 0.
+        prenorm: also return h, the next block's residual.
+        residual_in_fp32: keep h in float32 (a low-precision model with an fp32 residual stream).
+
+    Shape:
+        x, residual, y, h: (..., N). Any leading shape; strided rows are read in place.
+
+    Returns:
+        y (x's dtype), or (y, h) with ``prenorm=True``.
+
+    Example::
+
+        >>> x, r = torch.randn(2, 16, 64), torch.randn(2, 16, 64)
+        >>> y = fusedres.add_layer_norm(x, r, torch.ones(64), torch.zeros(64))
+        >>> torch.allclose(y, F.layer_norm(x + r, (64,)), atol=1e-5)
+        True
     """
     return add_norm(x, residual, weight, bias, eps, rms_norm=False, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
 
 
 def add_rms_norm(x, residual=None, weight=None, eps=1e-6, *, prenorm=False, residual_in_fp32=False):
-    """``F.rms_norm(x + residual, (N,), weight, eps)`` in one pass over memory; arguments and
-    return value as add_layer_norm (no bias)."""
+    """``F.rms_norm(x + residual, (N,), weight, eps)`` in one pass over memory.
+
+    Fuses Llama / Mistral / Qwen2's ``hidden = residual + attn_out; residual = hidden;
+    hidden = rms_norm(hidden)`` (``prenorm=True``), or ``rms_norm(x + residual)``.
+
+    Args:
+        x: (..., N) activations, float32 / float64 / float16 / bfloat16.
+        residual: x's shape, or None. h = x + residual is formed in fp32 and rounded to
+            residual's dtype (x's when None; float32 with ``residual_in_fp32=True``).
+        weight: (N,) or None.
+        eps: added to the mean square, > 0.
+        prenorm: also return h, the next block's residual.
+        residual_in_fp32: keep h in float32.
+
+    Shape:
+        x, residual, y, h: (..., N).
+
+    Returns:
+        y (x's dtype), or (y, h) with ``prenorm=True``.
+
+    Example::
+
+        >>> x, r = torch.randn(4, 128), torch.randn(4, 128)
+        >>> y, h = fusedres.add_rms_norm(x, r, torch.ones(128), prenorm=True)
+        >>> torch.allclose(y, F.rms_norm(x + r, (128,), eps=1e-6), atol=1e-5)
+        True
+    """
     return add_norm(x, residual, weight, None, eps, rms_norm=True, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
