@@ -23,6 +23,17 @@ def build_info_report(info: dict) -> dict:
     }
 
 
+def backend_report(device: str) -> dict:
+    """Which backends run on `device` (auto's choice first), and why the others do not."""
+    from fusedres.backends import available_backends, backend_support
+
+    support = backend_support(device)
+    lines = {f"backends ({device})": ", ".join(available_backends(device))}
+    for name, s in support.items():
+        lines[f"  {name}"] = ("yes: " if s.usable else "no: ") + s.why
+    return lines
+
+
 def environment_report() -> dict:
     import torch
 
@@ -45,7 +56,7 @@ def environment_report() -> dict:
         "_C loaded": "yes" if EXTENSION_LOADED else f"no: {EXTENSION_ERROR}",
         **build_info_report(BUILD_INFO),
         "selected backend": fusedres.get_backend(),
-        "backends (cpu)": ", ".join(fusedres.available_backends("cpu")),
+        **backend_report("cpu"),
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -54,7 +65,7 @@ def environment_report() -> dict:
                 f"{props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
                 f"{props.multi_processor_count} SMs"
             )
-        report["backends (cuda)"] = ", ".join(fusedres.available_backends("cuda"))
+            report.update(backend_report(f"cuda:{i}"))
     else:
         report["GPU"] = "none visible to torch"
     return report

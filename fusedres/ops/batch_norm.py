@@ -117,6 +117,10 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, output, weight, mean, var)
 
 
+def _as_dtype(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _backward_with(kernels: _Kernels, ctx, grad_out, group=None):
     input, out, weight, mean, var = ctx.saved_tensors
     needs_input, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
@@ -128,8 +132,8 @@ def _backward_with(kernels: _Kernels, ctx, grad_out, group=None):
     sum_dy = sum_dy_xhat = g = grad_weight = grad_bias = None
     if (needs_input and training) or needs_weight or needs_bias or write_g:
         sum_dy, sum_dy_xhat, g = kernels.bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_g)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if needs_weight else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if needs_bias else None
+        grad_weight = _as_dtype(sum_dy_xhat, weight.dtype) if needs_weight else None
+        grad_bias = _as_dtype(sum_dy, ctx.bias_dtype) if needs_bias else None
         if group is not None and needs_input:
             # dweight/dbias stay local (DDP reduces them); the input grad needs global sums.
             sums = torch.cat([sum_dy, sum_dy_xhat])

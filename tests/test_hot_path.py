@@ -1,0 +1,148 @@
+"""The hot path: what one fused call dispatches, and that nothing per call is re-derived.
+
+Every op dispatched around a kernel is a kernel launch on a GPU (and a dispatcher round trip on
+any device), so the fused ops must dispatch no more than their kernels: counted here with a
+TorchDispatchMode over CPU tensors. Allocations and views are not launches and are not counted
+(the C++ ops allocate inside the kernel call, the Triton launchers in Python).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from helpers import skip_if_unusable
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedres
+from fusedres import backends
+
+NOT_LAUNCHES = {
+    "aten.empty.memory_format",
+    "aten.empty_strided.default",
+    "aten.empty_like.default",
+    "aten.new_empty.default",
+    "aten.new_empty_strided.default",
+    "aten.view.default",
+    "aten._unsafe_view.default",
+    "aten.alias.default",
+    "aten.detach.default",
+    "aten.as_strided.default",
+}
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) not in NOT_LAUNCHES:
+            self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count(fn):
+    with CountOps() as counter:
+        out = fn()
+    return counter, out
+
+
+BACKENDS = ["cpu", "triton"]
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("prenorm", [False, True], ids=["postnorm", "prenorm"])
+@pytest.mark.parametrize("rms_norm", [False, True], ids=["ln", "rms"])
+def test_add_norm_dispatches_one_op_each_way(backend, prenorm, rms_norm):
+    skip_if_unusable("cpu", backend)
+    torch.manual_seed(0)
+    x, r, w, b = _leaves(torch.randn(3, 5, 33), torch.randn(3, 5, 33), torch.randn(33), torch.randn(33))
+    bias = None if rms_norm else b
+    with fusedres.use_backend(backend):
+        fused = lambda: fusedres.add_norm(x, r, w, bias, 1e-5, rms_norm=rms_norm, prenorm=prenorm)
+        fusedres.add_norm(x, r, w, bias, 1e-5, rms_norm=rms_norm, prenorm=prenorm)  # resolve outside the count
+        fwd, out = count(fused)
+        outputs = out if prenorm else (out,)
+        grads = [torch.randn_like(o) for o in outputs]
+        params = [t for t in (x, r, w, bias) if t is not None]
+        bwd, _ = count(lambda: torch.autograd.grad(outputs, params, grads))
+    assert fwd.total == 1, fwd.ops
+    assert bwd.total <= 2, bwd.ops
+    # The eager path calls the kernels directly, not the registered operators (torch.compile's).
+    assert not any(name.endswith("_triton.default") for name in (*fwd.ops, *bwd.ops)), (fwd.ops, bwd.ops)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_norm_without_grad_dispatches_one_op(backend):
+    skip_if_unusable("cpu", backend)
+    x, r, w, b = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64), torch.randn(64)
+    with fusedres.use_backend(backend), torch.no_grad():
+        fusedres.add_layer_norm(x, r, w, b)
+        ops, _ = count(lambda: fusedres.add_layer_norm(x, r, w, b))
+    assert ops.total == 1, ops.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_batch_norm_train_dispatches_at_most_three_ops_each_way(backend, memory_format):
+    skip_if_unusable("cpu", backend)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+    r = torch.randn(2, 8, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
+    w, b = _leaves(torch.rand(8) + 0.5, torch.randn(8))
+    rm, rv = torch.zeros(8), torch.ones(8)
+    with fusedres.use_backend(backend):
+        fusedres.batch_norm_add_relu(x, r, rm, rv, w, b, True)
+        fwd, out = count(lambda: fusedres.batch_norm_add_relu(x, r, rm, rv, w, b, True))
+        grad = torch.randn_like(out)
+        bwd, _ = count(lambda: torch.autograd.grad(out, (x, r, w, b), grad))
+    assert fwd.total <= 3, fwd.ops
+    assert bwd.total <= 3, bwd.ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_norm_eval_dispatches_one_op(backend):
+    skip_if_unusable("cpu", backend)
+    module = fusedres.nn.BatchNormAddReLU2d(8).eval()
+    x, r = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    with fusedres.use_backend(backend), torch.no_grad():
+        module(x, r)
+        ops, _ = count(lambda: module(x, r))
+    assert ops.total == 1, ops.ops
+
+
+def test_training_running_stat_update_bumps_versions():
+    """The stats kernel updates the running stats in place; autograd and the eval-mode fold
+    cache (keyed by tensor versions) must see it."""
+    if "cpu" not in fusedres.available_backends("cpu"):
+        pytest.skip("fusedres._C not loaded")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    before = (rm._version, rv._version)
+    with fusedres.use_backend("cpu"):
+        fusedres.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None, rm, rv, training=True)
+    assert rm._version > before[0] and rv._version > before[1]
+    assert not torch.equal(rm, torch.zeros(4))
+
+
+def test_backend_choice_is_cached_until_the_selection_changes(monkeypatch):
+    calls = []
+    real = backends._resolve
+    monkeypatch.setattr(backends, "_resolve", lambda device: calls.append(device) or real(device))
+    with fusedres.use_backend("reference"):
+        for _ in range(3):
+            fusedres.add_layer_norm(torch.randn(2, 8))
+        assert len(calls) == 1
+        with fusedres.use_backend("auto"):
+            fusedres.add_layer_norm(torch.randn(2, 8))
+        assert len(calls) == 2
+    assert backends.resolve_backend(torch.device("cpu")) in fusedres.available_backends("cpu")
