@@ -325,7 +325,54 @@ def _count(counter: Counter | None) -> int | None:
     return None if counter is None else sum(counter.values())
 
 
+def _prepare(side: Side, expected: list | None, warmup: int, device: torch.device, count_launches: bool) -> dict:
+    """One side before timing: whether it matches eager (`expected`; None for eager itself), a
+    warm-up, then its counts."""
+    matches = expected is None or _matches(_results(side), expected)
+    call = side.call()
+    for _ in range(warmup):  # first: JIT compiles, autotuning, lazy inits, caches
+        call()
+    fwd, bwd = dispatched_ops(side)
+    launches = kernel_launches(call, device) if count_launches else {"kernels": None, "copies": None}
+    return {"matches": matches, "fwd": fwd, "bwd": bwd, **launches}
+
+
+def _row(case: OverheadCase, backend: str, options: OverheadOptions, fused: dict, eager: dict, samples: dict) -> dict:
+    fused_us, eager_us = min(samples[backend]), min(samples["eager"])
+    ratio = fused_us / eager_us
+    names = lambda st: {"fwd": dict(st["fwd"]), "bwd": None if st["bwd"] is None else dict(st["bwd"])}
+    return {
+        "case": case.label,
+        "name": case.name,
+        "op": case.op,
+        "mode": case.mode,
+        "shape": "x".join(map(str, case.shape)),
+        "backend": backend,
+        "calls": options.calls,
+        "repeats": options.repeats,
+        "fused_us": fused_us,
+        "eager_us": eager_us,
+        "ratio": ratio,
+        "target": case.target,
+        "met": ratio <= case.target,
+        "matches_eager": fused["matches"],
+        "fused_ops_fwd": _count(fused["fwd"]),
+        "fused_ops_bwd": _count(fused["bwd"]),
+        "eager_ops_fwd": _count(eager["fwd"]),
+        "eager_ops_bwd": _count(eager["bwd"]),
+        "fused_launches": fused["kernels"],
+        "eager_launches": eager["kernels"],
+        "fused_copies": fused["copies"],
+        "eager_copies": eager["copies"],
+        "fused_op_names": names(fused),
+        "eager_op_names": names(eager),
+        "fused_repeats_us": samples[backend],
+        "eager_repeats_us": samples["eager"],
+    }
+
+
 def run_case(case: OverheadCase, device: torch.device, backends: list[str], options: OverheadOptions) -> CaseResult:
+    """Eager and the fused op on each backend: checked against eager, counted, then timed in turns."""
     result = CaseResult()
     fused, eager = case.build(device)
     count_launches = device.type == "cuda" if options.launches is None else options.launches
@@ -338,63 +385,18 @@ def run_case(case: OverheadCase, device: torch.device, backends: list[str], opti
         for name, side in sides.items():
             try:
                 with contexts[name]():
-                    matches = name == "eager" or _matches(_results(side), expected)
-                    fwd_ops, bwd_ops = dispatched_ops(side)
-                    call = side.call()
-                    launches = kernel_launches(call, device) if count_launches else None
-                    for _ in range(warmup):
-                        call()
+                    stats[name] = _prepare(side, None if name == "eager" else expected, warmup, device, count_launches)
             except Exception as e:
-                message = f"{case.label} {_who(name)}: {type(e).__name__}: {e}"
-                result.notes.append(message)
-                result.failures.append(message)
+                result.failures.append(f"{case.label} {_who(name)}: {type(e).__name__}: {e}")
                 continue
-            if not matches:
-                message = f"{case.label} {_who(name)}: results differ from eager (rtol=atol=1e-4)"
-                result.notes.append(message)
-                result.failures.append(message)
-            stats[name] = {"matches": matches, "fwd": fwd_ops, "bwd": bwd_ops, "launches": launches}
-        timed = {name: (sides[name].call(), contexts[name]) for name in stats}
+            if not stats[name]["matches"]:
+                result.failures.append(f"{case.label} {_who(name)}: results differ from eager (rtol=atol=1e-4)")
+        result.notes += result.failures
+        if "eager" not in stats:
+            return result
         gc.collect()  # once, not per block: with torch and transformers loaded a collection takes ~0.2 s
-        samples = alternate(timed, options.calls, options.repeats, device) if "eager" in timed else {}
-    if "eager" not in samples:
-        return result
-    e = stats["eager"]
-    eager_us = min(samples["eager"])
-    for name in (n for n in stats if n != "eager"):
-        s = stats[name]
-        fused_us = min(samples[name])
-        ratio = fused_us / eager_us
-        result.rows.append(
-            {
-                "case": case.label,
-                "name": case.name,
-                "op": case.op,
-                "mode": case.mode,
-                "shape": "x".join(map(str, case.shape)),
-                "backend": name,
-                "calls": options.calls,
-                "repeats": options.repeats,
-                "fused_us": fused_us,
-                "eager_us": eager_us,
-                "ratio": ratio,
-                "target": case.target,
-                "met": ratio <= case.target,
-                "matches_eager": s["matches"],
-                "fused_ops_fwd": _count(s["fwd"]),
-                "fused_ops_bwd": _count(s["bwd"]),
-                "eager_ops_fwd": _count(e["fwd"]),
-                "eager_ops_bwd": _count(e["bwd"]),
-                "fused_launches": s["launches"] and s["launches"]["kernels"],
-                "eager_launches": e["launches"] and e["launches"]["kernels"],
-                "fused_copies": s["launches"] and s["launches"]["copies"],
-                "eager_copies": e["launches"] and e["launches"]["copies"],
-                "fused_op_names": {"fwd": dict(s["fwd"]), "bwd": None if s["bwd"] is None else dict(s["bwd"])},
-                "eager_op_names": {"fwd": dict(e["fwd"]), "bwd": None if e["bwd"] is None else dict(e["bwd"])},
-                "fused_repeats_us": samples[name],
-                "eager_repeats_us": samples["eager"],
-            }
-        )
+        samples = alternate({n: (sides[n].call(), contexts[n]) for n in stats}, options.calls, options.repeats, device)
+    result.rows = [_row(case, n, options, stats[n], stats["eager"], samples) for n in stats if n != "eager"]
     return result
 
 
