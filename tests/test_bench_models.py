@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -64,3 +65,100 @@ def test_alternating_times_take_turns():
     samples = models.alternating_times(fns, torch.device("cpu"), reps=3)
     assert order == ["a", "b"] * 3
     assert all(len(v) == 3 and min(v) >= 0 for v in samples.values())
+
+
+# --- --compile -------------------------------------------------------------------------------------
+
+
+def tiny_block_case() -> models.ModelCase:
+    """The smallest model fuse() changes: a conv-BN-ReLU stem and one BasicBlock, at 8x8."""
+    from torchvision.models.resnet import BasicBlock
+
+    def build():
+        stem = [torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU()]
+        return torch.nn.Sequential(*stem, BasicBlock(8, 8))
+
+    return models.ModelCase(
+        "tiny-block",
+        "images",
+        build,
+        lambda dev: torch.randn(2, 3, 8, 8, device=dev).contiguous(memory_format=torch.channels_last),
+        2,
+        channels_last=True,
+    )
+
+
+def test_cli_compile_adds_compiled_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "default_cases", lambda device: {"tiny": tiny_block_case()})
+    compile_calls, real_compile = [], torch.compile
+
+    def spy(model, **kwargs):
+        compile_calls.append((type(model).__name__, kwargs))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    args = ["--models", "tiny", "--device", "cpu", "--reps", "1", "--out", str(tmp_path)]
+    assert models.main([*args, "--compile", "--compile-backend", "aot_eager"]) == 0
+    # the plain model and its fused copy (fuse() swaps the BasicBlock's class, not the container's)
+    assert compile_calls == [("Sequential", {"backend": "aot_eager"})] * 2
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data["environment"]["compile_backend"] == "aot_eager" and data["notes"] == []
+    rows = data["rows"]
+    assert [(r["mode"], r["variant"]) for r in rows] == [
+        ("train", "original"),
+        ("train", "fused"),
+        ("inference", "original"),
+        ("inference", "fused"),
+        ("train", "compiled"),
+        ("train", "fused compiled"),
+        ("inference", "compiled"),
+        ("inference", "fused compiled"),
+    ]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["throughput"] > 0
+        if "compiled" in r["variant"]:
+            # warm-up (compilation) is reported apart from the timed steps, and speedups are over torch.compile
+            assert r["compile_s"] > 0 and r["baseline"] == "compiled"
+        else:
+            assert r["compile_s"] is None and r["baseline"] == "original"
+    for mode in ("train", "inference"):
+        compiled, fused = (r for r in rows if r["mode"] == mode and "compiled" in r["variant"])
+        assert compiled["speedup"] == 1.0
+        assert fused["speedup"] == pytest.approx(compiled["median_ms"] / fused["median_ms"])
+    md = (tmp_path / "models.md").read_text()
+    assert "fused compiled" in md and "compile s" in md
+
+
+def test_compile_rows_are_time_boxed(monkeypatch):
+    """A compilation past --compile-timeout leaves that mode's compiled pair out, with a note, and
+    the eager rows stand. (A stand-in compile that sleeps: interrupting a real one is what the box
+    is for, but it is slow to provoke.)"""
+
+    class SlowToCompile(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.compiled = model, False
+
+        def forward(self, x):
+            if not self.compiled:
+                time.sleep(5)
+                self.compiled = True
+            return self.model(x)
+
+    monkeypatch.setattr(torch, "compile", lambda model, backend=None: SlowToCompile(model))
+    notes = []
+    options = models.CompileOptions(backend="stand-in", timeout_s=0.05, warmup=1)
+    start = time.perf_counter()
+    rows = models.bench_model(tiny_block_case(), torch.device("cpu"), None, reps=1, compile=options, notes=notes)
+    assert time.perf_counter() - start < 4  # neither sleep ran out
+    assert [r["variant"] for r in rows] == ["original", "fused"] * 2
+    assert len(notes) == 2 and all("compilation took longer than 0.05 s" in n for n in notes)
+
+
+def test_time_box_raises_past_its_seconds_and_restores_the_alarm():
+    with pytest.raises(models.CompileTimeout):
+        with models.time_box(0.05):
+            time.sleep(2)
+    with models.time_box(1.0):
+        pass
+    time.sleep(1.1)  # a stray alarm would raise here

@@ -9,6 +9,8 @@ examples:
   python -m fusedres.bench --ops add_rms_norm --shapes prenorm --dtypes bfloat16 float16
   python -m fusedres.bench --providers eager fusedres --directions fwd+bwd
   python -m fusedres.bench --compare old/results.json new/results.json
+  python -m fusedres.bench --overhead                   # host us per call, fused vs eager, tiny tensors
+  python -m fusedres.bench --overhead --quick --out bench/results --name auto
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 
 import torch
 
-from fusedres.bench import compare, harness, registry, report
+from fusedres.bench import compare, harness, overhead, registry, report
 from fusedres.bench.environment import environment, results_stem
 from fusedres.bench.providers import providers
 from fusedres.bench.timing import copy_bandwidth_gbps
@@ -61,7 +63,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     cmp.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), help="regression table of two results.json")
     cmp.add_argument("--threshold", type=float, default=compare.DEFAULT_THRESHOLD, help="relative change flagged")
     cmp.add_argument("--fail-on-regression", action="store_true", help="exit 1 when --compare finds a regression")
-    return p.parse_args(argv)
+    ovh = p.add_argument_group(
+        "host overhead",
+        "--overhead times the host side of one call (tiny tensors), fused vs the eager ops it replaces; it "
+        "honours --ops, --backends, --device, --out, --name, --list and --quick/--full/--smoke (calls per block)",
+    )
+    ovh.add_argument("--overhead", action="store_true", help="host us, dispatched ops and kernels per call")
+    ovh.add_argument(
+        "--calls",
+        type=int,
+        help=f"calls per timed block (default: {overhead.CALLS['full']}; --quick {overhead.CALLS['quick']}, "
+        f"--smoke {overhead.CALLS['smoke']})",
+    )
+    ovh.add_argument("--repeats", type=int, default=overhead.REPEATS, help="timed blocks per side; the best counts")
+    args = p.parse_args(argv)
+    if args.overhead:
+        unused = [f"--{k}" for k in ("dtypes", "shapes", "providers", "compare") if getattr(args, k)]
+        if unused:
+            p.error(f"--overhead does not use {', '.join(unused)}")
+        if (args.calls is not None and args.calls < 1) or args.repeats < 1:
+            p.error("--calls and --repeats must be at least 1")
+    return args
 
 
 def _progress(items: list, enabled: bool):
@@ -102,6 +124,8 @@ def main(argv=None) -> int:
     if args.compare:
         return run_compare(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.overhead:
+        return run_overhead(args, device)
     case_set = "full" if args.full else "smoke" if args.smoke else "quick"
     cases = registry.select_cases(device, case_set, ops=args.ops, dtypes=args.dtypes, shapes=args.shapes)
     provs, peer_notes = providers(device, args.backends, args.providers, peers=not args.no_peers)
@@ -185,3 +209,50 @@ def _write_outputs(args, env, parity_rows, rows, notes, copy_gbps) -> None:
     report.write_json(os.path.join(args.out, f"{stem}.json"), results)
     report.write_markdown(os.path.join(args.out, f"{stem}.md"), results)
     print(f"wrote {stem}.json, {stem}.md and {len(written)} plot(s) to {args.out}")
+
+
+def run_overhead(args, device: torch.device) -> int:
+    """--overhead: host time, dispatched ops and kernel launches per call (overhead.py). Exits 1
+    when a fusedres side raises or disagrees with eager; a missed target is a finding, not a failure."""
+    cases = overhead.select_cases(args.ops)
+    backends = overhead.overhead_backends(device, args.backends)
+    if args.list:
+        print("\n".join(f"{c.family:<12} {c.label} {'x'.join(map(str, c.shape))}" for c in cases))
+        print("backends:", ", ".join(backends))
+        return 0
+    if not cases or not backends:
+        print(f"nothing to run: {len(cases)} case(s), {len(backends)} backend(s) after the filters", file=sys.stderr)
+        return 2
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    options = overhead.OverheadOptions(
+        calls=args.calls or overhead.CALLS[size], repeats=args.repeats, backends=args.backends
+    )
+    with overhead.one_thread(device):
+        env = environment(device, None)
+        del env["copy_gbps"]  # not measured: host time is the subject
+        print(
+            f"fusedres {env['fusedres']} ({env['commit']}) host overhead on {env['device']}: torch {env['torch']}, "
+            f"{env['threads']} thread(s); best of {options.repeats} x {options.calls} calls; "
+            f"backends: {', '.join(backends)}",
+            flush=True,
+        )
+        result = overhead.run(device, cases, options, progress=lambda s: print(s, flush=True))
+    print()
+    if result.rows:
+        print(overhead.table(result.rows, device.type))
+        print()
+        print(overhead.LEGEND.format(calls=options.calls, repeats=options.repeats))
+    for n in result.notes:
+        print(f"note: {n}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = (results_stem(env["device"]) if args.name == "auto" else args.name) + "-overhead"
+        results = overhead.results_dict(env, vars(args), result, options)
+        report.write_json(os.path.join(args.out, f"{stem}.json"), results)
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
+            f.write(overhead.markdown(results))
+        print(f"wrote {stem}.json and {stem}.md to {args.out}")
+    if result.failures:
+        print(f"{len(result.failures)} fusedres failure(s):", *result.failures, sep="\n  ", file=sys.stderr)
+        return 1
+    return 0

@@ -1,7 +1,7 @@
 """End-to-end: a training step (forward, backward, optimizer) and inference of whole models,
 before and after fusedres.fuse(), with throughput and peak memory.
 
-python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--out DIR]
+python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--out DIR] [--compile]
 
 Models are built from configs with random weights (nothing is downloaded): torchvision's
 resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a Llama-like stack
@@ -9,18 +9,26 @@ resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a L
 256); on the CPU, small batches and fp32 so a run takes a few minutes. The original and fused
 copies share initial weights and are timed in turns (step by step), so drift in the machine hits
 both alike.
+
+--compile adds rows for torch.compile(model) ("compiled") against torch.compile(fuse(model))
+("fused compiled"), timed in turns with each other; their speedup is over "compiled" (each row's
+`baseline` names what its speedup divides). The first steps compile: they are warm-up, never
+timed, and their wall time is the row's `compile_s`. Each compiled variant's warm-up is
+time-boxed (--compile-timeout); past it that mode's compiled pair is left out, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,83 +146,162 @@ def _peak_bytes(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-def bench_model(case: ModelCase, device: torch.device, dtype: torch.dtype | None, reps: int) -> list[dict]:
-    """Rows for (train, inference) x (original, fused)."""
+class CompileTimeout(BaseException):
+    """Raised from a SIGALRM when compilation outlasts its box. A BaseException, so that nothing on
+    the way (dynamo's error handling included) can swallow it and quietly run the model eagerly."""
+
+
+@contextlib.contextmanager
+def time_box(seconds: float | None):
+    """Raises CompileTimeout in the block after `seconds` (main thread on POSIX; elsewhere, or
+    with no seconds, the block is not boxed)."""
+    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expire(signum, frame):
+        raise CompileTimeout(f"compilation took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    backend: str = "inductor"
+    timeout_s: float | None = 600.0  # per compiled variant and mode: its warm-up steps
+    warmup: int = 3  # untimed steps; the first compiles (train: forward and backward)
+
+
+def bench_model(
+    case: ModelCase,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    reps: int,
+    compile: CompileOptions | None = None,
+    notes: list[str] | None = None,
+) -> list[dict]:
+    """Rows for (train, inference) x (original, fused); with `compile`, then (train, inference) x
+    (compiled, fused compiled). Reasons for compiled rows left out go to `notes`."""
     torch.manual_seed(0)
     original = case.build().to(device)
     if case.channels_last:
         original = original.to(memory_format=torch.channels_last)
     fused = fusedres.fuse(copy.deepcopy(original))
     batch = case.make_batch(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-    variants = {"original": original, "fused": fused}
-    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in variants.items()}
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    pair = _Pair(case, device, batch, autocast, {"original": original, "fused": fused})
+    rows = [row for mode in MODES for row in pair.rows(mode, reps)]
+    if compile is None:
+        return rows
+    torch._dynamo.reset()  # a fresh cache per model: recompile limits count per code object
+    compiled = {
+        "compiled": torch.compile(original, backend=compile.backend),
+        "fused compiled": torch.compile(fused, backend=compile.backend),
+    }
+    pair = _Pair(case, device, batch, autocast, compiled, compile)
+    for mode in MODES:
+        try:
+            rows += pair.rows(mode, reps)
+        except CompileTimeout as e:
+            torch._dynamo.reset()
+            if notes is not None:
+                notes.append(f"{case.name} {mode}: compiled rows left out: {e} ({compile.backend})")
+    return rows
 
-    def train_step(name):
-        model, opt = variants[name], optimizers[name]
 
-        def step():
+MODES = ("train", "inference")
+
+
+class _Pair:
+    """Two variants of one model (a baseline first), each with its own optimizer, timed in turns."""
+
+    def __init__(self, case, device, batch, autocast, variants: dict, compile: CompileOptions | None = None):
+        self.case, self.device, self.batch, self.autocast = case, device, batch, autocast
+        self.variants, self.compile = variants, compile
+        self.optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in variants.items()}
+
+    def step(self, name: str, mode: str) -> Callable[[], None]:
+        model, opt = self.variants[name], self.optimizers[name]
+        case, batch, autocast = self.case, self.batch, self.autocast
+
+        def train_step():
             opt.zero_grad(set_to_none=True)
             with autocast:
                 loss = case.loss(model, batch)
             loss.backward()
             opt.step()
 
-        return step
-
-    def infer(name):
-        model = variants[name]
-
         @torch.no_grad()
-        def run():
+        def infer():
             with autocast:
                 model(batch)
 
-        return run
+        return train_step if mode == "train" else infer
 
-    rows = []
-    for mode, make, set_mode in (("train", train_step, "train"), ("inference", infer, "eval")):
-        for m in variants.values():
-            m.train(set_mode == "train")
-        fns = {name: make(name) for name in variants}
-        for fn in fns.values():  # warm-up: allocator, autotuning, lazy inits
-            fn()
-            fn()
+    def rows(self, mode: str, reps: int) -> list[dict]:
+        for m in self.variants.values():
+            m.train(mode == "train")
+        fns = {name: self.step(name, mode) for name in self.variants}
+        warmup = self.compile.warmup if self.compile else 2
+        compile_s = {}
+        for name, fn in fns.items():  # warm-up: compilation, allocator, autotuning, lazy inits
+            start = time.perf_counter()
+            with time_box(self.compile.timeout_s if self.compile else None):
+                for _ in range(warmup):
+                    fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            compile_s[name] = time.perf_counter() - start if self.compile else None
         peaks = {}
         for name, fn in fns.items():  # peak memory of one step each, measured apart
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
             fn()
-            peaks[name] = _peak_bytes(device)
-        timings = {name: quantiles(t) for name, t in alternating_times(fns, device, reps).items()}
-        for name, t in timings.items():
-            rows.append(
-                {
-                    "model": case.name,
-                    "mode": mode,
-                    "variant": name,
-                    "median_ms": t.median_ms,
-                    "p20_ms": t.p20_ms,
-                    "p80_ms": t.p80_ms,
-                    "throughput": case.items_per_batch / (t.median_ms * 1e-3),
-                    "unit": f"{case.unit}/s",
-                    "peak_mem_gb": peaks[name] / 1e9 if peaks[name] is not None else None,
-                    "speedup": timings["original"].median_ms / t.median_ms,
-                }
-            )
-    return rows
+            peaks[name] = _peak_bytes(self.device)
+        timings = {name: quantiles(t) for name, t in alternating_times(fns, self.device, reps).items()}
+        baseline = next(iter(fns))
+        case = self.case
+        return [
+            {
+                "model": case.name,
+                "mode": mode,
+                "variant": name,
+                "median_ms": t.median_ms,
+                "p20_ms": t.p20_ms,
+                "p80_ms": t.p80_ms,
+                "throughput": case.items_per_batch / (t.median_ms * 1e-3),
+                "unit": f"{case.unit}/s",
+                "peak_mem_gb": peaks[name] / 1e9 if peaks[name] is not None else None,
+                "speedup": timings[baseline].median_ms / t.median_ms,
+                "baseline": baseline,
+                "compile_s": compile_s[name],
+            }
+            for name, t in timings.items()
+        ]
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'model':<34} {'mode':<10} {'variant':<9} {'ms':>9} {'throughput':>16} {'peak GB':>8} {'speedup':>8}"
+    compiled = any(r.get("compile_s") is not None for r in rows)
+    header = f"{'model':<34} {'mode':<10} {'variant':<14} {'ms':>9} {'throughput':>16} {'peak GB':>8} {'speedup':>8}"
+    header += f" {'over':<9} {'compile s':>9}" if compiled else ""
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "n/a"
-        lines.append(
-            f"{r['model']:<34} {r['mode']:<10} {r['variant']:<9} {r['median_ms']:>9.1f} "
+        line = (
+            f"{r['model']:<34} {r['mode']:<10} {r['variant']:<14} {r['median_ms']:>9.1f} "
             f"{r['throughput']:>9.1f} {r['unit']:<6} {peak:>8} {r['speedup']:>7.2f}x"
         )
+        if compiled:
+            compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
+            line += f" {r.get('baseline', 'original'):<9} {compile_s:>9}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -225,31 +312,49 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16, float16 or none (default: bf16 on GPU)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default: 20 GPU, 5 CPU)")
     p.add_argument("--out", default=None, help="directory for models.json and models.md")
+    c = p.add_argument_group("torch.compile")
+    c.add_argument("--compile", action="store_true", help="also torch.compile(model) vs torch.compile(fuse(model))")
+    c.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    c.add_argument(
+        "--compile-timeout",
+        type=float,
+        default=CompileOptions.timeout_s,
+        help="seconds each compiled variant may spend in its warm-up (compiling) per mode; 0: no limit "
+        "(default: %(default)s)",
+    )
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "none")
     dtype = None if dtype_name == "none" else getattr(torch, dtype_name)
     reps = args.reps or (20 if device.type == "cuda" else 5)
+    compile_options = CompileOptions(args.compile_backend, args.compile_timeout or None) if args.compile else None
     cases = default_cases(device)
     names = args.models or list(cases)
     unknown = sorted(set(names) - set(cases))
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(cases)}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"fusedres {fusedres.__version__} end-to-end on {where}, autocast {dtype_name}", flush=True)
-    rows = []
+    compiled = f", torch.compile backend {args.compile_backend}" if args.compile else ""
+    print(f"fusedres {fusedres.__version__} end-to-end on {where}, autocast {dtype_name}{compiled}", flush=True)
+    rows, notes = [], []
     for name in names:
-        rows += bench_model(cases[name], device, dtype, reps)
+        rows += bench_model(cases[name], device, dtype, reps, compile_options, notes)
         print(f"done {cases[name].name}", file=sys.stderr, flush=True)
     table = format_rows(rows)
     print(table)
+    for n in notes:
+        print(f"note: {n}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         env = {"device": where, "torch": torch.__version__, "fusedres": fusedres.__version__, "autocast": dtype_name}
+        if args.compile:
+            env["compile_backend"] = args.compile_backend
+        cases_run = [asdict(cases[n])["name"] for n in names]
         with open(os.path.join(args.out, "models.json"), "w") as f:
-            json.dump({"environment": env, "rows": rows, "cases": [asdict(cases[n])["name"] for n in names]}, f)
+            json.dump({"environment": env, "rows": rows, "cases": cases_run, "notes": notes}, f)
         with open(os.path.join(args.out, "models.md"), "w") as f:
             f.write(f"# fusedres end-to-end\n\n{env}\n\n```\n{table}\n```\n")
+            f.write("".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     return 0
 
 

@@ -60,7 +60,7 @@ def markdown_table(headers: list[str], rows: list[list[str]], right: set[int] = 
     return "\n".join(lines)
 
 
-def _blank_repeats(rows: list[list[str]]) -> list[list[str]]:
+def blank_repeats(rows: list[list[str]]) -> list[list[str]]:
     """Shows the first column only where it changes: a case's rows read as one block."""
     out, previous = [], None
     for r in rows:
@@ -100,7 +100,7 @@ def timing_cells(rows: list[dict], device_type: str | None = None) -> list[list[
 
 
 def timing_table(rows: list[dict], device_type: str | None = None) -> str:
-    return text_table(TIMING_HEADERS, _blank_repeats(timing_cells(rows, device_type)), TIMING_RIGHT)
+    return text_table(TIMING_HEADERS, blank_repeats(timing_cells(rows, device_type)), TIMING_RIGHT)
 
 
 # --- parity -------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def parity_cells(parity_rows: list[dict]) -> list[list[str]]:
 
 
 def parity_table(parity_rows: list[dict]) -> str:
-    return text_table(PARITY_HEADERS, _blank_repeats(parity_cells(parity_rows)), PARITY_RIGHT)
+    return text_table(PARITY_HEADERS, blank_repeats(parity_cells(parity_rows)), PARITY_RIGHT)
 
 
 # --- summary ------------------------------------------------------------------------------------
@@ -192,14 +192,16 @@ def read_json(path: str) -> dict:
 ENV_KEYS = ("device", "torch", "triton", "cuda", "fusedres", "commit", "threads", "copy_gbps", "timestamp")
 
 
+def environment_cells(env: dict) -> list[list[str]]:
+    """The environment block every results.md opens with: key, value."""
+    return [[k, fmt_float(env[k]) if k == "copy_gbps" and env[k] else str(env.get(k))] for k in ENV_KEYS if k in env]
+
+
 def markdown(results: dict) -> str:
     env, rows = results["environment"], results["timings"]
     device_type = env.get("device_type")
     title = f"# fusedres benchmark: {env.get('device', '?')}, {str(env.get('timestamp', ''))[:10]}"
-    env_cells = [
-        [k, fmt_float(env[k]) if k == "copy_gbps" and env[k] else str(env.get(k))] for k in ENV_KEYS if k in env
-    ]
-    parts = [title, markdown_table(["", ""], env_cells)]
+    parts = [title, markdown_table(["", ""], environment_cells(env))]
     if rows:
         headers, cells = summary_cells(rows)
         parts += [
@@ -210,13 +212,13 @@ def markdown(results: dict) -> str:
         parts += [
             "## Parity against float64",
             "Rule: |ours - ref64| <= 2 |eager - ref64| + atol per output and grad; rel = abs / max |ref64|.",
-            markdown_table(PARITY_HEADERS, _blank_repeats(parity_cells(results["parity"])), PARITY_RIGHT),
+            markdown_table(PARITY_HEADERS, blank_repeats(parity_cells(results["parity"])), PARITY_RIGHT),
         ]
     if rows:
         parts.append("## Timings (median)")
         for op in dict.fromkeys(r.get("op", "-") for r in rows):
             op_rows = [r for r in rows if r.get("op", "-") == op]
-            cells = _blank_repeats(timing_cells(op_rows, device_type))
+            cells = blank_repeats(timing_cells(op_rows, device_type))
             parts += [f"### {op}", markdown_table(TIMING_HEADERS, cells, TIMING_RIGHT)]
         methods = sorted({r.get("method") for r in rows if r.get("method")})
         parts.append(f"Timed with: {', '.join(methods)}. GB/s from fusedres/bench/byte_model.py.")
