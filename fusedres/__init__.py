@@ -11,7 +11,8 @@ from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
 from fusedres.backends import available_backends, get_backend, set_backend, use_backend
 from fusedres.convert import FuseReport, fuse, unfuse
-from fusedres.ops import add_layer_norm, add_norm, add_rms_norm, batch_norm_add_relu
+from fusedres.ops import add_layer_norm, add_rms_norm, batch_norm_add_relu
+from fusedres.ops.add_norm import add_norm
 
 __all__ = [
     "EXTENSION_ERROR",

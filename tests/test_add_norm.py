@@ -228,14 +228,33 @@ def test_gradcheck_float64(device, backend, rms_norm, prenorm):
         assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
-def test_inference_skips_h_but_matches():
-    """Under no_grad without prenorm nobody reads h, so it is not written; y must not change."""
-    x, residual = torch.randn(2, 8, 64), torch.randn(2, 8, 64)
-    weight, bias = torch.randn(64), torch.randn(64)
-    with torch.no_grad():
-        y_inference = fusedres.add_layer_norm(x, residual, weight, bias)
-    y_train = fusedres.add_layer_norm(x, residual, weight.requires_grad_(), bias)
+@pytest.mark.parametrize("device,backend", device_backends(include_reference=False))
+def test_h_is_written_only_when_read(device, backend, monkeypatch):
+    """h = x + residual is stored only when someone reads it: prenorm returns it, and a GPU
+    backward reads it (the CPU backward re-adds the residual instead). Without grad and without
+    prenorm it is never written. y is the same either way."""
+    skip_if_unusable(device, backend)
+    from fusedres.ops import add_norm as module
+
+    kernels = module._KERNELS[backend]
+    store_h_flags = []
+
+    def spy(*args):
+        store_h_flags.append(args[7])
+        return kernels.fwd(*args)
+
+    monkeypatch.setitem(module._KERNELS, backend, kernels._replace(fwd=spy))
+    torch.manual_seed(0)
+    x, residual = torch.randn(2, 8, 64, device=device), torch.randn(2, 8, 64, device=device)
+    weight, bias = torch.randn(64, device=device), torch.randn(64, device=device)
+    with fusedres.use_backend(backend):
+        with torch.no_grad():
+            y_inference = fusedres.add_layer_norm(x, residual, weight, bias)
+            _, h = fusedres.add_layer_norm(x, residual, weight, bias, prenorm=True)
+        y_train = fusedres.add_layer_norm(x, residual, weight.requires_grad_(), bias)
+    assert store_h_flags == [False, True, backend != "cpu"]
     torch.testing.assert_close(y_inference, y_train.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(h, x + residual, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -224,7 +224,7 @@ def test_autocast_keeps_the_originals_dtypes(name):
 def test_norm_after_add_gives_eager_dtypes(a, b, prenorm):
     x, r = torch.randn(3, 16).to(a), torch.randn(3, 16).to(b)
     w, bias = torch.rand(16) + 0.5, torch.randn(16)
-    out = norm_after_add(w, bias, 1e-5, x, r, prenorm=prenorm)
+    out = norm_after_add(x, r, w, bias, 1e-5, prenorm=prenorm)
     h_eager = x + r
     y_eager = nn.functional.layer_norm(h_eager, (16,), w.to(h_eager.dtype), bias.to(h_eager.dtype))
     if prenorm:

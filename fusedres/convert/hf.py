@@ -44,11 +44,11 @@ def _check_signature(module: nn.Module, expected: tuple[str, ...]) -> str | None
 
 
 def _rms(norm: nn.Module, a, b=None, *, prenorm=False):
-    return norm_after_add(norm.weight, None, norm.variance_epsilon, a, b, rms_norm=True, prenorm=prenorm)
+    return norm_after_add(a, b, norm.weight, None, norm.variance_epsilon, rms_norm=True, prenorm=prenorm)
 
 
 def _ln(norm: nn.LayerNorm, a, b=None, *, prenorm=False):
-    return norm_after_add(norm.weight, norm.bias, norm.eps, a, b, prenorm=prenorm)
+    return norm_after_add(a, b, norm.weight, norm.bias, norm.eps, prenorm=prenorm)
 
 
 # --- BERT / RoBERTa ----------------------------------------------------------------------------

@@ -26,18 +26,19 @@ def check_layer_norms(module: nn.Module, names: tuple[str, ...]) -> str | None:
 
 
 def norm_after_add(
+    a: torch.Tensor,
+    b: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
     norm_bias: torch.Tensor | None,
     eps: float,
-    a: torch.Tensor,
-    b: torch.Tensor | None = None,
     *,
     rms_norm: bool = False,
     prenorm: bool = False,
 ):
-    """norm(a + b), or with prenorm=True (norm(a + b), a + b), in the dtypes eager gives them: the
-    sum in promote_types(a, b); a post-norm output in that dtype too; a pre-norm output in the
-    narrower dtype, since it only feeds the next sublayer's matmul."""
+    """norm(a + b), or with prenorm=True (norm(a + b), a + b), in the dtypes eager gives them
+    (arguments in add_norm's order: x, residual, weight, bias, eps): the sum in
+    promote_types(a, b); a post-norm output in that dtype too; a pre-norm output in the narrower
+    dtype, since it only feeds the next sublayer's matmul."""
     residual_in_fp32 = False
     if b is not None and a.dtype != b.dtype:
         wide = torch.promote_types(a.dtype, b.dtype)

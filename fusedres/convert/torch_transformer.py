@@ -19,7 +19,7 @@ from fusedres.convert.norms import check_layer_norms, norm_after_add
 
 
 def _norm(norm: nn.LayerNorm, x: torch.Tensor, residual: torch.Tensor | None = None, *, prenorm: bool = False):
-    return norm_after_add(norm.weight, norm.bias, norm.eps, x, residual, prenorm=prenorm)
+    return norm_after_add(x, residual, norm.weight, norm.bias, norm.eps, prenorm=prenorm)
 
 
 def _encoder_layer_forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
