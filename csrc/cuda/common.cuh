@@ -40,7 +40,9 @@ __device__ __forceinline__ double to_acc<double, double>(double v) {
 }
 
 // Round-to-nearest-even conversion from the accumulation type; NaN and Inf are preserved.
-// fp64 -> fp16/bf16 converts directly (no double rounding through fp32), as eager .to() does.
+// fp64 -> fp16/bf16 rounds through fp32, as eager does: c10::Half and c10::BFloat16 are built
+// from a float, so a double is first rounded to fp32 (torch.tensor(1 + 2**-11 + 2**-40,
+// dtype=torch.float64).half() is 1.0 in eager; a direct __double2half gives the next fp16).
 template <class T>
 struct Cvt;
 template <>
@@ -56,12 +58,16 @@ struct Cvt<double> {
 template <>
 struct Cvt<__half> {
   __device__ static __forceinline__ __half from(float v) { return __float2half_rn(v); }
-  __device__ static __forceinline__ __half from(double v) { return __double2half(v); }
+  __device__ static __forceinline__ __half from(double v) {
+    return __float2half_rn(static_cast<float>(v));
+  }
 };
 template <>
 struct Cvt<__nv_bfloat16> {
   __device__ static __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __forceinline__ __nv_bfloat16 from(double v) { return __double2bfloat16(v); }
+  __device__ static __forceinline__ __nv_bfloat16 from(double v) {
+    return __float2bfloat16_rn(static_cast<float>(v));
+  }
 };
 
 inline void check_cuda(cudaError_t err, const char* what) {
