@@ -822,9 +822,9 @@ struct RunningStats {
 };
 
 // A channel's batch statistics from (mean, M2, count): the mean and the biased variance
-// M2 / count (what batch_norm normalizes with) in the stats dtype, and the running stats
-// updated from those stored values. count 0: NaN, as torch's mean / var of nothing, and the
-// running stats are left as they are.
+// M2 / count (what batch_norm normalizes with), stored in the stats dtype; the running stats
+// are updated from the fp64 values, as the CPU backend does. count 0: NaN, as torch's mean /
+// var of nothing, and the running stats are left as they are.
 template <class A>
 struct BatchStatsOut {
   A* mean;
@@ -837,11 +837,10 @@ struct BatchStatsOut {
       var[c] = static_cast<A>(CUDART_NAN);
       return;
     }
-    const A bm = static_cast<A>(m);
-    const A bv = static_cast<A>(m2 / count);
-    mean[c] = bm;
-    var[c] = bv;
-    running.update(c, static_cast<double>(bm), static_cast<double>(bv), count);
+    const double v = m2 / count;
+    mean[c] = static_cast<A>(m);
+    var[c] = static_cast<A>(v);
+    running.update(c, m, v, count);
   }
 };
 
@@ -906,8 +905,9 @@ __global__ void __launch_bounds__(kCombineX * kCombineY)
 }
 
 // Synchronized BatchNorm: channel c of the (W, 2C + 1) stats rows (mean, biased var, count) of
-// every process, merged in row order in fp64 with Chan et al.'s formula (M2 = var * count), then
-// stored and the running stats updated as by batch_norm_stats, with the total count.
+// every process, merged in row order in fp64 with Chan et al.'s formula (M2 = var * count; rows
+// with no values skipped), then stored and the running stats updated as by batch_norm_stats,
+// with the total count.
 template <class A>
 __global__ void combine_stats_kernel(const A* __restrict__ stats, int64_t W, int64_t C, const BatchStatsOut<A> out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -921,7 +921,9 @@ __global__ void combine_stats_kernel(const A* __restrict__ stats, int64_t W, int
   for (int64_t w = 0; w < W; ++w) {
     const A* s = stats + w * row;
     const double count = static_cast<double>(s[2 * C]);
-    merge<true>(m, m2, n, static_cast<double>(s[c]), static_cast<double>(s[C + c]) * count, count);
+    if (count > 0.0) {
+      merge<true>(m, m2, n, static_cast<double>(s[c]), static_cast<double>(s[C + c]) * count, count);
+    }
   }
   out(c, m, m2, n);
 }
