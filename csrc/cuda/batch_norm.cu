@@ -909,7 +909,8 @@ __global__ void __launch_bounds__(kCombineX * kCombineY)
 // with no values skipped), then stored and the running stats updated as by batch_norm_stats,
 // with the total count.
 template <class A>
-__global__ void combine_stats_kernel(const A* __restrict__ stats, int64_t W, int64_t C, const BatchStatsOut<A> out) {
+__global__ void __launch_bounds__(kThreads)
+    combine_stats_kernel(const A* __restrict__ stats, int64_t W, int64_t C, const BatchStatsOut<A> out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
