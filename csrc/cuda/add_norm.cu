@@ -23,6 +23,11 @@
 // only transcendental is rsqrt, whose fast-math and IEEE forms are the same instruction
 // (rsqrt.approx, <= 2 ulp) and which propagates NaN. No atomics anywhere: all reductions use a
 // fixed tree / fixed order, so results are bitwise reproducible on the same device.
+//
+// Operands are (..., N) of any rank whose leading dimensions collapse into rows of one stride
+// (row_stride, add_norm.h); outputs are contiguous. dweight/dbias go through fixed-size fp32
+// (fp64) partials, summed per column in a fixed order by param_grad_kernel, which also writes
+// them in the parameter's dtype: the backward launches only its own kernels, no torch ops.
 #include "add_norm.h"
 #include "cuda/common.cuh"
 
@@ -345,12 +350,19 @@ __device__ __forceinline__ void y_pack(const FwdArgs<X, R, H, W>& a, X* yrow, in
   store_pack<kAccess>(yrow, c, a.n, a.vec, out);
 }
 
+// Minimum resident blocks per SM hinted to ptxas for the register forward (0: no hint). Given
+// only the 512-thread bound, ptxas fits the fp64 kernel into 64 registers (two blocks per SM)
+// and spills on sm_80; one block per SM lets it keep the row in registers (fp64 is the
+// gradcheck path, not a bandwidth-critical one).
+template <class X>
+constexpr int kFwdMinBlocks = std::is_same_v<X, double> ? 1 : 0;
+
 // Register-resident forward: each row group loads its row once (all K packs of x, then of the
 // residual, issued back to back so a thread has K * 16..64 bytes in flight), keeps h in
 // registers through both reductions and writes y (and h) from registers. HBM traffic is the
 // minimum: read x and residual, write y, h (optional) and two floats of statistics per row.
 template <int kAccess, class X, class R, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
     add_norm_fwd_rows_kernel(const FwdArgs<X, R, H, W> a) {
   using A = acc_t<X>;
   constexpr int K = FwdPacks<X>::value;
@@ -575,10 +587,10 @@ struct BwdArgs {
 // Each block owns a contiguous range of rows and each thread a fixed set of columns, so the
 // dweight/dbias partials of those columns live in registers for the whole range and reach
 // memory once per block: HBM traffic is read dy, h, dh, write dx (+ dresidual), plus
-// blocks * N partials written and re-read by reduce_partials (one wave of blocks: 1-2 per SM,
+// blocks * N partials written and re-read by param_grad_kernel (one wave of blocks: 1-2 per SM,
 // i.e. 2-4% of the row traffic at M = 16384, less for larger M). The G row groups of a block
 // (G > 1 when a row needs at most half a block) are combined in shared memory in group order,
-// so the partials are deterministic; reduce_partials then adds the blocks in a fixed order.
+// so the partials are deterministic; param_grad_kernel then adds the blocks in a fixed order.
 template <int kAccess, int K, class X, class H, class W>
 __global__ void __launch_bounds__(kMaxThreads)
     add_norm_bwd_rows_kernel(const BwdArgs<X, H, W> a) {
@@ -839,6 +851,52 @@ __global__ void __launch_bounds__(256)
   }
 }
 
+// dweight and dbias from the (chunks, n) partials of the kernels above, in one launch. Lane ty
+// of column col adds chunks ty, ty + kSumY, ... in order, then the kSumY lane sums are added
+// in lane order: a fixed order for a given chunk count, so the grads are bitwise reproducible.
+// The total is rounded once, from the accumulation type to the parameter's dtype (eager's
+// sum(0).to(dtype)). No chunks (no rows): zeros. pw/pb and dw/db are null when absent.
+constexpr int kSumX = 32;
+constexpr int kSumY = 8;
+
+template <class A>
+__global__ void __launch_bounds__(kSumX * kSumY)
+    param_grad_kernel(const A* __restrict__ pw, const A* __restrict__ pb, int64_t chunks, int n,
+                      void* dw, int dw_code, void* db, int db_code) {
+  __shared__ A sh[2][kSumY][kSumX];
+  const int tx = static_cast<int>(threadIdx.x);
+  const int ty = static_cast<int>(threadIdx.y);
+  const int col = static_cast<int>(blockIdx.x) * kSumX + tx;
+  A sw = A(0);
+  A sb = A(0);
+  if (col < n) {
+    for (int64_t k = ty; k < chunks; k += kSumY) {
+      if (pw != nullptr) {
+        sw += pw[k * n + col];
+      }
+      if (pb != nullptr) {
+        sb += pb[k * n + col];
+      }
+    }
+  }
+  sh[0][ty][tx] = sw;
+  sh[1][ty][tx] = sb;
+  __syncthreads();
+  if (ty != 0 || col >= n) {
+    return;
+  }
+  for (int y = 1; y < kSumY; ++y) {
+    sw += sh[0][y][tx];
+    sb += sh[1][y][tx];
+  }
+  if (dw != nullptr) {
+    st_any(dw, dw_code, col, sw);
+  }
+  if (db != nullptr) {
+    st_any(db, db_code, col, sb);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
@@ -933,8 +991,8 @@ void run_fwd(const FwdCall& c) {
   a.mean = c.rms ? nullptr : static_cast<A*>(c.mean->mutable_data_ptr());
   a.rstd = static_cast<A*>(c.rstd->mutable_data_ptr());
   a.rows = M;
-  a.x_stride = c.x->stride(0);
-  a.r_stride = c.r ? c.r->stride(0) : 0;
+  a.x_stride = row_stride(*c.x);
+  a.r_stride = c.r ? row_stride(*c.r) : 0;
   a.n = N;
   a.eps = static_cast<A>(c.eps);
   a.inv_n = static_cast<A>(1.0 / static_cast<double>(N));
@@ -1034,7 +1092,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
     hround = rounding_mode(h_dtype, acc);
   }
   const bool h_via_buffer = store_h && hs != h_dtype;
-  Tensor h_buf = h_via_buffer ? torch::stable::new_empty(x, {shape.rows, shape.cols}, hs) : h;
+  Tensor h_buf = h_via_buffer ? empty_shaped_like(x, hs) : h;
 
   FwdCall call{};
   call.x = &x;
@@ -1089,11 +1147,30 @@ struct BwdCall {
   RowsView shape;
   bool rms;
   bool dh_f32;
+  int device;
   cudaStream_t stream;
-  // Outputs: partials (blocks, N) of the accumulation dtype, (0, N) when unused.
-  Tensor pw;
-  Tensor pb;
+  // Outputs: the dweight / dbias partials, `chunks` rows of N accumulation-type values each
+  // (pw / pb null when weight / bias are absent), in one buffer.
+  Tensor partials;
+  int64_t chunks;
+  void* pw;
+  void* pb;
 };
+
+// Allocates the partials of `chunks` rows: dweight's rows, then dbias's.
+template <class A>
+void alloc_partials(BwdCall& c, int64_t chunks) {
+  c.chunks = chunks;
+  const int64_t parts = (c.need_dw ? 1 : 0) + (c.need_db ? 1 : 0);
+  if (parts == 0) {
+    return;
+  }
+  const int64_t N = c.shape.cols;
+  c.partials = empty_on(*c.dy, {parts * chunks * N}, stats_dtype(c.dy->scalar_type()));
+  A* base = static_cast<A*>(c.partials.mutable_data_ptr());
+  c.pw = c.need_dw ? base : nullptr;
+  c.pb = c.need_db ? base + (c.need_dw ? chunks * N : 0) : nullptr;
+}
 
 // Launches the register backward kernel if a row fits in kMaxThreads threads with K packs each.
 // One wave of resident blocks, each owning a contiguous range of rows: enough warps to keep HBM
@@ -1106,21 +1183,16 @@ bool launch_bwd_rows(BwdArgs<X, H, W>& a, BwdCall& c, int sms) {
   if (plan.T == 0) {
     return false;
   }
-  const auto kernel = add_norm_bwd_rows_kernel<kAccess, K, X, H, W>;
+  constexpr auto kernel = add_norm_bwd_rows_kernel<kAccess, K, X, H, W>;
   const int64_t M = a.rows;
-  const int64_t N = a.n;
-  const ScalarType acc = stats_dtype(c.dy->scalar_type());
-  int per_sm = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, plan.block, 0),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  const int per_sm = blocks_per_sm<kernel>(c.device, plan.block);
   const int64_t groups = (M + plan.G - 1) / plan.G;
-  int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+  int64_t blocks = std::min<int64_t>(groups, static_cast<int64_t>(sms) * per_sm);
   const int64_t rows_per_block = (groups + blocks - 1) / blocks * plan.G;
   blocks = (M + rows_per_block - 1) / rows_per_block;
-  c.pw = torch::stable::new_empty(*c.dy, {c.need_dw ? blocks : 0, N}, acc);
-  c.pb = torch::stable::new_empty(*c.dy, {c.need_db ? blocks : 0, N}, acc);
-  a.pw = c.need_dw ? static_cast<A*>(c.pw.mutable_data_ptr()) : nullptr;
-  a.pb = c.need_db ? static_cast<A*>(c.pb.mutable_data_ptr()) : nullptr;
+  alloc_partials<A>(c, blocks);
+  a.pw = static_cast<A*>(c.pw);
+  a.pb = static_cast<A*>(c.pb);
   a.rows_per_block = rows_per_block;
   a.T = plan.T;
   a.G = plan.G;
@@ -1134,7 +1206,6 @@ void run_bwd(BwdCall& c) {
   using A = acc_t<X>;
   const int64_t M = c.shape.rows;
   const int N = static_cast<int>(c.shape.cols);
-  const ScalarType acc = stats_dtype(c.dy->scalar_type());
   BwdArgs<X, H, W> a{};
   a.dy = static_cast<const X*>(c.dy->const_data_ptr());
   a.dh = c.dh ? c.dh->const_data_ptr() : nullptr;
@@ -1145,9 +1216,9 @@ void run_bwd(BwdCall& c) {
   a.dx = static_cast<X*>(c.dx->mutable_data_ptr());
   a.dres = c.dres ? c.dres->mutable_data_ptr() : nullptr;
   a.rows = M;
-  a.dy_stride = c.dy->stride(0);
-  a.dh_stride = c.dh ? c.dh->stride(0) : 0;
-  a.h_stride = c.h->stride(0);
+  a.dy_stride = row_stride(*c.dy);
+  a.dh_stride = c.dh ? row_stride(*c.dh) : 0;
+  a.h_stride = row_stride(*c.h);
   a.n = N;
   a.inv_n = static_cast<A>(1.0 / static_cast<double>(N));
   a.dres_mode = c.dres ? c.dres_mode : 0;
@@ -1161,7 +1232,7 @@ void run_bwd(BwdCall& c) {
       (a.dres_mode == 0 ||
        rows_aligned16(a.dres, N, a.dres_mode == 2 ? sizeof(float) : sizeof(X), M));
 
-  const int sms = sm_count();
+  const int sms = sm_count(c.device);
   // Register kernel: the vectorized one with one pack per thread while a row fits in 512
   // threads (N <= 4096: ~64 registers, so 2 blocks of 512 per SM), two packs beyond
   // (N <= 8192: ~105 registers, one block per SM); the masked scalar one with one pack.
@@ -1183,8 +1254,6 @@ void run_bwd(BwdCall& c) {
   add_norm_bwd_long_rows_kernel<X, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
   check_launch("add_norm_bwd_long_rows_kernel");
   if (!c.need_dw && !c.need_db) {
-    c.pw = torch::stable::new_empty(*c.dy, {0, N}, acc);
-    c.pb = c.pw;
     return;
   }
   const int64_t col_blocks = (N + 255) / 256;
@@ -1192,13 +1261,11 @@ void run_bwd(BwdCall& c) {
   chunks = std::min<int64_t>({chunks, M, 65535});
   const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
   chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
-  c.pw = torch::stable::new_empty(*c.dy, {c.need_dw ? chunks : 0, N}, acc);
-  c.pb = torch::stable::new_empty(*c.dy, {c.need_db ? chunks : 0, N}, acc);
+  alloc_partials<A>(c, chunks);
   const dim3 grid(static_cast<unsigned int>(col_blocks), static_cast<unsigned int>(chunks));
   add_norm_bwd_cols_kernel<X, H><<<grid, 256, 0, c.stream>>>(
-      a.dy, a.dy_stride, a.h, a.h_stride, a.mean, a.rstd, a.rms,
-      c.need_dw ? static_cast<A*>(c.pw.mutable_data_ptr()) : nullptr,
-      c.need_db ? static_cast<A*>(c.pb.mutable_data_ptr()) : nullptr, M, N, rows_per_chunk);
+      a.dy, a.dy_stride, a.h, a.h_stride, a.mean, a.rstd, a.rms, static_cast<A*>(c.pw),
+      static_cast<A*>(c.pb), M, N, rows_per_chunk);
   check_launch("add_norm_bwd_cols_kernel");
 }
 
@@ -1210,6 +1277,27 @@ void run_bwd_16(BwdCall& c, bool h_f32, bool w_f32) {
     w_f32 ? run_bwd<X, float, float>(c) : run_bwd<X, float, X>(c);
   }
 }
+
+// dweight / dbias (null when absent) from c's partials: c.chunks rows, none when M == 0.
+template <class A>
+void launch_param_grads(const BwdCall& c, Tensor* dweight, Tensor* dbias) {
+  if (dweight == nullptr && dbias == nullptr) {
+    return;
+  }
+  const int64_t N = c.shape.cols;
+  const unsigned int grid = static_cast<unsigned int>((N + kSumX - 1) / kSumX);
+  param_grad_kernel<A><<<grid, dim3(kSumX, kSumY), 0, c.stream>>>(
+      static_cast<const A*>(c.pw), static_cast<const A*>(c.pb), c.chunks, static_cast<int>(N),
+      dweight ? dweight->mutable_data_ptr() : nullptr,
+      dweight ? dtype_code(dweight->scalar_type()) : kF32,
+      dbias ? dbias->mutable_data_ptr() : nullptr,
+      dbias ? dtype_code(dbias->scalar_type()) : kF32);
+  check_launch("param_grad_kernel");
+}
+
+// a + b. torch::stable has no add (and aten::add's Scalar alpha cannot be passed through the
+// stable dispatcher); a - (-1) * b is the same IEEE operation, signed zeros included.
+Tensor add(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& dy,
@@ -1223,28 +1311,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     const Tensor& rstd,
     bool rms_norm,
     std::optional<ScalarType> dresidual_dtype) {
-  check_add_norm_bwd_args(dy, dh, h_or_x, residual, weight, bias, mean, rstd, rms_norm);
-  // GPUs have no reason to skip writing h in the forward (a write costs what a read does), so
-  // the fused path reads it; recomputing it here keeps the op complete: x + residual in the
-  // promoted dtype, rounded to h_dtype, exactly as the forward formed it.
-  const Tensor h = residual.has_value()
-      ? torch::stable::to(
-            torch::stable::subtract(torch::stable::to(h_or_x, stats_dtype(h_or_x.scalar_type())), *residual, -1.0),
-            h_dtype)
-      : h_or_x;
-  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, std::nullopt, weight, bias, mean, rstd, rms_norm);
+  const RowsView shape =
+      check_add_norm_bwd_args(dy, dh, h_or_x, residual, weight, bias, mean, rstd, rms_norm);
   STD_TORCH_CHECK(dy.is_cuda(), "fusedres: add_norm_bwd (CUDA) expects CUDA tensors");
   STD_TORCH_CHECK(shape.cols <= (int64_t{1} << 30), "fusedres: N is too large");
-  torch::stable::accelerator::DeviceGuard guard(dy.get_device_index());
-  auto [dx, dres] = alloc_add_norm_bwd_row_outputs(dy, shape, dresidual_dtype);
+  const int device = dy.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
   const ScalarType xt = dy.scalar_type();
   const ScalarType acc = stats_dtype(xt);
-  const int64_t N = shape.cols;
 
+  // GPUs have no reason to skip writing h in the forward (a write costs what a read does), so
+  // the fused path reads it. Given the residual, h_or_x is x and h is recomputed (a cold path,
+  // in torch ops) exactly as the forward formed it: both operands in the accumulation dtype,
+  // added there, rounded to h_dtype.
+  Tensor h = h_or_x;
+  if (residual.has_value()) {
+    STD_TORCH_CHECK(is_supported_float(h_dtype),
+                    "fusedres: h_dtype must be float32, float64, float16 or bfloat16");
+    if (shape.rows > 0) {
+      const Tensor sum = add(torch::stable::to(h_or_x, acc), torch::stable::to(*residual, acc));
+      h = torch::stable::to(sum, h_dtype);
+    }
+  }
+  auto [dx, dres] = alloc_add_norm_bwd_row_outputs(dy, h, dresidual_dtype);
+  Tensor dweight = alloc_param_grad(dy, weight);
+  Tensor dbias = alloc_param_grad(dy, bias);
+
+  BwdCall call{};
+  call.dy = &dy;
+  call.mean = &mean;
+  call.rstd = &rstd;
+  call.dx = &dx;
+  call.need_dw = weight.has_value();
+  call.need_db = bias.has_value();
+  call.shape = shape;
+  call.rms = rms_norm;
+  call.device = device;
+  call.stream = current_stream(device);
+
+  // dweight / dbias: the column sums of the partials the row kernels leave in `call` (with no
+  // rows, over no partials: zeros).
+  Tensor* dw_out = weight.has_value() ? &dweight : nullptr;
+  Tensor* db_out = bias.has_value() ? &dbias : nullptr;
+  auto param_grads = [&] {
+    if (acc == ScalarType::Double) {
+      launch_param_grads<double>(call, dw_out, db_out);
+    } else {
+      launch_param_grads<float>(call, dw_out, db_out);
+    }
+  };
   if (shape.rows == 0) {
-    // No rows: dx/dresidual are empty and dweight/dbias are zeros of shape (N,).
-    Tensor none = torch::stable::new_zeros(dy, {0, N}, acc);
-    return {dx, dres, reduce_partials(none, weight), reduce_partials(none, bias)};
+    param_grads();
+    return {dx, dres, dweight, dbias};
   }
 
   // Same policy as the forward: kernels for h / weight of dy's dtype or float32, anything
@@ -1252,7 +1370,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   auto has_kernel = [&](ScalarType t) {
     return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
   };
-  Tensor hk = has_kernel(h.scalar_type()) ? h : torch::stable::to(h, acc);
+  const Tensor hk = has_kernel(h.scalar_type()) ? h : torch::stable::to(h, acc);
   std::optional<Tensor> w = weight;
   if (w && !has_kernel(w->scalar_type())) {
     w = torch::stable::to(*w, acc);
@@ -1262,41 +1380,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   if (dhk && dhk->scalar_type() != xt && dhk->scalar_type() != ScalarType::Float) {
     dhk = torch::stable::to(*dhk, ScalarType::Float);
   }
-  const bool dh_f32 = dhk && dhk->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
 
   // dresidual is written as dy's dtype (mode 1) or float32 (mode 2); another dtype goes
   // through an acc-dtype buffer (a single rounding, as eager's dx.to(dtype)).
-  int dres_mode = 0;
   Tensor dres_buf = dres;
   bool dres_via_buffer = false;
   if (dresidual_dtype.has_value()) {
     if (*dresidual_dtype == xt) {
-      dres_mode = 1;
+      call.dres_mode = 1;
     } else if (*dresidual_dtype == ScalarType::Float) {
-      dres_mode = 2;
+      call.dres_mode = 2;
     } else {
       dres_via_buffer = true;
-      dres_buf = torch::stable::new_empty(dy, {shape.rows, N}, acc);
-      dres_mode = acc == xt ? 1 : 2;
+      dres_buf = empty_shaped_like(h, acc);
+      call.dres_mode = acc == xt ? 1 : 2;
     }
   }
-
-  BwdCall call{};
-  call.dy = &dy;
   call.dh = dhk ? &*dhk : nullptr;
+  call.dh_f32 = dhk && dhk->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
   call.h = &hk;
   call.w = w ? &*w : nullptr;
-  call.mean = &mean;
-  call.rstd = &rstd;
-  call.dx = &dx;
-  call.dres = dres_mode != 0 ? &dres_buf : nullptr;
-  call.dres_mode = dres_mode;
-  call.need_dw = weight.has_value();
-  call.need_db = bias.has_value();
-  call.shape = shape;
-  call.rms = rms_norm;
-  call.dh_f32 = dh_f32;
-  call.stream = current_stream(dy.get_device_index());
+  call.dres = call.dres_mode != 0 ? &dres_buf : nullptr;
 
   const bool h_f32 = hk.scalar_type() == ScalarType::Float;
   const bool w_f32 = w && w->scalar_type() == ScalarType::Float;
@@ -1319,10 +1423,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   if (dres_via_buffer) {
     torch::stable::copy_(dres, dres_buf);
   }
-  // reduce_partials returns (0,) for a missing weight/bias and otherwise sums the partial rows
-  // in a fixed order and casts to the original weight/bias dtype.
-  Tensor dweight = reduce_partials(call.pw, weight);
-  Tensor dbias = reduce_partials(call.pb, bias);
+  param_grads();
   return {dx, dres, dweight, dbias};
 }
 

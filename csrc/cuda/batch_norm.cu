@@ -5,13 +5,17 @@
 // Every op is memory bound (a few flops per element), so each pass reads its inputs from HBM
 // once and writes its output once; per-channel work (combining partials, the coefficients of
 // the fused passes) happens in small kernels of C threads between them:
-//   batch_norm_stats:      reduce (read x) -> combine (mean, var)
+//   batch_norm_stats:      reduce (read x) -> combine (mean, var; running stats updated)
+//   combine_stats:         combine (the processes' mean, var, count -> mean, var; running stats)
 //   forward:               coefficients -> apply (read x, residual; write out)
 //   backward, reduce:      reduce (read grad_out, out, x; write g) -> combine (sum_dy, sum_dy_xhat)
 //   backward, grad_input:  coefficients -> apply (read g, or grad_out and out; read x; write dx)
+// No torch op runs around them: outputs are allocated through the C shim (tensors.h) and every
+// per-channel value, NaN statistics of an empty batch included, is written by these kernels.
 //
-// Layouts. An activation is an (N, C, S) view; both dense layouts are handled natively, never
-// converted (a conversion would be one more full read and write):
+// Layouts. An (N, C, *) activation is addressed as (N, C, S), S the product of the spatial
+// sizes; both dense layouts are handled natively, never converted (a conversion would be one
+// more full read and write):
 //  - channels_last (strides S*C, 1, C) is an (N*S, C) row-major matrix. A thread owns V
 //    consecutive channels (one 16-byte vector) and walks down the rows, so a warp reads whole
 //    row segments (coalesced) and every per-channel quantity (partial sums, coefficients)
@@ -33,14 +37,14 @@
 // threads, blocks and partials, taken of x minus a per-channel shift, so a large mean does not
 // cancel the variance away (never E[x^2] - E[x]^2). All reductions run in a fixed order over
 // fixed-size partials (no atomics), so results are bitwise reproducible on a given device.
-// Partials are combined and per-channel coefficients computed in fp64 (C threads, negligible).
+// Partials are combined and per-channel coefficients computed in fp64 (C threads, negligible):
+// invstd = 1 / sqrt(var + eps) included, from mean / var of any float dtype (running stats).
 #include "batch_norm.h"
 #include "cuda/common.cuh"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
-#include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/shim_utils.h>
@@ -49,10 +53,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <math_constants.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -182,23 +187,28 @@ __device__ __forceinline__ Pack<T, V> pack(const A (&in)[V]) {
   return p;
 }
 
-// weight and bias may be of any supported float dtype; they are read once per channel (by the
-// coefficient kernels), so a run-time switch is cheaper than instantiating the streaming
-// kernels for every combination.
-enum DtypeCode : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
+// weight, bias, mean, var and the running stats may be of any supported float dtype; they are
+// read once per channel (by the per-channel kernels, or once per thread), so ld_any / st_any's
+// run-time switch (common.cuh) is cheaper than instantiating the streaming kernels for every
+// combination.
 
-__device__ __forceinline__ double ld_any(const void* p, int code, int64_t i) {
-  switch (code) {
-    case kF64:
-      return static_cast<const double*>(p)[i];
-    case kF16:
-      return static_cast<double>(__half2float(static_cast<const __half*>(p)[i]));
-    case kBF16:
-      return static_cast<double>(__bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]));
-    default:
-      return static_cast<double>(static_cast<const float*>(p)[i]);
+// A channel's normalization: mean, and invstd = 1 / sqrt(var + eps) computed in double, from
+// mean / var of any float dtype (the batch statistics, or the running statistics in eval).
+// Without mean and var (the tail of a conv with BN folded in): mean 0, invstd 1.
+struct ChanNorm {
+  const void* mean;  // null: no normalization
+  const void* var;
+  int mean_code;
+  int var_code;
+  double eps;
+
+  __device__ __forceinline__ double mean_at(int64_t c) const {
+    return mean != nullptr ? ld_any(mean, mean_code, c) : 0.0;
   }
-}
+  __device__ __forceinline__ double invstd_at(int64_t c) const {
+    return var != nullptr ? 1.0 / sqrt(ld_any(var, var_code, c) + eps) : 1.0;
+  }
+};
 
 // Coefficients of a per-channel affine pass, written by the per-channel kernels and read by
 // the streaming ones with one 16-byte (fp64: two) load per channel.
@@ -352,11 +362,21 @@ struct BwdReduceOp {
   const X* grad;
   const X* out;  // read only with relu
   const X* x;
-  const A* mean;
-  X* g_out;  // grad_residual; null when not requested
+  ChanNorm norm;  // its mean centres the sums (rounded to A, as the forward's coefficients)
+  X* g_out;       // grad_residual; null when not requested
   bool relu;
 
-  __device__ __forceinline__ A center(int64_t c) const { return mean[c]; }
+  // Training passes batch statistics, of type A: that case is a plain load, because ld_any's
+  // switch here costs the NCHW kernels registers (and an fp32 one, occupancy).
+  __device__ __forceinline__ A center(int64_t c) const {
+    if (norm.mean == nullptr) {
+      return A(0);
+    }
+    if (norm.mean_code == (std::is_same_v<A, double> ? kF64 : kF32)) {
+      return static_cast<const A*>(norm.mean)[c];
+    }
+    return static_cast<A>(ld_any(norm.mean, norm.mean_code, c));
+  }
   __device__ __forceinline__ void load(Loaded& l, int64_t off) const {
     // grad_out, out and x are all read again by the grad_input pass (x always, the other two
     // when g is not written), so they keep the default L2 policy.
@@ -780,16 +800,60 @@ __global__ void __launch_bounds__(kThreads) ew_nchw_kernel(const Op op, const Nc
 // Per-channel kernels
 // ---------------------------------------------------------------------------------------------
 
+// In-place update of the running statistics, when tracked, as F.batch_norm does: per channel,
+// in double, running = (1 - momentum) * running + momentum * batch with the unbiased batch
+// variance var * count / (count - 1) (var itself for count <= 1); each running tensor is
+// loaded and stored in its own dtype.
+struct RunningStats {
+  void* mean;  // null: not tracked
+  void* var;
+  int mean_code;
+  int var_code;
+  double momentum;
+
+  __device__ void update(int64_t c, double batch_mean, double batch_var, double count) const {
+    if (mean == nullptr) {
+      return;
+    }
+    const double unbiased = count > 1.0 ? batch_var * count / (count - 1.0) : batch_var;
+    st_any(mean, mean_code, c, (1.0 - momentum) * ld_any(mean, mean_code, c) + momentum * batch_mean);
+    st_any(var, var_code, c, (1.0 - momentum) * ld_any(var, var_code, c) + momentum * unbiased);
+  }
+};
+
+// A channel's batch statistics from (mean, M2, count): the mean and the biased variance
+// M2 / count (what batch_norm normalizes with), stored in the stats dtype; the running stats
+// are updated from the fp64 values, as the CPU backend does. count 0: NaN, as torch's mean /
+// var of nothing, and the running stats are left as they are.
+template <class A>
+struct BatchStatsOut {
+  A* mean;
+  A* var;
+  RunningStats running;
+
+  __device__ void operator()(int64_t c, double m, double m2, double count) const {
+    if (count == 0.0) {
+      mean[c] = static_cast<A>(CUDART_NAN);
+      var[c] = static_cast<A>(CUDART_NAN);
+      return;
+    }
+    const double v = m2 / count;
+    mean[c] = static_cast<A>(m);
+    var[c] = static_cast<A>(v);
+    running.update(c, m, v, count);
+  }
+};
+
 template <class X>
 struct StatsFinish {
   using A = acc_t<X>;
   const X* x;  // for the shift, see StatsOp
   int64_t shift_stride;
-  A* mean;
-  A* var;
+  BatchStatsOut<A> out;
   __device__ void operator()(int64_t c, double m, double m2, double n) const {
-    mean[c] = static_cast<A>(static_cast<double>(to_acc<A>(x[c * shift_stride])) + m);
-    var[c] = static_cast<A>(m2 / n);  // biased, as batch_norm normalizes with
+    // An empty batch has no first element to shift by (and no statistics).
+    const double shift = n > 0.0 ? static_cast<double>(to_acc<A>(x[c * shift_stride])) : 0.0;
+    out(c, shift + m, m2, n);
   }
 };
 
@@ -797,16 +861,18 @@ template <class A>
 struct SumsFinish {
   A* sum_dy;
   A* sum_dy_xhat;
-  const A* invstd;
-  __device__ void operator()(int64_t c, double s0, double s1, double) const {
+  ChanNorm norm;
+  __device__ void operator()(int64_t c, double s0, double s1, double n) const {
+    // n == 0: sums over nothing are 0, whatever invstd is.
     sum_dy[c] = static_cast<A>(s0);
-    sum_dy_xhat[c] = static_cast<A>(s1 * static_cast<double>(invstd[c]));
+    sum_dy_xhat[c] = n > 0.0 ? static_cast<A>(s1 * norm.invstd_at(c)) : A(0);
   }
 };
 
 // Combines the (2, chunks, C) partials of a reduction per channel in fp64: lane ty takes
 // chunks ty, ty + 16, ... in order, then the 16 lanes are merged in order. Partial k holds
 // (min(units, (k + 1) * per) - k * per) * unit_elems elements (Welford needs the counts).
+// No chunks (an empty batch; part may then be null): fin sees (0, 0, 0).
 template <bool kWelford, class A, class Fin>
 __global__ void __launch_bounds__(kCombineX * kCombineY)
     combine_kernel(const A* __restrict__ part, int64_t chunks, int64_t C, int64_t per, int64_t units,
@@ -838,29 +904,56 @@ __global__ void __launch_bounds__(kCombineX * kCombineY)
   }
 }
 
+// Synchronized BatchNorm: channel c of the (W, 2C + 1) stats rows (mean, biased var, count) of
+// every process, merged in row order in fp64 with Chan et al.'s formula (M2 = var * count; rows
+// with no values skipped), then stored and the running stats updated as by batch_norm_stats,
+// with the total count.
+template <class A>
+__global__ void __launch_bounds__(kThreads)
+    combine_stats_kernel(const A* __restrict__ stats, int64_t W, int64_t C, const BatchStatsOut<A> out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) {
+    return;
+  }
+  const int64_t row = 2 * C + 1;
+  double m = 0.0;
+  double m2 = 0.0;
+  double n = 0.0;
+  for (int64_t w = 0; w < W; ++w) {
+    const A* s = stats + w * row;
+    const double count = static_cast<double>(s[2 * C]);
+    if (count > 0.0) {
+      merge<true>(m, m2, n, static_cast<double>(s[c]), static_cast<double>(s[C + c]) * count, count);
+    }
+  }
+  out(c, m, m2, n);
+}
+
 // Forward coefficients {mean, invstd * weight, bias, 0}, weight/bias converted on load.
 template <class A>
-__global__ void fwd_params_kernel(const A* __restrict__ mean, const A* __restrict__ invstd, const void* weight,
-                                  int w_code, const void* bias, int b_code, ChanParams<A>* params, int64_t C) {
+__global__ void fwd_params_kernel(const ChanNorm norm, const void* weight, int w_code, const void* bias, int b_code,
+                                  ChanParams<A>* params, int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
   }
   const double w = weight != nullptr ? ld_any(weight, w_code, c) : 1.0;
   const double b = bias != nullptr ? ld_any(bias, b_code, c) : 0.0;
-  params[c] = ChanParams<A>{{mean[c], static_cast<A>(static_cast<double>(invstd[c]) * w), static_cast<A>(b), A(0)}};
+  params[c] = ChanParams<A>{
+      {static_cast<A>(norm.mean_at(c)), static_cast<A>(norm.invstd_at(c) * w), static_cast<A>(b), A(0)}};
 }
 
-// Coefficients of the grad_input pass (maths above BwdReduceOp).
+// Coefficients of the grad_input pass (maths above BwdReduceOp); sum_dy / sum_dy_xhat are read
+// in training only (they may be null in eval).
 template <class A>
-__global__ void bwd_params_kernel(const A* __restrict__ mean, const A* __restrict__ invstd, const void* weight,
-                                  int w_code, const A* __restrict__ sum_dy, const A* __restrict__ sum_dy_xhat,
-                                  double inv_count, bool training, ChanParams<A>* params, int64_t C) {
+__global__ void bwd_params_kernel(const ChanNorm norm, const void* weight, int w_code, const A* sum_dy,
+                                  const A* sum_dy_xhat, double inv_count, bool training, ChanParams<A>* params,
+                                  int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
   }
-  const double is = static_cast<double>(invstd[c]);
+  const double is = norm.invstd_at(c);
   const double a = (weight != nullptr ? ld_any(weight, w_code, c) : 1.0) * is;
   double b = 0.0;
   double c0 = 0.0;
@@ -868,38 +961,28 @@ __global__ void bwd_params_kernel(const A* __restrict__ mean, const A* __restric
     b = a * is * static_cast<double>(sum_dy_xhat[c]) * inv_count;
     c0 = a * static_cast<double>(sum_dy[c]) * inv_count;
   }
-  params[c] = ChanParams<A>{{mean[c], static_cast<A>(a), static_cast<A>(b), static_cast<A>(c0)}};
+  params[c] =
+      ChanParams<A>{{static_cast<A>(norm.mean_at(c)), static_cast<A>(a), static_cast<A>(b), static_cast<A>(c0)}};
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-template <class Kernel>
-int blocks_per_sm(Kernel kernel, int threads) {
-  int n = 0;
-  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, 0),
-             "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  return std::max(n, 1);
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int dtype_code(ScalarType t) {
-  switch (t) {
-    case ScalarType::Double:
-      return kF64;
-    case ScalarType::Half:
-      return kF16;
-    case ScalarType::BFloat16:
-      return kBF16;
-    default:
-      return kF32;
-  }
-}
 
 const void* ptr_or_null(const std::optional<Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
 int code_or_f32(const std::optional<Tensor>& t) { return t.has_value() ? dtype_code(t->scalar_type()) : kF32; }
+
+ChanNorm make_norm(const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps) {
+  return ChanNorm{ptr_or_null(mean), ptr_or_null(var), code_or_f32(mean), code_or_f32(var), eps};
+}
+
+RunningStats make_running(const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double momentum) {
+  return RunningStats{mean.has_value() ? mean->mutable_data_ptr() : nullptr,
+                      var.has_value() ? var->mutable_data_ptr() : nullptr, code_or_f32(mean), code_or_f32(var),
+                      momentum};
+}
 
 template <class T>
 struct Tag {
@@ -934,6 +1017,7 @@ struct Launch {
   int64_t C;
   int64_t S;
   bool cl;  // (N*S, C) row-major addressing; also used for S == 1
+  int device;
   cudaStream_t stream;
   int sms;
 };
@@ -946,8 +1030,9 @@ Launch make_launch(const Tensor& input, const ChannelsView& v) {
   L.C = v.channels;
   L.S = v.spatial;
   L.cl = v.channels_last || (v.spatial == 1 && v.channels > 1);
-  L.stream = current_stream(input.get_device_index());
-  L.sms = sm_count();
+  L.device = input.get_device_index();
+  L.stream = current_stream(L.device);
+  L.sms = sm_count(L.device);
   return L;
 }
 
@@ -993,7 +1078,8 @@ ScalarType acc_scalar_type(bool is_double) { return is_double ? ScalarType::Doub
 // Reduction over every channel, then the per-channel combine that hands (c, s0, s1, n) to fin.
 // The grid is one wave of resident blocks (split between channel tiles and row chunks), each
 // block streaming a long contiguous slice; the partials are (2, chunks, C), written once per
-// block. Same device and shape -> same split -> bitwise-identical results.
+// block. Same device and shape -> same split -> bitwise-identical results. An empty batch
+// launches only the combine, over no partials.
 template <class Op, class Fin>
 void run_reduce(const Op& op, const Launch& L, const Fin& fin) {
   using A = typename Op::A;
@@ -1001,28 +1087,32 @@ void run_reduce(const Op& op, const Launch& L, const Fin& fin) {
   constexpr int U = Op::kUnroll;
   const ScalarType acc = acc_scalar_type(std::is_same_v<A, double>);
   const int64_t C = L.C;
-  int64_t chunks = 1;
+  int64_t chunks = 0;
   int64_t per = 1;
-  int64_t units = 1;
+  int64_t units = 0;
   int64_t unit_elems = 1;
   Tensor part;
-  if (L.cl) {
+  A* part_ptr = nullptr;
+  if (L.N * L.S == 0) {
+    // Nothing to reduce.
+  } else if (L.cl) {
     const ClTile t = cl_tile(C, V);
-    const auto kernel = reduce_cl_kernel<Op>;
-    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm(kernel, t.tx * t.ty);
+    constexpr auto kernel = reduce_cl_kernel<Op>;
+    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm<kernel>(L.device, t.tx * t.ty);
     const int64_t R = L.N * L.S;
     chunks = std::max<int64_t>(1, wave / t.ctiles);
     chunks = std::min<int64_t>({chunks, ceil_div(R, static_cast<int64_t>(t.ty) * U), 65535});
     per = ceil_div(R, chunks);
     chunks = ceil_div(R, per);
     units = R;
-    part = torch::stable::new_empty(*L.like, {2, chunks, C}, acc);
+    part = empty_on(*L.like, {2, chunks, C}, acc);
+    part_ptr = static_cast<A*>(part.mutable_data_ptr());
     const dim3 grid(static_cast<unsigned int>(t.ctiles), static_cast<unsigned int>(chunks));
-    kernel<<<grid, dim3(t.tx, t.ty), 0, L.stream>>>(op, ClGeom{C, R, per}, static_cast<A*>(part.mutable_data_ptr()));
+    kernel<<<grid, dim3(t.tx, t.ty), 0, L.stream>>>(op, ClGeom{C, R, per}, part_ptr);
     check_launch("reduce_cl_kernel");
   } else {
-    const auto kernel = reduce_nchw_kernel<Op>;
-    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm(kernel, kThreads);
+    constexpr auto kernel = reduce_nchw_kernel<Op>;
+    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm<kernel>(L.device, kThreads);
     const int64_t SV = L.S / V;
     units = L.N * SV;
     unit_elems = V;
@@ -1030,15 +1120,16 @@ void run_reduce(const Op& op, const Launch& L, const Fin& fin) {
     chunks = std::min<int64_t>({chunks, ceil_div(units, static_cast<int64_t>(kThreads) * U), 65535});
     per = ceil_div(units, chunks);
     chunks = ceil_div(units, per);
-    part = torch::stable::new_empty(*L.like, {2, chunks, C}, acc);
+    part = empty_on(*L.like, {2, chunks, C}, acc);
+    part_ptr = static_cast<A*>(part.mutable_data_ptr());
     const NchwGeom g{C, L.S, SV, C * L.S, units, per, kThreads / SV, kThreads % SV, 0};
     const dim3 grid(static_cast<unsigned int>(C), static_cast<unsigned int>(chunks));
-    kernel<<<grid, kThreads, 0, L.stream>>>(op, g, static_cast<A*>(part.mutable_data_ptr()));
+    kernel<<<grid, kThreads, 0, L.stream>>>(op, g, part_ptr);
     check_launch("reduce_nchw_kernel");
   }
   const unsigned int cgrid = static_cast<unsigned int>(ceil_div(C, kCombineX));
-  combine_kernel<Op::kWelford, A, Fin><<<cgrid, dim3(kCombineX, kCombineY), 0, L.stream>>>(
-      static_cast<const A*>(part.const_data_ptr()), chunks, C, per, units, unit_elems, fin);
+  combine_kernel<Op::kWelford, A, Fin><<<cgrid, dim3(kCombineX, kCombineY), 0, L.stream>>>(part_ptr, chunks, C, per,
+                                                                                           units, unit_elems, fin);
   check_launch("combine_kernel");
 }
 
@@ -1050,8 +1141,8 @@ void run_elementwise(const Op& op, const Launch& L) {
   const int64_t C = L.C;
   if (L.cl) {
     const ClTile t = cl_tile(C, V);
-    const auto kernel = ew_cl_kernel<Op>;
-    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm(kernel, t.tx * t.ty);
+    constexpr auto kernel = ew_cl_kernel<Op>;
+    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm<kernel>(L.device, t.tx * t.ty);
     const int64_t R = L.N * L.S;
     int64_t gy = std::max<int64_t>(1, wave / t.ctiles);
     gy = std::min<int64_t>({gy, ceil_div(R, static_cast<int64_t>(t.ty) * U), 65535});
@@ -1059,8 +1150,8 @@ void run_elementwise(const Op& op, const Launch& L) {
     kernel<<<grid, dim3(t.tx, t.ty), 0, L.stream>>>(op, C, R);
     check_launch("ew_cl_kernel");
   } else {
-    const auto kernel = ew_nchw_kernel<Op>;
-    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm(kernel, kThreads);
+    constexpr auto kernel = ew_nchw_kernel<Op>;
+    const int64_t wave = static_cast<int64_t>(L.sms) * blocks_per_sm<kernel>(L.device, kThreads);
     const int64_t SV = L.S / V;
     const int64_t total = L.N * C * SV;
     const int64_t blocks = std::max<int64_t>(1, std::min(wave, ceil_div(total, static_cast<int64_t>(kThreads) * U)));
@@ -1083,31 +1174,30 @@ void with_width(bool vec, F&& f) {
   }
 }
 
+unsigned int channel_grid(int64_t C) { return static_cast<unsigned int>(ceil_div(C, kThreads)); }
+
 // ---------------------------------------------------------------------------------------------
 // Ops
 // ---------------------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
-  const ChannelsView v = check_bn_activation(input, "input");
+std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input, const std::optional<Tensor>& running_mean,
+                                                 const std::optional<Tensor>& running_var, double momentum) {
+  const ChannelsView v = check_bn_stats_args(input, running_mean, running_var);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_stats (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
   const ScalarType acc = bn_stats_dtype(input);
-  Tensor mean = torch::stable::new_empty(input, {v.channels}, acc);
-  Tensor var = torch::stable::new_empty(input, {v.channels}, acc);
-  if (v.per_channel() == 0) {
-    // Statistics of nothing: NaN, as torch's mean/var of an empty batch.
-    torch::stable::fill_(mean, std::numeric_limits<double>::quiet_NaN());
-    torch::stable::fill_(var, std::numeric_limits<double>::quiet_NaN());
-    return {mean, var};
-  }
+  Tensor mean = empty_on(input, {v.channels}, acc);
+  Tensor var = empty_on(input, {v.channels}, acc);
   const Launch L = make_launch(input, v);
+  const RunningStats running = make_running(running_mean, running_var, momentum);
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     using A = acc_t<X>;
     const X* x = static_cast<const X*>(input.const_data_ptr());
     const int64_t shift_stride = L.cl ? 1 : L.S;
-    const StatsFinish<X> fin{x, shift_stride, static_cast<A*>(mean.mutable_data_ptr()),
-                             static_cast<A*>(var.mutable_data_ptr())};
+    const StatsFinish<X> fin{
+        x, shift_stride,
+        BatchStatsOut<A>{static_cast<A*>(mean.mutable_data_ptr()), static_cast<A*>(var.mutable_data_ptr()), running}};
     with_width<X>(use_vectors(L, sizeof(X), {x}), [&](auto w) {
       run_reduce(StatsOp<X, decltype(w)::value>{x, shift_stride}, L, fin);
     });
@@ -1115,27 +1205,54 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input) {
   return {mean, var};
 }
 
+std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats,
+                                                         const std::optional<Tensor>& running_mean,
+                                                         const std::optional<Tensor>& running_var, double momentum) {
+  const int64_t C = check_bn_combine_args(stats, running_mean, running_var);
+  STD_TORCH_CHECK(stats.is_cuda(), "fusedres: batch_norm_combine_stats (CUDA) expects CUDA tensors");
+  const int device = stats.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const ScalarType dt = stats.scalar_type();
+  Tensor mean = empty_on(stats, {C}, dt);
+  Tensor var = empty_on(stats, {C}, dt);
+  const RunningStats running = make_running(running_mean, running_var, momentum);
+  const cudaStream_t stream = current_stream(device);
+  auto launch = [&](auto tag) {
+    using A = typename decltype(tag)::type;
+    combine_stats_kernel<A><<<channel_grid(C), kThreads, 0, stream>>>(
+        static_cast<const A*>(stats.const_data_ptr()), stats.size(0), C,
+        BatchStatsOut<A>{static_cast<A*>(mean.mutable_data_ptr()), static_cast<A*>(var.mutable_data_ptr()), running});
+    check_launch("combine_stats_kernel");
+  };
+  if (dt == ScalarType::Double) {
+    launch(Tag<double>{});
+  } else {
+    launch(Tag<float>{});
+  }
+  return {mean, var};
+}
+
 Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Tensor>& residual,
                                     const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                                    const Tensor& mean, const Tensor& invstd, bool relu, bool /*training*/,
-                                    int64_t /*count*/) {
-  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, invstd);
+                                    const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps,
+                                    bool relu, bool /*training*/, int64_t /*count*/) {
+  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, var);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_fwd (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  Tensor out = empty_like_layout(input);
+  Tensor out = empty_strided_like(input, input.scalar_type());
   if (v.per_channel() == 0) {
     return out;
   }
   const Launch L = make_launch(input, v);
   const int64_t C = v.channels;
-  Tensor params = torch::stable::new_empty(input, {C, 4}, bn_stats_dtype(input));
+  Tensor params = empty_on(input, {C, 4}, bn_stats_dtype(input));
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     using A = acc_t<X>;
     ChanParams<A>* p = static_cast<ChanParams<A>*>(params.mutable_data_ptr());
-    fwd_params_kernel<A><<<static_cast<unsigned int>(ceil_div(C, kThreads)), kThreads, 0, L.stream>>>(
-        static_cast<const A*>(mean.const_data_ptr()), static_cast<const A*>(invstd.const_data_ptr()),
-        ptr_or_null(weight), code_or_f32(weight), ptr_or_null(bias), code_or_f32(bias), p, C);
+    fwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(
+        make_norm(mean, var, eps), ptr_or_null(weight), code_or_f32(weight), ptr_or_null(bias), code_or_f32(bias), p,
+        C);
     check_launch("fwd_params_kernel");
     const X* x = static_cast<const X*>(input.const_data_ptr());
     const X* r = residual.has_value() ? static_cast<const X*>(residual->const_data_ptr()) : nullptr;
@@ -1148,21 +1265,19 @@ Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Ten
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& out,
-                                                                       const Tensor& input, const Tensor& mean,
-                                                                       const Tensor& invstd, bool relu,
-                                                                       bool write_grad_residual) {
-  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, invstd, std::nullopt);
+                                                                       const Tensor& input,
+                                                                       const std::optional<Tensor>& mean,
+                                                                       const std::optional<Tensor>& var, double eps,
+                                                                       bool relu, bool write_grad_residual) {
+  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, var, std::nullopt);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_reduce (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
   const ScalarType acc = bn_stats_dtype(input);
-  Tensor sum_dy = torch::stable::new_empty(input, {v.channels}, acc);
-  Tensor sum_dy_xhat = torch::stable::new_empty(input, {v.channels}, acc);
-  Tensor grad_residual = write_grad_residual ? empty_like_layout(input) : torch::stable::new_empty(input, {0});
-  if (v.per_channel() == 0) {
-    torch::stable::zero_(sum_dy);
-    torch::stable::zero_(sum_dy_xhat);
-    return {sum_dy, sum_dy_xhat, grad_residual};
-  }
+  Tensor sum_dy = empty_on(input, {v.channels}, acc);
+  Tensor sum_dy_xhat = empty_on(input, {v.channels}, acc);
+  Tensor grad_residual = write_grad_residual ? empty_strided_like(input, input.scalar_type())
+                                             : empty_on(input, {0}, input.scalar_type());
+  // An empty batch still runs the combine, which writes zero sums.
   const Launch L = make_launch(input, v);
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
@@ -1171,44 +1286,43 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Ten
     const X* o = relu ? static_cast<const X*>(out.const_data_ptr()) : nullptr;
     const X* x = static_cast<const X*>(input.const_data_ptr());
     X* gr = write_grad_residual ? static_cast<X*>(grad_residual.mutable_data_ptr()) : nullptr;
-    const A* mu = static_cast<const A*>(mean.const_data_ptr());
+    const ChanNorm norm = make_norm(mean, var, eps);
     const SumsFinish<A> fin{static_cast<A*>(sum_dy.mutable_data_ptr()), static_cast<A*>(sum_dy_xhat.mutable_data_ptr()),
-                            static_cast<const A*>(invstd.const_data_ptr())};
+                            norm};
     with_width<X>(use_vectors(L, sizeof(X), {g, o, x, gr}), [&](auto w) {
-      run_reduce(BwdReduceOp<X, decltype(w)::value>{g, o, x, mu, gr, relu}, L, fin);
+      run_reduce(BwdReduceOp<X, decltype(w)::value>{g, o, x, norm, gr, relu}, L, fin);
     });
   });
   return {sum_dy, sum_dy_xhat, grad_residual};
 }
 
 Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                          const Tensor& mean, const Tensor& invstd,
-                                          const std::optional<Tensor>& weight, const Tensor& sum_dy,
-                                          const Tensor& sum_dy_xhat, int64_t count, bool training, bool relu) {
-  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, invstd, weight);
-  STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_input (CUDA) expects CUDA tensors");
+                                          const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
+                                          double eps, const std::optional<Tensor>& weight,
+                                          const std::optional<Tensor>& sum_dy,
+                                          const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training,
+                                          bool relu) {
+  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, var, weight);
   const int64_t C = v.channels;
-  check_bn_channel_vector(sum_dy, "sum_dy", input, C);
-  check_bn_channel_vector(sum_dy_xhat, "sum_dy_xhat", input, C);
-  STD_TORCH_CHECK(sum_dy.scalar_type() == bn_stats_dtype(input) && sum_dy_xhat.scalar_type() == bn_stats_dtype(input),
-                  "fusedres: sum_dy and sum_dy_xhat must have the statistics dtype");
-  STD_TORCH_CHECK(!training || count > 0, "fusedres: count must be positive in training mode");
+  check_bn_sums(sum_dy, sum_dy_xhat, input, C, training, count);
+  STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_input (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
-  Tensor dx = empty_like_layout(input);
+  Tensor dx = empty_strided_like(input, input.scalar_type());
   if (v.per_channel() == 0) {
     return dx;
   }
   const Launch L = make_launch(input, v);
-  Tensor params = torch::stable::new_empty(input, {C, 4}, bn_stats_dtype(input));
+  Tensor params = empty_on(input, {C, 4}, bn_stats_dtype(input));
   dispatch_float(input.scalar_type(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     using A = acc_t<X>;
     ChanParams<A>* p = static_cast<ChanParams<A>*>(params.mutable_data_ptr());
-    bwd_params_kernel<A><<<static_cast<unsigned int>(ceil_div(C, kThreads)), kThreads, 0, L.stream>>>(
-        static_cast<const A*>(mean.const_data_ptr()), static_cast<const A*>(invstd.const_data_ptr()),
-        ptr_or_null(weight), code_or_f32(weight), static_cast<const A*>(sum_dy.const_data_ptr()),
-        static_cast<const A*>(sum_dy_xhat.const_data_ptr()), training ? 1.0 / static_cast<double>(count) : 0.0,
-        training, p, C);
+    // The sums are read in training only (check_bn_sums: then both are given).
+    bwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(
+        make_norm(mean, var, eps), ptr_or_null(weight), code_or_f32(weight),
+        training ? static_cast<const A*>(sum_dy->const_data_ptr()) : nullptr,
+        training ? static_cast<const A*>(sum_dy_xhat->const_data_ptr()) : nullptr,
+        training ? 1.0 / static_cast<double>(count) : 0.0, training, p, C);
     check_launch("bwd_params_kernel");
     const X* g = static_cast<const X*>(grad.const_data_ptr());
     const X* o = relu && out.has_value() ? static_cast<const X*>(out->const_data_ptr()) : nullptr;
@@ -1226,6 +1340,7 @@ Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optiona
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("batch_norm_stats", TORCH_BOX(&batch_norm_stats_cuda));
+  m.impl("batch_norm_combine_stats", TORCH_BOX(&batch_norm_combine_stats_cuda));
   m.impl("batch_norm_add_relu_fwd", TORCH_BOX(&batch_norm_add_relu_fwd_cuda));
   m.impl("batch_norm_add_relu_bwd_reduce", TORCH_BOX(&batch_norm_add_relu_bwd_reduce_cuda));
   m.impl("batch_norm_add_relu_bwd_input", TORCH_BOX(&batch_norm_add_relu_bwd_input_cuda));
