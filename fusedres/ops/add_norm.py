@@ -23,16 +23,18 @@ import torch
 from fusedres._checks import as_rows, check_add_norm_args, stats_dtype
 from fusedres._extension import EXTENSION_LOADED
 from fusedres.backends import resolve_backend
-from fusedres.reference.add_norm import add_norm_reference, h_dtype_for
+from fusedres.ops._eager import below_autograd, direct, plain
+from fusedres.reference.add_norm import add_norm_reference
 
-_below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_promote = torch.promote_types
 
 
 class _Kernels(NamedTuple):
-    fwd: object  # eager: called below the Autograd key
+    fwd: object  # the kernels, called directly (fusedres/ops/_eager.py)
     bwd: object
-    fwd_op: object  # the registered operators (torch.compile, opcheck)
+    fwd_op: object  # the registered operators (torch.compile, opcheck, dispatch modes)
     bwd_op: object
 
 
@@ -40,7 +42,8 @@ _KERNELS: dict[str, _Kernels] = {}
 
 if EXTENSION_LOADED:
     _fwd, _bwd = torch.ops.fusedres.add_norm_fwd.default, torch.ops.fusedres.add_norm_bwd.default
-    _KERNELS["cpu"] = _KERNELS["cuda"] = _Kernels(_fwd, _bwd, _fwd, _bwd)
+    for _device in ("cpu", "cuda"):
+        _KERNELS[_device] = _Kernels(direct(_fwd, _device), direct(_bwd, _device), _fwd, _bwd)
 
 try:
     from fusedres.triton import add_norm as _triton
@@ -133,7 +136,7 @@ def _make_registered_backward(bwd_op):
     return backward
 
 
-for _kernels in {k.fwd_op: k for k in _KERNELS.values()}.values():
+for _kernels in {k.fwd_op: k for k in _KERNELS.values()}.values():  # once per registered op
     torch.library.register_autograd(
         _kernels.fwd_op, _make_registered_backward(_kernels.bwd_op), setup_context=_setup_context
     )
@@ -145,16 +148,24 @@ class _AddNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels):
         ctx.set_materialize_grads(False)
-        with _below_autograd():
-            output = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
-        _setup_context(ctx, (x, residual, weight, bias, eps, rms_norm, h_dtype, store_h), output)
-        ctx.bwd = kernels.bwd
+        args = (x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+        if plain(x, residual, weight, bias):
+            output = kernels.fwd(*args)
+        else:
+            with below_autograd():
+                output = kernels.fwd_op(*args)
+        _setup_context(ctx, args, output)
+        ctx.kernels = kernels
         return (output[0], output[1]) if prenorm else output[0]
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        with _below_autograd():
-            grads = _backward_with(ctx.bwd, ctx, dy, dh)
+        kernels = ctx.kernels
+        if plain(dy, dh):
+            grads = _backward_with(kernels.bwd, ctx, dy, dh)
+        else:
+            with below_autograd():
+                grads = _backward_with(kernels.bwd_op, ctx, dy, dh)
         return (*grads, None, None, None, None, None, None)
 
 
@@ -178,9 +189,16 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
             x, residual, weight, bias, eps, rms_norm=rms_norm, prenorm=prenorm, residual_in_fp32=residual_in_fp32
         )
     kernels = _KERNELS[backend]
-    h_dtype = h_dtype_for(x, residual, residual_in_fp32)
-    x, residual = as_rows(x), as_rows(residual)
-    needs_grad = torch.is_grad_enabled() and (
+    # h's dtype: residual's (x's without one), at least fp32 with residual_in_fp32
+    # (fusedres.reference.h_dtype_for).
+    h_dtype = (residual if residual is not None else x).dtype
+    if residual_in_fp32:
+        h_dtype = _promote(h_dtype, torch.float32)
+    if not x.is_contiguous():
+        x = as_rows(x)
+    if residual is not None and not residual.is_contiguous():
+        residual = as_rows(residual)
+    needs_grad = _grad_enabled() and (
         x.requires_grad
         or (residual is not None and residual.requires_grad)
         or (weight is not None and weight.requires_grad)
@@ -193,11 +211,13 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
     store_h = prenorm or (needs_grad and residual is not None and backend != "cpu")
     if _is_compiling():
         y, h, _mean, _rstd = kernels.fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
-        return (y, h) if prenorm else y
-    if needs_grad:
+    elif needs_grad:
         return _AddNormFunction.apply(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels)
-    with _below_autograd():
+    elif plain(x, residual, weight, bias):
         y, h, _mean, _rstd = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+    else:
+        with below_autograd():
+            y, h, _mean, _rstd = kernels.fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
     return (y, h) if prenorm else y
 
 
@@ -231,7 +251,8 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenor
         >>> torch.allclose(y, F.layer_norm(x + r, (64,)), atol=1e-5)
         True
     """
-    return add_norm(x, residual, weight, bias, eps, rms_norm=False, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+    eps = check_add_norm_args(x, residual, weight, bias, eps)
+    return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_in_fp32)
 
 
 def add_rms_norm(x, residual=None, weight=None, eps=1e-6, *, prenorm=False, residual_in_fp32=False):
@@ -262,4 +283,5 @@ def add_rms_norm(x, residual=None, weight=None, eps=1e-6, *, prenorm=False, resi
         >>> torch.allclose(y, F.rms_norm(x + r, (128,), eps=1e-6), atol=1e-5)
         True
     """
-    return add_norm(x, residual, weight, None, eps, rms_norm=True, prenorm=prenorm, residual_in_fp32=residual_in_fp32)
+    eps = check_add_norm_args(x, residual, weight, None, eps)
+    return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_in_fp32)

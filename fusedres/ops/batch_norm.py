@@ -30,11 +30,12 @@ from fusedres._checks import (
 )
 from fusedres._extension import EXTENSION_LOADED
 from fusedres.backends import resolve_backend
+from fusedres.ops._eager import below_autograd, direct, plain
 from fusedres.reference.batch_norm import batch_norm_add_relu_reference
 
-_below_autograd = torch._C._AutoDispatchBelowAutograd
 _is_compiling = torch.compiler.is_compiling
 _increment_version = torch._C._increment_version
+_grad_enabled = torch.is_grad_enabled
 
 OP_NAMES = (
     "batch_norm_stats",
@@ -55,12 +56,13 @@ class _Kernels(NamedTuple):
     bwd_input: object
 
 
-# backend -> (eager callables, called below the Autograd key; the registered operators)
+# backend -> (the kernels called directly (fusedres/ops/_eager.py); the registered operators)
 _KERNELS: dict[str, tuple[_Kernels, _Kernels]] = {}
 
 if EXTENSION_LOADED:
     _cpp = _Kernels(*(getattr(torch.ops.fusedres, name).default for name in OP_NAMES))
-    _KERNELS["cpu"] = _KERNELS["cuda"] = (_cpp, _cpp)
+    for _device in ("cpu", "cuda"):
+        _KERNELS[_device] = (_Kernels(*(direct(op, _device) for op in _cpp)), _cpp)
 
 try:
     from fusedres.triton import batch_norm as _triton
@@ -156,7 +158,7 @@ def _make_registered_backward(kernels: _Kernels):
     return backward
 
 
-for _eager, _registered in {id(r.fwd): (e, r) for e, r in _KERNELS.values()}.values():
+for _registered in {id(r.fwd): r for _, r in _KERNELS.values()}.values():  # once per registered op
     torch.library.register_autograd(
         _registered.fwd, _make_registered_backward(_registered), setup_context=_setup_context
     )
@@ -200,29 +202,24 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(
         ctx, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, kernels, group
     ):
-        with _below_autograd():
-            out = _forward(
-                kernels,
-                ctx,
-                input,
-                residual,
-                weight,
-                bias,
-                running_mean,
-                running_var,
-                momentum,
-                eps,
-                relu,
-                training,
-                group,
-            )
+        direct, registered = kernels
+        args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
+        if plain(input, residual, weight, bias):
+            out = _forward(direct, ctx, *args)
+        else:
+            with below_autograd():
+                out = _forward(registered, ctx, *args)
         ctx.kernels, ctx.group = kernels, group
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        with _below_autograd():
-            grads = _backward_with(ctx.kernels, ctx, grad_out, ctx.group)
+        direct, registered = ctx.kernels
+        if plain(grad_out):
+            grads = _backward_with(direct, ctx, grad_out, ctx.group)
+        else:
+            with below_autograd():
+                grads = _backward_with(registered, ctx, grad_out, ctx.group)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -231,7 +228,7 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
     input = as_channels(input)
     if residual is not None:
         residual = like_input(residual, input)
-    eager, registered = kernels
+    direct, registered = kernels
     if _is_compiling() and group is None:
         if training:
             mean, var = registered.stats(input.detach(), running_mean, running_var, momentum)
@@ -239,20 +236,19 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
         else:
             mean, var, count = running_mean, running_var, 1
         return registered.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)
-    needs_grad = torch.is_grad_enabled() and (
+    needs_grad = _grad_enabled() and (
         input.requires_grad
         or (residual is not None and residual.requires_grad)
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
+    args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
     if needs_grad:
-        return _BatchNormFunction.apply(
-            input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, eager, group
-        )
-    with _below_autograd():
-        return _forward(
-            eager, None, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group
-        )
+        return _BatchNormFunction.apply(*args[:10], kernels, group)
+    if plain(input, residual, weight, bias):
+        return _forward(direct, None, *args)
+    with below_autograd():
+        return _forward(registered, None, *args)
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -368,6 +364,6 @@ def sync_batch_norm_add_relu(
         eps,
         relu,
         True,
-        _KERNELS[backend][0],
+        _KERNELS[backend],
         group,
     )
