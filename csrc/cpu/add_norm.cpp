@@ -74,7 +74,7 @@ void run_fwd(const AddNormFwdRows& args, const std::optional<Tensor>& weight,
   const int64_t n = args.n;
   const auto w = to_acc_vector<acc_t>(weight, n, acc_t(1));
   const auto b = to_acc_vector<acc_t>(bias, n, acc_t(0));
-  torch::stable::parallel_for(0, m, grain_rows(n), [&](int64_t begin, int64_t end) {
+  parallel_for(0, m, grain_rows(n), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(n);
     FUSEDRES_ISA_CALL(add_norm_fwd_rows<acc_t>(args, w.data(), b.data(), buf.data(), begin, end));
   });
@@ -86,7 +86,7 @@ void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, ac
   const int64_t n = args.n;
   const auto w = to_acc_vector<acc_t>(weight, n, acc_t(1));
   const int64_t rows_per_chunk = (m + chunks - 1) / chunks;
-  torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     // Per-thread rows: xhat, g, h converted, and scratch partials for an absent weight/bias
     // (accumulating into L1-resident scratch is cheaper than a second loop variant).
     std::vector<acc_t> scratch(5 * n);

@@ -62,7 +62,7 @@ void batch_stats(const Tensor& input, const ChannelsView& v, std::vector<double>
   if (!v.channels_last) {
     const int64_t planes = v.batch * c_total;
     std::vector<double> p1(planes), p2(planes);
-    torch::stable::parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
+    parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
       FUSEDRES_ISA_CALL(bn_stats_planes<T, acc_t>(x, c_total, v.spatial, shift.data(), p1.data(), p2.data(), b, e));
     });
     for (int64_t p = 0; p < planes; ++p) {
@@ -72,7 +72,7 @@ void batch_stats(const Tensor& input, const ChannelsView& v, std::vector<double>
   } else {
     const int64_t rows = count, per_chunk = chunk_rows(v), chunks = (rows + per_chunk - 1) / per_chunk;
     std::vector<acc_t> p1(chunks * c_total, acc_t(0)), p2(chunks * c_total, acc_t(0));
-    torch::stable::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+    parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
         FUSEDRES_ISA_CALL(
@@ -182,12 +182,12 @@ void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& o
   auto run = [&](auto has_res, auto has_relu) {
     constexpr bool kRes = decltype(has_res)::value, kRelu = decltype(has_relu)::value;
     if (!v.channels_last) {
-      torch::stable::parallel_for(0, v.batch * v.channels, plane_grain(v), [&](int64_t b, int64_t e) {
+      parallel_for(0, v.batch * v.channels, plane_grain(v), [&](int64_t b, int64_t e) {
         FUSEDRES_ISA_CALL(bn_apply_planes<kRes, kRelu, T, acc_t>(x, res, o, v.channels, v.spatial, mean.data(),
                                                                  scale.data(), bias.data(), b, e));
       });
     } else {
-      torch::stable::parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t b, int64_t e) {
+      parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t b, int64_t e) {
         FUSEDRES_ISA_CALL(bn_apply_rows<kRes, kRelu, T, acc_t>(x, res, o, v.channels, mean.data(), scale.data(),
                                                                bias.data(), b, e));
       });
@@ -249,7 +249,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
       if (!v.channels_last) {
         const int64_t planes = v.batch * c_total;
         std::vector<double> p1(planes), p2(planes);
-        torch::stable::parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
+        parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
           FUSEDRES_ISA_CALL(bn_bwd_reduce_planes<kMask, kWrite, T, acc_t>(dy, o, x, gp, c_total, v.spatial, m.data(),
                                                                           p1.data(), p2.data(), b, e));
         });
@@ -260,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
       } else {
         const int64_t rows = v.per_channel(), per_chunk = chunk_rows(v), chunks = (rows + per_chunk - 1) / per_chunk;
         std::vector<acc_t> p1(chunks * c_total, acc_t(0)), p2(chunks * c_total, acc_t(0));
-        torch::stable::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
           for (int64_t k = b; k < e; ++k) {
             const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
             FUSEDRES_ISA_CALL(bn_bwd_reduce_rows<kMask, kWrite, T, acc_t>(
@@ -330,12 +330,12 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
     auto run = [&](auto mask) {
       constexpr bool kMask = decltype(mask)::value;
       if (!v.channels_last) {
-        torch::stable::parallel_for(0, v.batch * c_total, plane_grain(v), [&](int64_t lo, int64_t hi) {
+        parallel_for(0, v.batch * c_total, plane_grain(v), [&](int64_t lo, int64_t hi) {
           FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(gp, o, x, d, c_total, v.spatial, m.data(), a.data(),
                                                                  k.data(), b.data(), lo, hi));
         });
       } else {
-        torch::stable::parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t lo, int64_t hi) {
+        parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t lo, int64_t hi) {
           FUSEDRES_ISA_CALL(
               bn_bwd_input_rows<kMask, T, acc_t>(gp, o, x, d, c_total, m.data(), a.data(), k.data(), b.data(), lo, hi));
         });

@@ -3,6 +3,7 @@
 
 #include "add_norm.h"
 
+#include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
@@ -34,6 +35,19 @@ inline void visit_float(ScalarType dtype, F&& f) {
     default:
       STD_TORCH_CHECK(false, "fusedres: unsupported dtype");
   }
+}
+
+// torch's parallel_for, run inline when the range is one task: through the stable ABI even a
+// call that runs inline costs a few thousand instructions, as much as a small layer's kernel.
+template <typename F>
+inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (end - begin <= grain) {
+    if (end > begin) {
+      f(begin, end);
+    }
+    return;
+  }
+  torch::stable::parallel_for(begin, end, grain, f);
 }
 
 // Byte address of row `row` of a (rows, N) tensor with unit column stride.
