@@ -465,6 +465,11 @@ class ColumnSumConfig(NamedTuple):
     block_n: int
     num_warps: int
 
+    @property
+    def meta(self) -> dict:
+        """The launch's block constexprs and num_warps."""
+        return {"BLOCK_P": self.block_p, "BLOCK_N": self.block_n, "num_warps": self.num_warps}
+
 
 def _row_config(n: int, itemsize: int, max_n: int, cols_per_warp: int, interpreted: bool) -> RowConfig:
     block = max(triton.next_power_of_2(n), _MIN_BLOCK_N)
@@ -665,15 +670,7 @@ def add_norm_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_nor
     if weight is not None or bias is not None:
         sums = column_sum_config(_INTERPRETED)
         launch(_column_sum_kernel)[(_cdiv(n, sums.block_n),)](
-            dw_part,
-            db_part,
-            dweight,
-            dbias,
-            programs,
-            n,
-            BLOCK_P=sums.block_p,
-            BLOCK_N=sums.block_n,
-            num_warps=sums.num_warps,
+            dw_part, db_part, dweight, dbias, programs, n, **sums.meta
         )
     return outputs
 
