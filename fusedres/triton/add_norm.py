@@ -1,62 +1,79 @@
 """Add & Norm (h = x + residual, y = LayerNorm/RMSNorm(h) * weight + bias) as Triton kernels.
 
-Registers two operators with the same signatures and semantics as the C++ ones declared in
-csrc/ops.cpp (see fusedres/reference/add_norm.py for the eager spec):
+Semantics are those of the C++ operators declared in csrc/ops.cpp (the eager spec is
+fusedres/reference/add_norm.py). Two ways in:
 
-* ``fusedres::add_norm_fwd_triton(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
-  -> (y, h, mean, rstd)``
-* ``fusedres::add_norm_bwd_triton(dy, dh, h, weight, bias, mean, rstd, rms_norm, dresidual_dtype)
-  -> (dx, dresidual, dweight, dbias)``
+* Eager launchers, plain functions that launch the kernels directly (fusedres/ops calls them from
+  its autograd.Function; the public entry point has validated the arguments):
 
-With compiled Triton both are ``torch.library.triton_op``s: torch.compile and export see the
-kernels themselves, and fake-tensor propagation runs the launcher. Under Triton's interpreter
-they are opaque ``torch.library.custom_op``s with the same schema (see ``_register``). No
-autograd is registered here (fusedres/ops does it).
+  - ``add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> (y, h, mean, rstd)``
+  - ``add_norm_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm,
+    dresidual_dtype) -> (dx, dresidual, dweight, dbias)``
+
+  x, residual, dy, dh, h: (..., N) with unit stride along N and leading dims that collapse into
+  rows of one stride (a contiguous tensor, or a row-strided slice of one); M = numel / N rows.
+  y, h, dx, dresidual are contiguous with x's (h's) shape; mean is (M,) ((0,) for RMSNorm), rstd
+  (M,); weight and bias are N contiguous elements of any shape; dweight / dbias have their
+  shape and dtype ((0,) when absent). In the backward, a given `residual` means `h` is x and
+  h = x + residual (rounded to h_dtype) is recomputed in the kernel, not read.
+
+* The registered operators ``fusedres::add_norm_fwd_triton`` / ``fusedres::add_norm_bwd_triton``,
+  with csrc/ops.cpp's schemas (for torch.compile and opcheck; fusedres/ops adds autograd). They
+  validate their arguments with fusedres._checks, then run the launcher: compiled, as
+  ``torch.library.triton_op`` with ``wrap_triton`` applied to the kernels (the launcher's
+  ``launch`` argument), so torch.compile sees the kernels; under Triton's interpreter
+  (TRITON_INTERPRET=1, which ``wrap_triton`` does not accept) as an opaque
+  ``torch.library.custom_op`` whose fake implementation only allocates the outputs.
 
 Arithmetic is in float32, or float64 when x (forward) / dy (backward) is float64: the statistics
-dtype, which is also the dtype of mean and rstd. Rows are (M, N) with unit stride along N and
-any row stride. On CPU tensors the kernels run under Triton's interpreter (TRITON_INTERPRET=1
-set before triton is imported), which is how CI tests them.
+dtype, also that of mean and rstd. On CPU tensors the kernels run under the interpreter
+(TRITON_INTERPRET=1 set before triton is imported), which is how CI tests them.
+
+Launch configurations, pure functions of the shape and dtype (and the SM count), so that an
+ahead-of-time compiler can enumerate every specialization ("interpreted": the interpreter's):
+
+* ``add_norm_fwd_config(N, dtype) -> RowConfig(block_n, single_block, num_warps)``: one row per
+  program. SINGLE_BLOCK when next_power_of_2(N) <= min(64 KiB / itemsize, 16384): the row stays
+  in registers; else rows loop over blocks of 4096. num_warps = BLOCK_N / 512, clamped to 4..16.
+* ``add_norm_bwd_config(N, dtype) -> RowConfig``: as the forward with a limit of 8192 elements
+  (4096 for float64: wider float64 blocks spill registers on sm_90), and BLOCK_N / 256 warps.
+* ``add_norm_bwd_grid(M, block_n, sm_count) -> (programs, rows_per_program)``: programs share
+  the rows (4, 2 or 1 waves of SMs for blocks <= 1024, <= 4096, wider); each writes one row of
+  the (programs, N) dweight / dbias partials.
+* ``column_sum_config() -> ColumnSumConfig(block_p, block_n, num_warps)``: the partials' sum.
+
+Specializations: each kernel's constexprs, the dtypes of its pointers, and which optional
+pointers are None (a constant to Triton; the kernels branch on it); Triton also specializes
+integer arguments on == 1 and on divisibility by 16, except those in ``do_not_specialize``.
+
+* ``_add_norm_fwd_kernel``: H_CODE (h_dtype as ``_DTYPE_CODE``), IS_RMS, SINGLE_BLOCK, BLOCK_N;
+  optional residual, weight, bias, h (stored or not), mean (None for RMSNorm).
+* ``_add_norm_bwd_kernel``: H_CODE (0 unless h is recomputed from x + residual), IS_RMS,
+  SINGLE_BLOCK, BLOCK_N; optional dh, residual, weight, mean, dresidual, dweight / dbias partials.
+* ``_column_sum_kernel``: BLOCK_P, BLOCK_N; optional dweight / dbias partials.
 """
 
-# The op signatures keep typing.Optional (UP045 is ignored file-wide): torch.library infers the
-# operator schema from these annotations, and Optional[...] is the spelling every supported torch
-# version maps to "Tensor?" / "ScalarType?".
-# ruff: noqa: UP045
+from __future__ import annotations
+
 import functools
 import math
-import os
 import struct
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["add_norm_fwd_triton", "add_norm_bwd_triton", "triton_usable"]
+from fusedres._checks import FLOAT_DTYPES, _rows_readable, check_add_norm_args, check_float_tensor, stats_dtype
 
-# Whether @triton.jit below produced interpreted kernels (decided when triton reads the
-# environment, i.e. at import of this module).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# A row is held in registers as one block when next_power_of_2(N) fits both in
-# _MAX_FUSED_BYTES of x's (dy's) dtype, as in flash-attention / Liger, and in _MAX_FUSED_N_*
-# elements: beyond those, ptxas (sm_80/sm_90, num_warps <= 16) spills registers (the backward
-# also keeps the dweight/dbias accumulators live). Wider rows loop over blocks of _LOOP_BLOCK_N.
-_MAX_FUSED_BYTES = 65536
-_MAX_FUSED_N_FWD = 16384
-_MAX_FUSED_N_BWD = 8192
-_LOOP_BLOCK_N = 4096
-# Smallest block: keeps tiny rows (N = 1, 7) on well-trodden layouts on GPU; masked anyway.
-_MIN_BLOCK_N = 16
-
+# Whether @triton.jit produces interpreted kernels (Triton reads TRITON_INTERPRET when a kernel
+# is defined, i.e. at import of this module).
+_INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Kernels: helpers shared with fusedres/triton/batch_norm.py
 # ----------------------------------------------------------------------------------------------
-
 
 # Triton's interpreter (3.x) converts float32 to bfloat16 by truncation (its rounding helper drops
 # the low bits and does not carry), unlike the GPU's cvt.rn and torch; under the interpreter the
@@ -85,10 +102,29 @@ def _round_to(v, DST: tl.constexpr):
     return out
 
 
+# A dtype as a kernel constant: torch.compile's kernel wrapper passes ints, not Triton dtypes.
+_DTYPE_CODE = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+
+
 @triton.jit
-def _rsqrt_rn(v, ACC_FP64: tl.constexpr):
-    # 1 / sqrt(v) correctly rounded (tl.sqrt and "/" are approximate in float32 on GPU).
-    if ACC_FP64:
+def _round_to_code(v, CODE: tl.constexpr):
+    # _round_to the dtype of _DTYPE_CODE CODE; 0 (or float64, which holds every value of v) keeps v.
+    if CODE == 1:
+        out = _round_to(v, tl.float32)
+    elif CODE == 3:
+        out = _round_to(v, tl.float16)
+    elif CODE == 4:
+        out = _round_to(v, tl.bfloat16)
+    else:
+        out = v
+    return out
+
+
+@triton.jit
+def _rsqrt_rn(v):
+    # 1 / sqrt(v) correctly rounded, as torch's 1 / std::sqrt (tl.sqrt and "/" are approximate in
+    # float32 on GPU).
+    if v.dtype == tl.float64:
         r = 1.0 / tl.sqrt(v)
     else:
         r = tl.div_rn(1.0, tl.sqrt_rn(v))
@@ -96,79 +132,89 @@ def _rsqrt_rn(v, ACC_FP64: tl.constexpr):
 
 
 @triton.jit
-def _load_h(X, R, cols, mask, acc_ty: tl.constexpr, h_ty: tl.constexpr, HAS_R: tl.constexpr):
-    # h = x + residual in the accumulation dtype, rounded to h's dtype. Returns (h in acc_ty,
-    # h in h_ty); the rounding happens even when h is not stored, so y = norm(round(x + r)).
-    h = tl.load(X + cols, mask=mask, other=0.0).to(acc_ty)
-    if HAS_R:
-        h += tl.load(R + cols, mask=mask, other=0.0).to(acc_ty)
-    h_st = _round_to(h, h_ty)
-    return h_st.to(acc_ty), h_st
+def _f64_arg(hi, lo, acc_ty: tl.constexpr):
+    # A float argument passed as hi + lo (see _split_float): float arguments reach kernels as
+    # float32, and float64 kernels need eps and momentum to float64 precision.
+    return tl.cast(hi, acc_ty) + tl.cast(lo, acc_ty)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: forward
+# ----------------------------------------------------------------------------------------------
+
+# Optional operands are None pointers (a compile-time constant to Triton: `R is not None` picks
+# the code path). Forward maths, per row of N elements: h = round(x + residual), mean = sum(h) /
+# N, var = sum((h - mean)^2) / N (RMSNorm: mean = 0), rstd = 1 / sqrt(var + eps) and
+# y = (h - mean) * rstd * w + b. The variance is taken around the mean in a second pass (over
+# registers, or over memory for wide rows), never as E[h^2] - mean^2, which cancels.
+
+
+@triton.jit
+def _load_h(X, R, x_off, r_off, mask, acc_ty: tl.constexpr, H_CODE: tl.constexpr):
+    # h = x + residual in the accumulation dtype, rounded to h's dtype (code H_CODE) and back, so
+    # the norm sees round(x + residual) exactly as eager does. Masked columns are 0.
+    h = tl.load(X + x_off, mask=mask, other=0.0).to(acc_ty)
+    if R is not None:
+        h += tl.load(R + r_off, mask=mask, other=0.0).to(acc_ty)
+    return _round_to_code(h, H_CODE).to(acc_ty)
+
+
+@triton.jit
+def _store_y(Y, W, B, c, mask, xhat):
+    # y = xhat * w + b, rounded once to y's dtype. Y points at the row.
+    y = xhat
+    if W is not None:
+        y = y * tl.load(W + c, mask=mask, other=0.0).to(xhat.dtype)
+    if B is not None:
+        y = y + tl.load(B + c, mask=mask, other=0.0).to(xhat.dtype)
+    tl.store(Y + c, _round_to(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _add_norm_fwd_kernel(
-    X,  # (M, N) input, row stride stride_x
-    R,  # (M, N) residual or None
+    X,  # (M, N) rows of stride stride_x
+    R,  # (M, N) residual (rows of stride stride_r) or None
     W,  # (N,) weight or None
     B,  # (N,) bias or None
-    Y,  # (M, N) output, x's dtype
-    H,  # (M, N) h output when STORE_H, else an empty tensor of h's dtype (never touched)
-    Mean,  # (M,) stats dtype; empty (never touched) for RMSNorm
-    Rstd,  # (M,) stats dtype: float32, or float64 for float64 x; also the accumulation dtype
+    Y,  # (M, N) contiguous, x's dtype
+    H,  # (M, N) contiguous h, or None when h is not stored
+    Mean,  # (M,) statistics dtype; None for RMSNorm
+    Rstd,  # (M,) statistics dtype: float32, or float64 for float64 x; the accumulation dtype
     stride_x,
     stride_r,
-    stride_y,
-    stride_h,
     N,
-    eps_hi,  # eps = eps_hi + eps_lo: float arguments reach kernels as float32, and float64
-    eps_lo,  # rows need eps to float64 precision
+    eps_hi,
+    eps_lo,
+    H_CODE: tl.constexpr,  # h's dtype (_DTYPE_CODE)
     IS_RMS: tl.constexpr,
-    HAS_R: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    STORE_H: tl.constexpr,
-    ACC_FP64: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # N <= BLOCK_N: the row stays in registers
     BLOCK_N: tl.constexpr,
 ):
     # One program per row.
     row = tl.program_id(0).to(tl.int64)
     acc_ty = Rstd.dtype.element_ty
-    h_ty = H.dtype.element_ty
-    y_ty = Y.dtype.element_ty
-    X += row * stride_x
-    Y += row * stride_y
-    if HAS_R:
-        R += row * stride_r
-    if STORE_H:
-        H += row * stride_h
-    eps = tl.cast(eps_hi, acc_ty) + tl.cast(eps_lo, acc_ty)
+    x_row = row * stride_x
+    r_row = row * stride_r
+    Y += row * N
+    if H is not None:
+        H += row * N
+    eps = _f64_arg(eps_hi, eps_lo, acc_ty)
     cols = tl.arange(0, BLOCK_N)
 
     if SINGLE_BLOCK:
         mask = cols < N
-        h, h_st = _load_h(X, R, cols, mask, acc_ty, h_ty, HAS_R)
-        if STORE_H:
-            tl.store(H + cols, h_st, mask=mask)
-        # Masked columns of h are 0.
+        h = _load_h(X, R, x_row + cols, r_row + cols, mask, acc_ty, H_CODE)
+        if H is not None:
+            tl.store(H + cols, h.to(H.dtype.element_ty), mask=mask)  # exact: h is rounded already
         if IS_RMS:
-            var = tl.sum(h * h, axis=0) / N
-            rstd = _rsqrt_rn(var + eps, ACC_FP64)
+            rstd = _rsqrt_rn(tl.sum(h * h, axis=0) / N + eps)
             xhat = h * rstd
         else:
-            # Two passes over the row in registers: mean, then the mean of squared deviations.
             mean = tl.sum(h, axis=0) / N
             d = tl.where(mask, h - mean, 0.0)
-            var = tl.sum(d * d, axis=0) / N
-            rstd = _rsqrt_rn(var + eps, ACC_FP64)
+            rstd = _rsqrt_rn(tl.sum(d * d, axis=0) / N + eps)
             xhat = d * rstd
-        y = xhat
-        if HAS_W:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
-        if HAS_B:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(acc_ty)
-        tl.store(Y + cols, _round_to(y, y_ty), mask=mask)
+        _store_y(Y, W, B, cols, mask, xhat)
     else:
         # Wide rows: pass 1 sums h (LN) or h^2 (RMS) and stores h; LN's pass 2 sums squared
         # deviations from the mean; the last pass normalizes. h is recomputed from x and
@@ -177,44 +223,40 @@ def _add_norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = c < N
-            h, h_st = _load_h(X, R, c, mask, acc_ty, h_ty, HAS_R)
-            if STORE_H:
-                tl.store(H + c, h_st, mask=mask)
+            h = _load_h(X, R, x_row + c, r_row + c, mask, acc_ty, H_CODE)
+            if H is not None:
+                tl.store(H + c, h.to(H.dtype.element_ty), mask=mask)
             if IS_RMS:
                 acc += h * h
             else:
                 acc += h
-        if IS_RMS:
-            var = tl.sum(acc, axis=0) / N
-        else:
-            mean = tl.sum(acc, axis=0) / N
-            acc2 = tl.zeros([BLOCK_N], dtype=acc_ty)
+        total = tl.sum(acc, axis=0) / N  # the mean (LN) or the mean square (RMS)
+        mean = 0.0
+        var = total
+        if not IS_RMS:
+            mean = total
+            acc = tl.zeros([BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = c < N
-                h, h_st = _load_h(X, R, c, mask, acc_ty, h_ty, HAS_R)
-                d = tl.where(mask, h - mean, 0.0)
-                acc2 += d * d
-            var = tl.sum(acc2, axis=0) / N
-        rstd = _rsqrt_rn(var + eps, ACC_FP64)
+                d = tl.where(mask, _load_h(X, R, x_row + c, r_row + c, mask, acc_ty, H_CODE) - mean, 0.0)
+                acc += d * d
+            var = tl.sum(acc, axis=0) / N
+        rstd = _rsqrt_rn(var + eps)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             mask = c < N
-            h, h_st = _load_h(X, R, c, mask, acc_ty, h_ty, HAS_R)
-            if IS_RMS:
-                y = h * rstd
-            else:
-                y = (h - mean) * rstd
-            if HAS_W:
-                y = y * tl.load(W + c, mask=mask, other=0.0).to(acc_ty)
-            if HAS_B:
-                y = y + tl.load(B + c, mask=mask, other=0.0).to(acc_ty)
-            tl.store(Y + c, _round_to(y, y_ty), mask=mask)
+            h = _load_h(X, R, x_row + c, r_row + c, mask, acc_ty, H_CODE)
+            _store_y(Y, W, B, c, mask, (h - mean) * rstd)
 
-    if not IS_RMS:
+    if Mean is not None:
         tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
 
+
+# ----------------------------------------------------------------------------------------------
+# Kernels: backward
+# ----------------------------------------------------------------------------------------------
 
 # Backward maths, per row of length N (all sums over the row's N columns, in the accumulation
 # dtype). The forward computed xhat = (h - mean) * rstd for LayerNorm (xhat = h * rstd for
@@ -233,39 +275,77 @@ def _add_norm_fwd_kernel(
 # Parameter gradients are sums over all rows: dweight = sum_rows(dy * xhat), dbias =
 # sum_rows(dy). Each of the P programs owns a contiguous range of rows, accumulates its rows'
 # dy * xhat and dy column by column (in registers for one-block rows, in its own row of the
-# partials buffer for wide rows), and writes one (N,) row of the (P, N) partials. The launcher
-# then sums the partials over P in a fixed order: no atomics, so the result is deterministic.
+# partials for wide rows) and writes one (N,) row of the (P, N) fp32 (fp64) partials;
+# _column_sum_kernel then sums the partials over P in a fixed order and rounds once to the
+# parameters' dtype: no atomics, so the result is deterministic.
+
+
 @triton.jit
+def _bwd_terms(DY, H, R, row, c, mask, w, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS):
+    # (xhat, dy, g = dy * w) of the columns c of one row, in rstd's dtype; masked columns are 0.
+    h = _load_h(H, R, row * stride_h + c, row * stride_r + c, mask, rstd.dtype, H_CODE)
+    if IS_RMS:
+        xhat = h * rstd
+    else:
+        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(rstd.dtype)
+    return xhat, dy, dy * w  # w = 1.0 without weight
+
+
+@triton.jit
+def _bwd_block_terms(DY, H, R, W, row, start, cols, N, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS):
+    # _bwd_terms of the block of a wide row that begins at column `start`, with its columns.
+    c = start + cols
+    mask = c < N
+    w = 1.0
+    if W is not None:
+        w = tl.load(W + c, mask=mask, other=0.0).to(rstd.dtype)
+    xhat, dy, g = _bwd_terms(DY, H, R, row, c, mask, w, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS)
+    return c, mask, xhat, dy, g
+
+
+@triton.jit
+def _bwd_store_dx(DX, DRES, DH, row, c, mask, xhat, g, c1, c2, rstd, N, stride_dh, IS_RMS):
+    # dx = rstd * (g - (xhat * c1 + c2)) (+ dh_in), c1 = mean(xhat * g), c2 = mean(g) (LN only);
+    # stored as dx and, when asked, as dresidual (both contiguous).
+    if IS_RMS:
+        dx = (g - xhat * c1) * rstd
+    else:
+        dx = (g - (xhat * c1 + c2)) * rstd
+    if DH is not None:
+        dx += tl.load(DH + row * stride_dh + c, mask=mask, other=0.0).to(rstd.dtype)
+    tl.store(DX + row * N + c, _round_to(dx, DX.dtype.element_ty), mask=mask)
+    if DRES is not None:
+        tl.store(DRES + row * N + c, _round_to(dx, DRES.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_program"])
 def _add_norm_bwd_kernel(
-    DY,  # (M, N) upstream gradient of y
+    DY,  # (M, N) rows of stride stride_dy
     DH,  # (M, N) upstream gradient of h (prenorm) or None
-    H,  # (M, N) the h that was normalized
+    H,  # (M, N) the h that was normalized, or x when R is given (h is then recomputed)
+    R,  # (M, N) residual, or None
     W,  # (N,) weight or None
-    Mean,  # (M,) stats; empty (never touched) for RMSNorm
-    Rstd,  # (M,) stats dtype, also the accumulation dtype
-    DX,  # (M, N) dy's dtype
-    DRES,  # (M, N) dresidual when STORE_DRES, else None
-    DW,  # (P, N) dweight partials (accumulation dtype) or None
-    DB,  # (P, N) dbias partials or None
+    Mean,  # (M,) statistics; None for RMSNorm
+    Rstd,  # (M,) statistics dtype, also the accumulation dtype
+    DX,  # (M, N) contiguous, dy's dtype
+    DRES,  # (M, N) contiguous dresidual, or None
+    DWP,  # (P, N) dweight partials (accumulation dtype), or None
+    DBP,  # (P, N) dbias partials, or None
     stride_dy,
     stride_dh,
     stride_h,
-    stride_dx,
-    stride_dres,
+    stride_r,
     M,
     N,
     rows_per_program,
+    H_CODE: tl.constexpr,  # h_dtype (_DTYPE_CODE) when R is given, else 0
     IS_RMS: tl.constexpr,
-    HAS_DH: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    STORE_DRES: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
     acc_ty = Rstd.dtype.element_ty
-    dx_ty = DX.dtype.element_ty
     row_start = pid.to(tl.int64) * rows_per_program
     n_rows = tl.minimum(rows_per_program, M - row_start)  # >= 1 by the launcher's grid size
     cols = tl.arange(0, BLOCK_N)
@@ -273,375 +353,449 @@ def _add_norm_bwd_kernel(
 
     if SINGLE_BLOCK:
         mask = cols < N
-        if HAS_W:
+        w = 1.0
+        if W is not None:
             w = tl.load(W + cols, mask=mask, other=0.0).to(acc_ty)
         dw_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
         db_acc = tl.zeros([BLOCK_N], dtype=acc_ty)
         for i in range(0, n_rows):
             row = row_start + i
-            h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0).to(acc_ty)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(acc_ty)
             rstd = tl.load(Rstd + row)
-            if IS_RMS:
-                xhat = h * rstd
-            else:
-                mean = tl.load(Mean + row)
-                xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-            if HAS_W:
-                g = dy * w
-                dw_acc += dy * xhat
-            else:
-                g = dy
-            if HAS_B:
-                db_acc += dy
+            mean = 0.0 if Mean is None else tl.load(Mean + row)
+            xhat, dy, g = _bwd_terms(
+                DY, H, R, row, cols, mask, w, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS
+            )
             c1 = tl.sum(xhat * g, axis=0) / N
-            if IS_RMS:
-                dx = (g - xhat * c1) * rstd
-            else:
-                c2 = tl.sum(g, axis=0) / N
-                dx = (g - (xhat * c1 + c2)) * rstd
-            if HAS_DH:
-                dx += tl.load(DH + row * stride_dh + cols, mask=mask, other=0.0).to(acc_ty)
-            tl.store(DX + row * stride_dx + cols, _round_to(dx, dx_ty), mask=mask)
-            if STORE_DRES:
-                tl.store(DRES + row * stride_dres + cols, _round_to(dx, DRES.dtype.element_ty), mask=mask)
-        if HAS_W:
-            tl.store(DW + part + cols, dw_acc, mask=mask)
-        if HAS_B:
-            tl.store(DB + part + cols, db_acc, mask=mask)
+            c2 = tl.sum(g, axis=0) / N
+            _bwd_store_dx(DX, DRES, DH, row, cols, mask, xhat, g, c1, c2, rstd, N, stride_dh, IS_RMS)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if DWP is not None:
+            tl.store(DWP + part + cols, dw_acc, mask=mask)
+        if DBP is not None:
+            tl.store(DBP + part + cols, db_acc, mask=mask)
     else:
         # Wide rows: per row, pass 1 reduces mean(xhat * g) and mean(g); pass 2 writes dx and
-        # adds into this program's partials row (zero-filled by the launcher; only this
-        # program reads or writes it, with the same layout, so no synchronization is needed).
+        # adds into this program's partials row, which its first row initializes (only this
+        # program reads or writes that row, with the same layout: no synchronization needed).
         for i in range(0, n_rows):
             row = row_start + i
             rstd = tl.load(Rstd + row)
-            if not IS_RMS:
-                mean = tl.load(Mean + row)
+            mean = 0.0 if Mean is None else tl.load(Mean + row)
             s1 = tl.zeros([BLOCK_N], dtype=acc_ty)
             s2 = tl.zeros([BLOCK_N], dtype=acc_ty)
             for start in range(0, N, BLOCK_N):
-                c = start + cols
-                mask = c < N
-                h = tl.load(H + row * stride_h + c, mask=mask, other=0.0).to(acc_ty)
-                dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(acc_ty)
-                if IS_RMS:
-                    xhat = h * rstd
-                else:
-                    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(acc_ty)
-                else:
-                    g = dy
+                _, _, xhat, _, g = _bwd_block_terms(
+                    DY, H, R, W, row, start, cols, N, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS
+                )
                 s1 += xhat * g
-                if not IS_RMS:
-                    s2 += g
+                s2 += g
             c1 = tl.sum(s1, axis=0) / N
-            if not IS_RMS:
-                c2 = tl.sum(s2, axis=0) / N
+            c2 = tl.sum(s2, axis=0) / N
             for start in range(0, N, BLOCK_N):
-                c = start + cols
-                mask = c < N
-                h = tl.load(H + row * stride_h + c, mask=mask, other=0.0).to(acc_ty)
-                dy = tl.load(DY + row * stride_dy + c, mask=mask, other=0.0).to(acc_ty)
-                if IS_RMS:
-                    xhat = h * rstd
-                else:
-                    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-                if HAS_W:
-                    g = dy * tl.load(W + c, mask=mask, other=0.0).to(acc_ty)
-                    pw = tl.load(DW + part + c, mask=mask, other=0.0)
-                    tl.store(DW + part + c, pw + dy * xhat, mask=mask)
-                else:
-                    g = dy
-                if HAS_B:
-                    pb = tl.load(DB + part + c, mask=mask, other=0.0)
-                    tl.store(DB + part + c, pb + dy, mask=mask)
-                if IS_RMS:
-                    dx = (g - xhat * c1) * rstd
-                else:
-                    dx = (g - (xhat * c1 + c2)) * rstd
-                if HAS_DH:
-                    dx += tl.load(DH + row * stride_dh + c, mask=mask, other=0.0).to(acc_ty)
-                tl.store(DX + row * stride_dx + c, _round_to(dx, dx_ty), mask=mask)
-                if STORE_DRES:
-                    tl.store(DRES + row * stride_dres + c, _round_to(dx, DRES.dtype.element_ty), mask=mask)
+                c, mask, xhat, dy, g = _bwd_block_terms(
+                    DY, H, R, W, row, start, cols, N, mean, rstd, stride_dy, stride_h, stride_r, H_CODE, IS_RMS
+                )
+                _bwd_store_dx(DX, DRES, DH, row, c, mask, xhat, g, c1, c2, rstd, N, stride_dh, IS_RMS)
+                seen = mask & (i > 0)  # the first row writes the partials, later rows add
+                if DWP is not None:
+                    tl.store(DWP + part + c, tl.load(DWP + part + c, mask=seen, other=0.0) + dy * xhat, mask=mask)
+                if DBP is not None:
+                    tl.store(DBP + part + c, tl.load(DBP + part + c, mask=seen, other=0.0) + dy, mask=mask)
+
+
+@triton.jit(do_not_specialize=["P"])
+def _column_sum_kernel(
+    DWP,  # (P, N) dweight partials (accumulation dtype), or None
+    DBP,  # (P, N) dbias partials, or None
+    DW,  # (N,) dweight, weight's dtype
+    DB,  # (N,) dbias, bias's dtype
+    P,
+    N,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program per block of columns: sums the P partials in a fixed order (each lane its
+    # rows in order, then a fixed tree over the lanes) and rounds once to the parameter dtype.
+    # P == 0 (no rows) writes zeros.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    rp = tl.arange(0, BLOCK_P)[:, None]
+    acc_ty = DWP.dtype.element_ty if DWP is not None else DBP.dtype.element_ty
+    aw = tl.zeros([BLOCK_P, BLOCK_N], dtype=acc_ty)
+    ab = tl.zeros([BLOCK_P, BLOCK_N], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        m = (p0 + rp < P) & cmask[None, :]
+        off = (p0 + rp).to(tl.int64) * N + cols[None, :]
+        if DWP is not None:
+            aw += tl.load(DWP + off, mask=m, other=0.0)
+        if DBP is not None:
+            ab += tl.load(DBP + off, mask=m, other=0.0)
+    if DWP is not None:
+        tl.store(DW + cols, _round_to(tl.sum(aw, axis=0), DW.dtype.element_ty), mask=cmask)
+    if DBP is not None:
+        tl.store(DB + cols, _round_to(tl.sum(ab, axis=0), DB.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launch configuration: pure functions of the shape and dtype
 # ----------------------------------------------------------------------------------------------
 
-
-def triton_usable(device: torch.device) -> bool:
-    """Whether these kernels can run on tensors of ``device``: CUDA devices when a GPU is present;
-    CPU only under Triton's interpreter (TRITON_INTERPRET=1, set before this module was imported)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.device_count() > 0
-    if device.type == "cpu":
-        return _INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1"
-    return False
-
-
-def _skip_launch(t: Tensor) -> bool:
-    """Whether t only carries metadata (meta device, or fake while interpreted). Compiled kernels
-    go through wrap_triton's traceable wrapper, whose fake implementation launches nothing; but
-    wrap_triton hands interpreted kernels back unwrapped, and the interpreter would try to read
-    a fake tensor's storage. Skipping the launch is what the traceable wrapper does."""
-    if t.device.type == "meta":
-        return True
-    if _INTERPRETED:
-        from torch._subclasses.fake_tensor import is_fake
-
-        return is_fake(t)
-    return False
+# A row is held in registers as one block when next_power_of_2(N) fits both in _MAX_FUSED_BYTES
+# of x's (dy's) dtype, as in flash-attention / Liger, and in the element limits below: beyond
+# those, ptxas (sm_80/sm_90, num_warps <= 16) spills registers (the backward also keeps the
+# dweight/dbias accumulators live; in float64 it spills from 8192 on). Wider rows loop over blocks.
+_MAX_FUSED_BYTES = 65536
+_MAX_FUSED_N_FWD = 16384
+_MAX_FUSED_N_BWD = 8192
+_MAX_FUSED_N_BWD_FP64 = 4096
+_LOOP_BLOCK_N = 4096
+# Smallest block: keeps tiny rows (N = 1, 7) on well-trodden layouts on GPU; masked anyway.
+_MIN_BLOCK_N = 16
 
 
-def _on_interpreter(device: torch.device) -> bool:
-    return _INTERPRETED or device.type != "cuda"
+class RowConfig(NamedTuple):
+    block_n: int  # BLOCK_N
+    single_block: bool  # SINGLE_BLOCK
+    num_warps: int
+
+
+class ColumnSumConfig(NamedTuple):
+    block_p: int
+    block_n: int
+    num_warps: int
+
+    @property
+    def meta(self) -> dict:
+        """The launch's block constexprs and num_warps."""
+        return {"BLOCK_P": self.block_p, "BLOCK_N": self.block_n, "num_warps": self.num_warps}
+
+
+def _row_config(n: int, itemsize: int, max_n: int, cols_per_warp: int, interpreted: bool) -> RowConfig:
+    block = max(triton.next_power_of_2(n), _MIN_BLOCK_N)
+    max_fused = max(min(_MAX_FUSED_BYTES // itemsize, max_n), _MIN_BLOCK_N)
+    single = block <= max_fused
+    if not single:
+        block = min(_LOOP_BLOCK_N, max_fused)
+    if interpreted:
+        return RowConfig(block, single, 1)
+    return RowConfig(block, single, max(4, min(16, block // cols_per_warp)))
 
 
 @functools.cache
-def _sm_count_of(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def add_norm_fwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -> RowConfig:
+    """Forward launch configuration for rows of n elements of x's dtype (see the module doc)."""
+    return _row_config(n, dtype.itemsize, _MAX_FUSED_N_FWD, 512, interpreted)
 
 
+@functools.cache
+def add_norm_bwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -> RowConfig:
+    """Backward launch configuration for rows of n elements of dy's dtype (see the module doc)."""
+    max_n = _MAX_FUSED_N_BWD_FP64 if dtype == torch.float64 else _MAX_FUSED_N_BWD
+    return _row_config(n, dtype.itemsize, max_n, 256, interpreted)
+
+
+def add_norm_bwd_grid(m: int, block_n: int, sm_count: int, interpreted: bool = False) -> tuple[int, int]:
+    """(programs, rows_per_program) for the backward over m rows: on GPU a few waves of SMs (more
+    for narrow rows, whose programs are cheap); under the interpreter at most 4 programs. Every
+    program gets at least one row."""
+    if interpreted:
+        programs = min(m, 4)
+    else:
+        programs = min(m, sm_count * (4 if block_n <= 1024 else 2 if block_n <= 4096 else 1))
+    rows_per_program = max(_cdiv(m, max(programs, 1)), 1)
+    return _cdiv(m, rows_per_program), rows_per_program
+
+
+def column_sum_config(interpreted: bool = False) -> ColumnSumConfig:
+    """The dweight / dbias partials' sum: [32, 64] tiles, one program per 64 columns (under the
+    interpreter [4, 1024], few programs: each costs milliseconds there)."""
+    return ColumnSumConfig(4, 1024, 1) if interpreted else ColumnSumConfig(32, 64, 4)
+
+
+@functools.cache
 def _sm_count(device: torch.device) -> int:
+    if _INTERPRETED or device.type != "cuda":
+        return 1
     try:
-        return _sm_count_of(torch.cuda.current_device() if device.index is None else device.index)
-    except Exception:  # e.g. fake CUDA tensors traced on a machine without a GPU
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    except Exception:  # fake CUDA tensors traced on a machine without a GPU
         return 132
 
 
-def _block_config(n: int, element_size: int, max_n: int) -> tuple[int, bool]:
-    """(BLOCK_N, SINGLE_BLOCK) for rows of n elements."""
-    block = max(triton.next_power_of_2(n), _MIN_BLOCK_N)
-    max_fused = max(min(_MAX_FUSED_BYTES // element_size, max_n), _MIN_BLOCK_N)
-    if block <= max_fused:
-        return block, True
-    return max(min(_LOOP_BLOCK_N, max_fused), _MIN_BLOCK_N), False
+def _hint(v) -> int:
+    """v as an int for the launch configuration: a symbolic size (torch.compile with dynamic
+    shapes) gives its hint, without adding a guard. Configurations never change results."""
+    if type(v) is int:
+        return v
+    hint = getattr(getattr(v, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(v)
 
 
-def _launch_heuristics(block_n: int, device: torch.device, backward: bool, m: int = 0) -> tuple[int, int]:
-    """(num_warps, programs). num_warps: 1 under the interpreter; on GPU about 16 (forward) or 8
-    (backward, more live vectors per column) columns per thread, clamped to 4..16 warps.
-    programs (backward only): how many programs share the M rows; each writes one row of the
-    (programs, N) weight/bias-gradient partials. On GPU a few waves of SMs (more for narrow
-    rows, whose programs are cheap); under the interpreter min(M, 4)."""
-    if _on_interpreter(device):
-        return 1, max(min(m, 4), 1)
-    per_warp = 256 if backward else 512
-    num_warps = max(4, min(16, block_n // per_warp))
-    sms = _sm_count(device)
-    factor = 4 if block_n <= 1024 else 2 if block_n <= 4096 else 1
-    return num_warps, max(min(m, sms * factor), 1)
-
-
-def _check_rows(t: Tensor, name: str, m: int, n: int, device: torch.device) -> None:
-    torch._check(
-        t.dim() == 2 and t.size(0) == m and t.size(1) == n,
-        lambda: f"add_norm (triton): {name} must have shape ({m}, {n}), got {tuple(t.shape)}",
-    )
-    torch._check(
-        n <= 1 or t.stride(1) == 1,
-        lambda: f"add_norm (triton): {name} must have unit stride along its last dimension",
-    )
-    torch._check(t.device == device, lambda: f"add_norm (triton): {name} must be on {device}")
-
-
-def _check_vector(t: Optional[Tensor], name: str, n: int, device: torch.device) -> None:
-    if t is None:
-        return
-    torch._check(
-        t.dim() == 1 and t.size(0) == n,
-        lambda: f"add_norm (triton): {name} must have shape ({n},), got {tuple(t.shape)}",
-    )
-    torch._check(n <= 1 or t.stride(0) == 1, lambda: f"add_norm (triton): {name} must be contiguous")
-    torch._check(t.device == device, lambda: f"add_norm (triton): {name} must be on {device}")
-
-
-def _split_eps(eps: float) -> tuple[float, float]:
-    """eps as hi + lo with hi representable in float32 (kernels get float arguments as float32)."""
+@functools.lru_cache(maxsize=64)
+def _split_float(v: float) -> tuple[float, float]:
+    """v as hi + lo with hi representable in float32 (kernels get float arguments as float32)."""
     try:
-        hi = struct.unpack("f", struct.pack("f", eps))[0]
+        hi = struct.unpack("f", struct.pack("f", v))[0]
     except OverflowError:
-        return eps, 0.0
-    lo = eps - hi
+        return v, 0.0
+    lo = v - hi
     return hi, (lo if math.isfinite(lo) else 0.0)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _row_stride(t: torch.Tensor) -> int:
+    """The row stride of a (..., N) tensor whose leading dims collapse into rows of one stride (as
+    row_stride in csrc/add_norm.cpp): the stride of the innermost leading dim of size > 1."""
+    shape, strides = t.shape, t.stride()
+    for d in range(t.dim() - 2, -1, -1):
+        if shape[d] > 1:
+            return strides[d]
+    return shape[-1]  # a single row: any stride addresses it
 
 
-def _register(name: str):
-    """Register a launcher as the operator ``name``.
-
-    Compiled Triton: ``torch.library.triton_op``, so torch.compile / export trace into the kernels
-    and fake tensors run the launcher itself (wrap_triton's wrapper launches nothing on them).
-
-    Interpreter (TRITON_INTERPRET=1): wrap_triton hands interpreted kernels back unwrapped, so a
-    triton_op traced by AOTDispatcher (torch.compile) would capture the allocations but not the
-    kernels and return uninitialized outputs. There the launcher is registered as an opaque
-    ``torch.library.custom_op`` instead, with the launcher itself (which skips the kernel on fake
-    tensors) as its fake implementation: exactly what triton_op registers, minus the
-    decomposition. Same inferred schema either way.
-    """
-
-    def dec(fn):
-        if not _INTERPRETED:
-            return triton_op(name, fn, mutates_args=())
-        op = torch.library.custom_op(name, fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return dec
+def _direct(kernel):
+    return kernel
 
 
-@_register("fusedres::add_norm_fwd_triton")
-def add_norm_fwd_triton(
-    x: Tensor,
-    residual: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    eps: float,
-    rms_norm: bool,
-    h_dtype: torch.dtype,
-    store_h: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    torch._check(x.dim() == 2, lambda: f"add_norm (triton): x must be 2-D, got {x.dim()} dims")
-    M, N = x.shape
+def _cdiv(a, b):
+    """ceil(a / b) for ints or symbolic sizes (triton.cdiv costs ~2 us a call from Python)."""
+    return (a + b - 1) // b
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_outputs(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h):
+    n = x.shape[-1]
+    m = x.numel() // n
+    stats = stats_dtype(x.dtype)
     device = x.device
-    _check_rows(x, "x", M, N, device)
-    if residual is not None:
-        _check_rows(residual, "residual", M, N, device)
-    _check_vector(weight, "weight", N, device)
-    _check_vector(bias, "bias", N, device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=device)
+    h = torch.empty(x.shape if store_h else (0,), dtype=h_dtype, device=device)
+    mean = torch.empty((0,) if rms_norm else (m,), dtype=stats, device=device)
+    rstd = torch.empty((m,), dtype=stats, device=device)
+    return y, h, mean, rstd
 
-    stats = _stats_dtype(x.dtype)
-    y = torch.empty((M, N), dtype=x.dtype, device=device)
-    h = torch.empty((M, N) if store_h else (0,), dtype=h_dtype, device=device)
-    mean = torch.empty((0,) if rms_norm else (M,), dtype=stats, device=device)
-    rstd = torch.empty((M,), dtype=stats, device=device)
-    if M == 0 or _skip_launch(x):
-        return y, h, mean, rstd
 
-    block_n, single = _block_config(N, x.element_size(), _MAX_FUSED_N_FWD)
-    num_warps, _ = _launch_heuristics(block_n, device, backward=False)
-    eps_hi, eps_lo = _split_eps(float(eps))
-    wrap_triton(_add_norm_fwd_kernel)[(M,)](
+def add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, launch=_direct):
+    """h = x + residual (rounded to h_dtype), y = norm(h) * weight + bias. Returns (y, h, mean,
+    rstd) as csrc/ops.cpp's add_norm_fwd. `launch` wraps each kernel before it is launched
+    (wrap_triton inside the registered operator)."""
+    y, h, mean, rstd = outputs = _fwd_outputs(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+    m = rstd.shape[0]
+    if m == 0:
+        return outputs
+    n = x.shape[-1]
+    # int(n): under torch.compile with a dynamic N this guards on N, since the block must cover it
+    cfg = add_norm_fwd_config(int(n), x.dtype, _INTERPRETED)
+    strides = (_row_stride(x), 0 if residual is None else _row_stride(residual))
+    launch(_add_norm_fwd_kernel)[(m,)](
         x,
         residual,
         weight,
         bias,
         y,
-        h,
-        mean,
+        h if store_h else None,
+        None if rms_norm else mean,
         rstd,
-        x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        y.stride(0),
-        h.stride(0) if store_h else 0,
-        N,
-        eps_hi,
-        eps_lo,
+        *strides,
+        n,
+        *_split_float(eps),
+        H_CODE=_DTYPE_CODE[h_dtype],
         IS_RMS=rms_norm,
-        HAS_R=residual is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        STORE_H=store_h,
-        ACC_FP64=stats == torch.float64,
-        SINGLE_BLOCK=single,
-        BLOCK_N=block_n,
-        num_warps=num_warps,
+        SINGLE_BLOCK=cfg.single_block,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
     )
-    return y, h, mean, rstd
+    return outputs
 
 
-@_register("fusedres::add_norm_bwd_triton")
-def add_norm_bwd_triton(
-    dy: Tensor,
-    dh: Optional[Tensor],
-    h: Tensor,
-    residual: Optional[Tensor],
-    h_dtype: torch.dtype,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean: Tensor,
-    rstd: Tensor,
-    rms_norm: bool,
-    dresidual_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    torch._check(h.dim() == 2, lambda: f"add_norm (triton): h must be 2-D, got {h.dim()} dims")
-    if residual is not None:
-        # h was not stored: form it as the forward did (x + residual in the accumulation dtype,
-        # rounded to h_dtype). GPUs store h instead (a write costs what this read does), so this
-        # path is for completeness, not speed.
-        _check_rows(residual, "residual", h.shape[0], h.shape[1], h.device)
-        h = (h.to(_stats_dtype(dy.dtype)) + residual).to(h_dtype)
-    M, N = h.shape
-    device = h.device
-    _check_rows(h, "h", M, N, device)
-    _check_rows(dy, "dy", M, N, device)
-    if dh is not None:
-        _check_rows(dh, "dh", M, N, device)
-    _check_vector(weight, "weight", N, device)
-    _check_vector(bias, "bias", N, device)
-    stats = _stats_dtype(dy.dtype)
-    for t, name in ((rstd, "rstd"),) if rms_norm else ((rstd, "rstd"), (mean, "mean")):
-        torch._check(
-            t.dim() == 1 and t.size(0) == M and (M <= 1 or t.stride(0) == 1) and t.device == device,
-            lambda name=name: f"add_norm (triton): {name} must be a contiguous ({M},) tensor on {device}",
-        )
-        torch._check(t.dtype == stats, lambda name=name: f"add_norm (triton): {name} must be {stats}")
-
-    dx = torch.empty((M, N), dtype=dy.dtype, device=device)
-    if dresidual_dtype is not None:
-        dres = torch.empty((M, N), dtype=dresidual_dtype, device=device)
+def _bwd_outputs(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
+    device = dy.device
+    dx = torch.empty(h.shape, dtype=dy.dtype, device=device)
+    if dresidual_dtype is None:
+        dresidual = torch.empty((0,), dtype=dy.dtype, device=device)
     else:
-        dres = torch.empty((0,), dtype=dy.dtype, device=device)
+        dresidual = torch.empty(h.shape, dtype=dresidual_dtype, device=device)
+    return dx, dresidual, _param_grad(weight, dy), _param_grad(bias, dy)
 
-    block_n, single = _block_config(N, dy.element_size(), _MAX_FUSED_N_BWD)
-    num_warps, programs = _launch_heuristics(block_n, device, backward=True, m=M)
-    rows_per_program = triton.cdiv(M, programs) if M > 0 else 1
-    programs = triton.cdiv(M, rows_per_program)  # every program gets at least one row
-    alloc = torch.empty if single else torch.zeros
-    dw_part = alloc((programs, N), dtype=stats, device=device) if weight is not None else None
-    db_part = alloc((programs, N), dtype=stats, device=device) if bias is not None else None
 
-    if M > 0 and not _skip_launch(dy):
-        wrap_triton(_add_norm_bwd_kernel)[(programs,)](
+def _param_grad(param, dy):
+    if param is None:
+        return torch.empty((0,), dtype=dy.dtype, device=dy.device)
+    return torch.empty(param.shape, dtype=param.dtype, device=dy.device)
+
+
+def add_norm_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype, launch=_direct):
+    """Backward of add_norm_fwd. Returns (dx, dresidual, dweight, dbias) as csrc/ops.cpp's
+    add_norm_bwd; `launch` as in add_norm_fwd."""
+    dx, dresidual, dweight, dbias = outputs = _bwd_outputs(
+        dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype
+    )
+    n = h.shape[-1]
+    m = rstd.shape[0]
+    cfg = add_norm_bwd_config(int(n), dy.dtype, _INTERPRETED)
+    programs, rows_per_program = add_norm_bwd_grid(_hint(m), cfg.block_n, _sm_count(dy.device), _INTERPRETED)
+    programs = _cdiv(m, rows_per_program)  # the sizes' own value when symbolic
+    stats = rstd.dtype
+    dw_part = None if weight is None else torch.empty((programs, n), dtype=stats, device=dy.device)
+    db_part = None if bias is None else torch.empty((programs, n), dtype=stats, device=dy.device)
+    if m > 0:
+        strides = (_row_stride(dy), 0 if dh is None else _row_stride(dh), _row_stride(h))
+        launch(_add_norm_bwd_kernel)[(programs,)](
             dy,
             dh,
             h,
+            residual,
             weight,
-            mean,
+            None if rms_norm else mean,
             rstd,
             dx,
-            dres if dresidual_dtype is not None else None,
+            None if dresidual_dtype is None else dresidual,
             dw_part,
             db_part,
-            dy.stride(0),
-            dh.stride(0) if dh is not None else 0,
-            h.stride(0),
-            dx.stride(0),
-            dres.stride(0) if dresidual_dtype is not None else 0,
-            M,
-            N,
+            *strides,
+            0 if residual is None else _row_stride(residual),
+            m,
+            n,
             rows_per_program,
+            H_CODE=0 if residual is None else _DTYPE_CODE[h_dtype],
             IS_RMS=rms_norm,
-            HAS_DH=dh is not None,
-            HAS_W=weight is not None,
-            HAS_B=bias is not None,
-            STORE_DRES=dresidual_dtype is not None,
-            SINGLE_BLOCK=single,
-            BLOCK_N=block_n,
-            num_warps=num_warps,
+            SINGLE_BLOCK=cfg.single_block,
+            BLOCK_N=cfg.block_n,
+            num_warps=cfg.num_warps,
         )
+    if weight is not None or bias is not None:
+        sums = column_sum_config(_INTERPRETED)
+        launch(_column_sum_kernel)[(_cdiv(n, sums.block_n),)](
+            dw_part, db_part, dweight, dbias, programs, n, **sums.meta
+        )
+    return outputs
 
-    # Fixed-order reduction over the programs (an (0, N) partial sums to zeros when M == 0).
-    empty = torch.empty((0,), dtype=dy.dtype, device=device)  # as the C++ op and its fake
-    dweight = dw_part.sum(0).to(weight.dtype) if weight is not None else empty
-    dbias = db_part.sum(0).to(bias.dtype) if bias is not None else empty.clone()
-    return dx, dres, dweight, dbias
+
+# ----------------------------------------------------------------------------------------------
+# Registered operators
+# ----------------------------------------------------------------------------------------------
+
+
+def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
+    """Registers fusedres::<launcher's name>_triton with `schema` (csrc/ops.cpp's for the C++ op
+    of the launcher's name): the arguments are checked with `check`, then `launcher` runs.
+
+    Compiled Triton: ``torch.library.triton_op`` (launcher(..., launch=wrap_triton)), so
+    torch.compile and export trace into the kernels, and fake tensors run the launcher itself
+    (wrap_triton launches nothing on them). `kernels` are recorded for AOTAutograd's cache key,
+    which triton_op finds by reading source for literal wrap_triton(kernel) calls.
+
+    Interpreter: ``torch.library.custom_op`` running the launcher as is (wrap_triton does not take
+    interpreted kernels), with `outputs` (the launcher's allocations alone) as the fake."""
+    qualname = f"fusedres::{launcher.__name__}_triton"
+
+    if _INTERPRETED:
+
+        def run(*args):
+            check(*args)
+            return launcher(*args)
+
+        op = torch.library.custom_op(qualname, run, mutates_args=mutates_args, schema=schema)
+        op.register_fake(outputs)
+        return op
+
+    def run_traced(*args):
+        check(*args)
+        return launcher(*args, launch=wrap_triton)
+
+    op = triton_op(qualname, run_traced, mutates_args=mutates_args, schema=schema)
+    kernel_table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+    if isinstance(kernel_table, dict):
+        kernel_table[qualname] = list(kernels)
+    return op
+
+
+def _check_vector(name: str, t, n: int, device) -> None:
+    """t is None or n contiguous floating elements (any shape) on `device`."""
+    if t is None:
+        return
+    check_float_tensor(name, t)
+    if t.numel() != n or not t.is_contiguous():
+        raise ValueError(f"{name} must have {n} contiguous elements, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_rows(name: str, t, like=None, like_name: str = "") -> None:
+    """t is a (..., N) float tensor the kernels can read in place (and has like's shape and device)."""
+    check_float_tensor(name, t)
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    if not _rows_readable(t):
+        raise ValueError(f"{name} must have unit stride along its last dim and rows of one stride (make it contiguous)")
+
+
+def _check_dtype_arg(name: str, dtype, optional: bool = False) -> None:
+    if dtype is None and optional:
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
+
+
+def _param_shape(weight, bias, n: int) -> tuple | None:
+    t = weight if weight is not None else bias
+    return None if t is None or t.shape == (n,) else tuple(t.shape)
+
+
+def _check_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> None:
+    n = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+    check_add_norm_args(x, residual, weight, bias, eps, param_shape=_param_shape(weight, bias, n))
+    _check_rows("x", x)
+    if residual is not None:
+        _check_rows("residual", residual, x, "x")
+    _check_vector("weight", weight, n, x.device)
+    _check_vector("bias", bias, n, x.device)
+    _check_dtype_arg("h_dtype", h_dtype)
+
+
+def _check_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype) -> None:
+    check_float_tensor("h", h)
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"h must have a non-empty last dimension, got shape {tuple(h.shape)}")
+    _check_rows("h", h)
+    for name, t in (("dy", dy), ("dh", dh), ("residual", residual)):
+        if t is not None:
+            _check_rows(name, t, h, "h")
+    n = h.shape[-1]
+    _check_vector("weight", weight, n, h.device)
+    _check_vector("bias", bias, n, h.device)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    m, stats = h.numel() // n, stats_dtype(dy.dtype)
+    for name, t in (("rstd", rstd),) if rms_norm else (("rstd", rstd), ("mean", mean)):
+        if not (isinstance(t, torch.Tensor) and t.shape == (m,) and t.dtype == stats and t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({m},) {stats} tensor (the forward's), got {_describe(t)}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+    _check_dtype_arg("h_dtype", h_dtype)
+    _check_dtype_arg("dresidual_dtype", dresidual_dtype, optional=True)
+
+
+def _describe(t) -> str:
+    return f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+# csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
+_FWD = (
+    "(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms_norm, ScalarType h_dtype, "
+    "bool store_h) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD = (
+    "(Tensor dy, Tensor? dh, Tensor h, Tensor? residual, ScalarType h_dtype, Tensor? weight, Tensor? bias, "
+    "Tensor mean, Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+add_norm_fwd_triton = _register_op(_FWD, add_norm_fwd, _fwd_outputs, _check_fwd, (_add_norm_fwd_kernel,))
+add_norm_bwd_triton = _register_op(
+    _BWD, add_norm_bwd, _bwd_outputs, _check_bwd, (_add_norm_bwd_kernel, _column_sum_kernel)
+)

@@ -1,77 +1,93 @@
 """BatchNorm (+ residual) (+ ReLU) as Triton kernels.
 
-Registers four operators with the same signatures and semantics as the C++ ones declared in
-csrc/ops.cpp (see fusedres/reference/batch_norm.py for the eager spec):
+Semantics are those of the C++ operators declared in csrc/ops.cpp (eager spec:
+fusedres/reference/batch_norm.py). As in fusedres/triton/add_norm.py, each op is an eager launcher
+(a plain function that launches the kernels; the public entry point has validated the arguments)
+and a registered operator ``fusedres::<name>_triton`` with csrc/ops.cpp's schema that validates
+its arguments and runs the launcher (``triton_op`` + ``wrap_triton``; ``custom_op`` when
+interpreted). The launchers, with the arguments of the C++ ops:
 
-* ``fusedres::batch_norm_stats_triton(input) -> (mean, var)``
-* ``fusedres::batch_norm_add_relu_fwd_triton(input, residual, weight, bias, mean, invstd, relu,
-  training, count) -> out``
-* ``fusedres::batch_norm_add_relu_bwd_reduce_triton(grad_out, out, input, mean, invstd, relu,
-  write_grad_residual) -> (sum_dy, sum_dy_xhat, grad_residual)``
-* ``fusedres::batch_norm_add_relu_bwd_input_triton(grad, out, input, mean, invstd, weight, sum_dy,
-  sum_dy_xhat, count, training, relu) -> grad_input``
+* ``batch_norm_stats(input, running_mean, running_var, momentum) -> (mean, var)``: biased var;
+  running stats (any float dtype) updated in place by the kernel that finalizes the statistics:
+  running = (1 - momentum) * running + momentum * batch, unbiased var = var * count / (count - 1).
+* ``batch_norm_combine_stats(stats, running_mean, running_var, momentum) -> (mean, var)``: sync
+  BatchNorm's (W, 2C + 1) rows of (mean, var, count), combined in fp64 in row order.
+* ``batch_norm_add_relu_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)``
+* ``batch_norm_add_relu_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual)
+  -> (sum_dy, sum_dy_xhat, grad_residual)``
+* ``batch_norm_add_relu_bwd_input(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat,
+  count, training, relu)``
 
-Registration, interpreter handling and numerics follow fusedres/triton/add_norm.py (whose helpers
-are reused): ``triton_op`` with compiled Triton, an opaque ``custom_op`` under the interpreter; no
-autograd here (fusedres/ops does it).
-
-Activations (input, residual, out, grad_out, grad) are 3-D (N, C, S) views, NCHW-dense (strides
-C*S, S, 1) or channels_last-dense (strides S*C, 1, C); outputs of that shape are allocated with
-``torch.empty_like(input)`` and so keep input's strides. Each layout has kernels shaped for it:
+invstd = 1 / sqrt(var + eps) is computed in the kernels from mean / var of any float dtype (batch
+statistics, or running stats in eval); mean = var = None is no normalization (the bias + add +
+ReLU tail of a conv with BN folded in). Activations are (N, C, *) tensors of any rank >= 2, dense
+in NCHW (contiguous) or channels_last order, addressed as (N, C, S), S the product of the spatial
+sizes; outputs keep input's strides. One reduction kernel (the statistics, or the backward's
+sums) with one merge kernel for its partials, and one elementwise kernel (the forward, or the
+input grad) do the work, each with the layout as a constexpr:
 
 * NCHW: a channel's data is N contiguous planes of S elements. Reductions tile a channel's
-  (N, S) planes; elementwise passes tile the (N*C, S) matrix of planes, with one channel per row.
-* channels_last (and any S == 1 input, whose addressing is the same): the activation is the
-  row-major (N*S, C) matrix. Reductions walk down the rows of a block of channels, vectorized
-  across C; elementwise passes tile the matrix, with one channel per column.
+  (N, S) planes; elementwise passes tile the (N*C, S) matrix of planes, one channel per row.
+* channels_last (and any S == 1 input, whose addressing is the same): the row-major (N*S, C)
+  matrix. Reductions walk down the rows of a block of channels, vectorized across C;
+  elementwise passes tile the matrix, one channel per column.
 
-Both are addressed as row * row_len + col. A size-1 dim is never stepped through, so its stride
-does not matter, and tensors whose layouts differ only where S == 1 or C == 1 address memory
-identically.
+Arithmetic is in float32, or float64 for float64 input: the statistics dtype, also that of
+mean / var and of the backward sums. Reductions are split across programs that write
+per-channel partials, merged in a fixed order by a small kernel: no atomics, deterministic.
+Empty input (N*S == 0): NaN statistics (running stats untouched), zero backward sums.
 
-Arithmetic is in float32, or float64 for float64 input: the statistics dtype, which is also the
-dtype of mean / var / invstd and of the backward sums. Activations other than input (residual,
-out, grads) have input's dtype, as the C++ ops require; weight and bias may be float32 with
-float16 / bfloat16 input (autocast). Reductions are split across many programs that each write
-per-channel partials, combined in a fixed order by a second small kernel: no atomics, so every
-result is deterministic. Empty input (N*S == 0): NaN statistics and zero backward sums, as the
-C++ ops.
+Launch configurations, pure functions of the layout and sizes ("interpreted": small tiles, so
+that small tests cover several programs, loop iterations and masked tails):
+
+* ``bn_elementwise_config(channels_last, N, C, S) -> TileConfig(block_r, block_c, num_warps)``:
+  tiles of 4096 elements, 8 warps (2048 for NCHW with S % 8 != 0: unvectorized addresses cost
+  registers); channels_last tiles span up to 128 channels, NCHW tiles the power of two that
+  covers S with the least padding, widened when the planes cannot fill the tile.
+* ``bn_reduce_config(channels_last, N, C, S, sm_count) -> ReduceConfig(block_r, block_c,
+  num_warps, tiles_per)``: tiles of 2048 (up to 64 channels), 4 warps; each channel (block)'s
+  tiles split into runs of tiles_per: about 8 programs per SM, each over at least 4 tiles.
+* ``bn_merge_config() -> TileConfig``: [64, 32] tiles of partials, one program per 32 channels;
+  ``bn_combine_config()``: one program per 128 channels.
+
+Specializations: each kernel's constexprs, the dtypes of its pointers, and which optional
+pointers are None (a constant to Triton; the kernels branch on it); Triton also specializes
+integer arguments on == 1 and on divisibility by 16, except those in ``do_not_specialize``.
+``_reduce_partials_kernel`` (statistics when grad_out is None, else backward sums with out, mean,
+grad_residual optional): CHANNELS_LAST, BLOCK_R, BLOCK_C. ``_merge_partials_kernel`` (input given:
+statistics, with optional running stats; else sums with optional var): BLOCK_R, BLOCK_C.
+``_combine_stats_kernel`` (running stats optional): BLOCK_C. ``_elementwise_kernel`` (forward when
+grad is None, with residual, weight, bias, mean / var optional; else the input grad, with out,
+weight, mean / var, sums optional): CHANNELS_LAST, RELU, BLOCK_R, BLOCK_C.
 """
 
-# The op signatures keep typing.Optional (UP045 is ignored file-wide): torch.library infers the
-# operator schema from these annotations (see add_norm.py).
-# ruff: noqa: UP045
-from typing import NamedTuple, Optional
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
-from torch.library import wrap_triton
 
+from fusedres._checks import channels_dense, check_float_tensor, check_positive, stats_dtype
 from fusedres.triton.add_norm import (
-    _on_interpreter,
-    _register,
+    _INTERPRETED,
+    _cdiv,
+    _check_vector,
+    _direct,
+    _f64_arg,
+    _hint,
+    _register_op,
     _round_to,
-    _skip_launch,
+    _rsqrt_rn,
     _sm_count,
-    _stats_dtype,
-    triton_usable,
+    _split_float,
 )
 
-__all__ = [
-    "batch_norm_stats_triton",
-    "batch_norm_add_relu_fwd_triton",
-    "batch_norm_add_relu_bwd_reduce_triton",
-    "batch_norm_add_relu_bwd_input_triton",
-    "triton_usable",
-]
-
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 # ----------------------------------------------------------------------------------------------
-# Kernels: statistics
+# Kernels: reductions (statistics, backward sums) and their merge
 # ----------------------------------------------------------------------------------------------
 
 # Statistics are Welford's, on data shifted by the channel's first element K (y = x - K, exact in
@@ -83,235 +99,20 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # al.'s parallel combine:
 #   n = sum n_i,  mean = sum(n_i * mean_i) / n,  M2 = sum(M2_i + n_i * (mean_i - mean)^2)
 # (deviations are taken from the merged mean, so nothing cancels). var = M2 / n (biased), and
-# the mean is K + mean(y). The partials are a (3, P, C) tensor: count, mean(y) and M2 of each
-# program p and channel c.
+# the mean is K + mean(y). The partials are a (3, P, C) tensor in the statistics dtype (fp32
+# even for fp16 / bf16 input): count, mean(y) and M2 of each program p and channel c.
+#
+# Both reductions split a channel's N*S values into tiles [BLOCK_R, BLOCK_C], numbered in
+# row-major order (NCHW: row tiles over N, column tiles over S; channels_last: row tiles over the
+# N*S rows of a block of BLOCK_C channels), and give each program a run of tiles_per of them.
 
-
-@triton.jit
-def _welford_nchw_kernel(
-    X,  # (N, C, S) NCHW-dense input
-    Part,  # (3, P, C) partials, statistics dtype
-    N,
-    C,
-    S,
-    stride_n,  # C * S
-    n_per,  # batch items per program (a multiple of BLOCK_N)
-    s_per,  # spatial positions per program (a multiple of BLOCK_S)
-    splits_s,  # programs along S; P = programs along N * splits_s
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    # Grid (C, P): program (c, p) reduces the [n_lo, n_hi) x [s_lo, s_hi) block of channel c.
-    # n_per and s_per are multiples of the tile, so a tile never crosses into the next block and
-    # the masks only need the tensor's bounds (n < N, s < S): with S a multiple of 16 the mask is
-    # then uniform over vector-width groups and the loads are vectorized.
-    c = tl.program_id(0)
-    p = tl.program_id(1)
-    acc_ty = Part.dtype.element_ty
-    n_lo = (p // splits_s) * n_per
-    s_lo = (p % splits_s) * s_per
-    n_hi = tl.minimum(n_lo + n_per, N)
-    s_hi = tl.minimum(s_lo + s_per, S)
-    X += c.to(tl.int64) * S
-    shift = tl.load(X).to(acc_ty)
-    rn = tl.arange(0, BLOCK_N)[:, None]
-    rs = tl.arange(0, BLOCK_S)[None, :]
-    # Lane (i, j) sees column j in cs[j] of the S tiles of each N tile it is valid in, and a lane
-    # is only ever masked in the last tile along N or S; so at N tile a, S tile b a valid lane
-    # holds a * cs[j] + b earlier values: counts are per column, not carried per lane.
-    cs = tl.maximum(s_hi - s_lo - rs + BLOCK_S - 1, 0) // BLOCK_S
-    mean = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
-    m2 = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        n = n0 + rn
-        nmask = n < N
-        row = X + n.to(tl.int64) * stride_n
-        seen = ((n0 - n_lo) // BLOCK_N) * cs
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + rs
-            mask = nmask & (s < S)
-            x = tl.load(row + s, mask=mask, other=0.0).to(acc_ty) - shift
-            rcp = 1.0 / (seen + ((s0 - s_lo) // BLOCK_S + 1)).to(acc_ty)
-            delta = tl.where(mask, x - mean, 0.0)  # masked lanes keep their state
-            mean += delta * rcp
-            m2 += delta * (x - mean)
-    rows = tl.maximum(n_hi - n_lo - rn + BLOCK_N - 1, 0) // BLOCK_N  # N tiles each row is valid in
-    cnt = (rows * cs).to(acc_ty)
-    tot = tl.maximum(n_hi - n_lo, 0).to(acc_ty) * tl.maximum(s_hi - s_lo, 0).to(acc_ty)
-    mean_p = tl.sum(tl.sum(cnt * mean, axis=1), axis=0) / tl.maximum(tot, 1.0)
-    d = mean - mean_p
-    m2_p = tl.sum(tl.sum(m2 + cnt * d * d, axis=1), axis=0)
-    plane = tl.num_programs(1) * C
-    off = p * C + c
-    tl.store(Part + off, tot)
-    tl.store(Part + plane + off, mean_p)
-    tl.store(Part + 2 * plane + off, m2_p)
-
-
-@triton.jit
-def _welford_cl_kernel(
-    X,  # (M, C) row-major: the channels_last input, M = N * S
-    Part,  # (3, P, C) partials
-    M,
-    C,
-    rows_per,  # rows per program (a multiple of BLOCK_M)
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # Grid (cdiv(C, BLOCK_C), P): program (b, p) reduces rows [r_lo, r_hi) of channel block b,
-    # each lane walking down one column.
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    acc_ty = Part.dtype.element_ty
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    r_lo = p.to(tl.int64) * rows_per
-    r_hi = tl.minimum(r_lo + rows_per, M)
-    shift = tl.load(X + cols, mask=cmask, other=0.0).to(acc_ty)[None, :]  # row 0
-    rr = tl.arange(0, BLOCK_M)[:, None]
-    mean = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    m2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for r0 in range(r_lo, r_hi, BLOCK_M):
-        r = r0 + rr
-        rmask = r < r_hi
-        x = tl.load(X + r * C + cols[None, :], mask=rmask & cmask[None, :], other=0.0).to(acc_ty) - shift
-        # Only the last tile has masked rows: every valid lane has seen one value per tile.
-        rcp = 1.0 / ((r0 - r_lo) // BLOCK_M + 1).to(acc_ty)
-        delta = tl.where(rmask, x - mean, 0.0)
-        mean += delta * rcp
-        m2 += delta * (x - mean)
-    cnt = (tl.maximum(r_hi - r_lo - rr + BLOCK_M - 1, 0) // BLOCK_M).to(acc_ty)  # values per lane
-    tot = tl.maximum(r_hi - r_lo, 0).to(acc_ty)
-    mean_p = tl.sum(cnt * mean, axis=0) / tl.maximum(tot, 1.0)
-    d = mean - mean_p[None, :]
-    m2_p = tl.sum(m2 + cnt * d * d, axis=0)
-    plane = tl.num_programs(1) * C
-    off = p * C + cols
-    tl.store(Part + off, tl.zeros([BLOCK_C], dtype=acc_ty) + tot, mask=cmask)
-    tl.store(Part + plane + off, mean_p, mask=cmask)
-    tl.store(Part + 2 * plane + off, m2_p, mask=cmask)
-
-
-@triton.jit
-def _merge_stats_kernel(
-    Part,  # (3, P, C) Welford partials of the shifted data
-    X,  # the input: channel c's shift is X[c * shift_stride]
-    Mean,  # (C,) statistics dtype
-    Var,  # (C,) biased variance
-    P,
-    C,
-    shift_stride,  # S (NCHW) or 1 (channels_last)
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # One program per block of channels: merges the P partials in a fixed order, in two passes
-    # over them (the merged mean, then M2). The launcher never runs it on empty input.
-    pc = tl.program_id(0)
-    acc_ty = Mean.dtype.element_ty
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    plane = P * C
-    rp = tl.arange(0, BLOCK_P)[:, None]
-    acc_n = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    acc_s = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + rp
-        m = (p < P) & cmask[None, :]
-        off = p * C + cols[None, :]
-        n_p = tl.load(Part + off, mask=m, other=0.0)
-        acc_n += n_p
-        acc_s += n_p * tl.load(Part + plane + off, mask=m, other=0.0)
-    n = tl.maximum(tl.sum(acc_n, axis=0), 1.0)
-    mean = tl.sum(acc_s, axis=0) / n
-    acc_m2 = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + rp
-        m = (p < P) & cmask[None, :]
-        off = p * C + cols[None, :]
-        n_p = tl.load(Part + off, mask=m, other=0.0)
-        d = tl.load(Part + plane + off, mask=m, other=0.0) - mean[None, :]
-        acc_m2 += tl.load(Part + 2 * plane + off, mask=m, other=0.0) + n_p * d * d
-    shift = tl.load(X + cols.to(tl.int64) * shift_stride, mask=cmask, other=0.0).to(acc_ty)
-    tl.store(Mean + cols, shift + mean, mask=cmask)
-    tl.store(Var + cols, tl.sum(acc_m2, axis=0) / n, mask=cmask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels: elementwise passes (one kernel per pass; CHANNELS_LAST picks the layout)
-# ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _tile(n_rows, row_len, C, tiles_c, CHANNELS_LAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # This program's tile of the (n_rows, row_len) matrix: NCHW (N*C planes, S), one channel per
-    # row; channels_last (N*S, C), one channel per column. Returns the element offsets, their
-    # mask, and the channel of each row / column with its mask (shaped to broadcast).
-    pid = tl.program_id(0)
-    rows = (pid // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rmask = rows < n_rows
-    cmask = cols < row_len
-    offs = rows.to(tl.int64)[:, None] * row_len + cols[None, :]
-    mask = rmask[:, None] & cmask[None, :]
-    if CHANNELS_LAST:
-        ch = cols[None, :]
-        chmask = cmask[None, :]
-    else:
-        ch = (rows % C)[:, None]
-        chmask = rmask[:, None]
-    return offs, mask, ch, chmask
-
-
-@triton.jit
-def _fwd_apply_kernel(
-    X,  # (N, C, S) input
-    R,  # residual (input's layout) or None
-    W,  # (C,) weight or None
-    B,  # (C,) bias or None
-    Mean,  # (C,) statistics dtype, also the accumulation dtype
-    Invstd,  # (C,)
-    Y,  # out, input's dtype and strides
-    n_rows,
-    row_len,
-    C,
-    tiles_c,  # tiles along a row; the grid is 1-D over (row tiles) x tiles_c
-    CHANNELS_LAST: tl.constexpr,
-    HAS_R: tl.constexpr,
-    HAS_W: tl.constexpr,
-    HAS_B: tl.constexpr,
-    RELU: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # out = relu((x - mean) * (invstd * w) + b + residual): one read of x (and residual), one
-    # write. x - mean first, so a large mean does not cancel against the scaled x.
-    acc_ty = Mean.dtype.element_ty
-    offs, mask, ch, chmask = _tile(n_rows, row_len, C, tiles_c, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    mean = tl.load(Mean + ch, mask=chmask, other=0.0)
-    scale = tl.load(Invstd + ch, mask=chmask, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(W + ch, mask=chmask, other=0.0).to(acc_ty)
-    x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-    y = (x - mean) * scale
-    if HAS_B:
-        y = y + tl.load(B + ch, mask=chmask, other=0.0).to(acc_ty)
-    if HAS_R:
-        y = y + tl.load(R + offs, mask=mask, other=0.0).to(acc_ty)
-    if RELU:
-        y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
-    tl.store(Y + offs, _round_to(y, Y.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------
-# Kernels: backward
-# ----------------------------------------------------------------------------------------------
 
 # Backward maths, per channel c (all sums over the n = N*S elements of the channel, in the
 # statistics dtype). The forward computed xhat = (x - mean) * invstd, y = xhat * w + b and
 # out = relu(y + residual). With g = grad_out zeroed where out <= 0 (threshold_backward's rule;
-# g = grad_out without relu), g is the
-# gradient of y + residual, so grad_residual = g (rounded once to grad_out's dtype, exact since g
-# is grad_out or 0), dbias = sum_dy = sum g and dweight = sum_dy_xhat = sum g * xhat.
+# g = grad_out without relu), g is the gradient of y + residual, so grad_residual = g (stored
+# in grad_out's dtype, exact since g is grad_out or 0), dbias = sum_dy = sum g and dweight =
+# sum_dy_xhat = sum g * xhat.
 #
 # Training (mean and invstd depend on x): dxhat = g * w, and through xhat = (x - mean) * invstd
 #   grad_input = invstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -321,216 +122,339 @@ def _fwd_apply_kernel(
 # constants: grad_input = w * invstd * g.
 #
 # Pass 1 (bwd_reduce) reads grad_out, out and input once: each program accumulates g and
-# g * (x - mean) over its block in per-lane registers and writes one partial per channel to a
-# (2, P, C) tensor (the same block decomposition as the statistics); a second small kernel sums
-# the P partials in a fixed order and scales the second sum by invstd. Pass 2 (bwd_input) reads
-# g (or grad_out and out), input and the per-channel sums and writes grad_input.
+# g * (x - mean) over its tiles in per-lane registers and writes one partial per channel to a
+# (2, P, C) tensor; the merge kernel sums the P partials in a fixed order and scales the second
+# sum by invstd. Pass 2 (bwd_input) reads g (or grad_out and out), input and the per-channel
+# sums and writes grad_input.
 
 
 @triton.jit
-def _bwd_reduce_nchw_kernel(
-    DY,  # grad_out (N, C, S) NCHW-dense
-    O,  # out, read when RELU
-    X,  # input
-    Mean,  # (C,) statistics dtype
-    GR,  # grad_residual (grad_out's dtype, input's strides) when WRITE_GR, else None
-    Part,  # (2, P, C) partials: sum g, sum g * (x - mean)
-    N,
+def _program_channels(a, C, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr):
+    # The channels of reduction program a as a [1, BLOCK_C] (channels_last: channel block a) or
+    # [1, 1] (NCHW: channel a) tensor, and their mask; they broadcast against the tiles.
+    if CHANNELS_LAST:
+        ch = a * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    else:
+        ch = a + tl.zeros([1, 1], dtype=tl.int32)
+    return ch, ch < C
+
+
+@triton.jit
+def _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Element offsets and mask of tile t of channel(s) ch, and the mask of its columns. A lane is
+    # only masked by its row in the channel's last row tile, so a lane valid now was valid in
+    # every earlier tile whose column mask held it (the Welford counts below rely on this).
+    rr = tl.arange(0, BLOCK_R)[:, None]
+    if CHANNELS_LAST:
+        rows = t * BLOCK_R + rr
+        colmask = ch < C
+        offs = rows.to(tl.int64) * C + ch
+    else:
+        rows = (t // col_tiles) * BLOCK_R + rr
+        cols = (t % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+        colmask = cols < S
+        offs = rows.to(tl.int64) * C * S + ch.to(tl.int64) * S + cols
+    return offs, (rows < n_rows) & colmask, colmask
+
+
+@triton.jit
+def _per_channel(v, CHANNELS_LAST: tl.constexpr):
+    # Sum of a tile over its lanes of one channel: rows (channels_last) or the whole tile (NCHW).
+    v = tl.sum(v, axis=0, keep_dims=True)
+    if not CHANNELS_LAST:
+        v = tl.sum(v, axis=1, keep_dims=True)
+    return v
+
+
+@triton.jit
+def _store_partial(Part, k, p, C, ch, chmask, v):
+    # Plane k, program p of the (K, P, C) partials.
+    tl.store(Part + (k * tl.num_programs(1) + p).to(tl.int64) * C + ch, v, mask=chmask)
+
+
+@triton.jit(do_not_specialize=["col_tiles", "n_tiles", "tiles_per"])
+def _reduce_partials_kernel(
+    X,  # (N, C, S) input, NCHW or channels_last
+    DY,  # backward sums: grad_out (input's layout); None for the statistics
+    O,  # backward: out, to mask grad_out where out <= 0 (relu), or None
+    Mean,  # backward: (C,) any float dtype, or None (no normalization)
+    GR,  # backward: grad_residual to write (input's dtype and strides), or None
+    Part,  # (3, P, C) statistics partials (count, mean, M2), or (2, P, C) sums (g, g * (x - mean))
     C,
     S,
-    stride_n,
-    n_per,
-    s_per,
-    splits_s,
-    RELU: tl.constexpr,
-    WRITE_GR: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    # Grid (C, P), blocks as in _welford_nchw_kernel.
-    c = tl.program_id(0)
-    p = tl.program_id(1)
-    acc_ty = Part.dtype.element_ty
-    n_lo = (p // splits_s) * n_per
-    s_lo = (p % splits_s) * s_per
-    n_hi = tl.minimum(n_lo + n_per, N)
-    s_hi = tl.minimum(s_lo + s_per, S)
-    mean = tl.load(Mean + c)
-    base = c.to(tl.int64) * S
-    rn = tl.arange(0, BLOCK_N)[:, None]
-    rs = tl.arange(0, BLOCK_S)[None, :]
-    sg = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
-    sgx = tl.zeros([BLOCK_N, BLOCK_S], dtype=acc_ty)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        n = n0 + rn
-        nmask = n < N
-        row = base + n.to(tl.int64) * stride_n
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + rs
-            mask = nmask & (s < S)
-            offs = row + s
-            dy = tl.load(DY + offs, mask=mask, other=0.0)
-            if RELU:
-                o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-                dy = tl.where(o <= 0.0, tl.zeros_like(dy), dy)
-            if WRITE_GR:
-                tl.store(GR + offs, dy.to(GR.dtype.element_ty), mask=mask)
-            g = dy.to(acc_ty)
-            x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-            sg += g
-            sgx += g * (x - mean)
-    plane = tl.num_programs(1) * C
-    off = p * C + c
-    tl.store(Part + off, tl.sum(tl.sum(sg, axis=1), axis=0))
-    tl.store(Part + plane + off, tl.sum(tl.sum(sgx, axis=1), axis=0))
-
-
-@triton.jit
-def _bwd_reduce_cl_kernel(
-    DY,  # grad_out as the (M, C) row-major matrix
-    O,
-    X,
-    Mean,
-    GR,
-    Part,  # (2, P, C)
-    M,
-    C,
-    rows_per,
-    RELU: tl.constexpr,
-    WRITE_GR: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # Grid (cdiv(C, BLOCK_C), P), blocks as in _welford_cl_kernel.
-    pc = tl.program_id(0)
-    p = tl.program_id(1)
-    acc_ty = Part.dtype.element_ty
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mean = tl.load(Mean + cols, mask=cmask, other=0.0)[None, :]
-    r_lo = p.to(tl.int64) * rows_per
-    r_hi = tl.minimum(r_lo + rows_per, M)
-    rr = tl.arange(0, BLOCK_M)[:, None]
-    sg = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    sgx = tl.zeros([BLOCK_M, BLOCK_C], dtype=acc_ty)
-    for r0 in range(r_lo, r_hi, BLOCK_M):
-        r = r0 + rr
-        mask = (r < r_hi) & cmask[None, :]
-        offs = r * C + cols[None, :]
-        dy = tl.load(DY + offs, mask=mask, other=0.0)
-        if RELU:
-            o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-            dy = tl.where(o <= 0.0, tl.zeros_like(dy), dy)
-        if WRITE_GR:
-            tl.store(GR + offs, dy.to(GR.dtype.element_ty), mask=mask)
-        g = dy.to(acc_ty)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-        sg += g
-        sgx += g * (x - mean)
-    plane = tl.num_programs(1) * C
-    off = p * C + cols
-    tl.store(Part + off, tl.sum(sg, axis=0), mask=cmask)
-    tl.store(Part + plane + off, tl.sum(sgx, axis=0), mask=cmask)
-
-
-@triton.jit
-def _sum_partials_kernel(
-    Part,  # (2, P, C)
-    Invstd,  # (C,)
-    SumDy,  # (C,) statistics dtype
-    SumDyXhat,  # (C,)
-    P,
-    C,
-    BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # One program per block of channels; fixed-order sum over the P partials.
-    pc = tl.program_id(0)
-    acc_ty = SumDy.dtype.element_ty
-    cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    plane = P * C
-    rp = tl.arange(0, BLOCK_P)[:, None]
-    a = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    b = tl.zeros([BLOCK_P, BLOCK_C], dtype=acc_ty)
-    for p0 in range(0, P, BLOCK_P):
-        p = p0 + rp
-        m = (p < P) & cmask[None, :]
-        off = p * C + cols[None, :]
-        a += tl.load(Part + off, mask=m, other=0.0)
-        b += tl.load(Part + plane + off, mask=m, other=0.0)
-    invstd = tl.load(Invstd + cols, mask=cmask, other=0.0)
-    tl.store(SumDy + cols, tl.sum(a, axis=0), mask=cmask)
-    tl.store(SumDyXhat + cols, tl.sum(b, axis=0) * invstd, mask=cmask)
-
-
-@triton.jit
-def _bwd_input_kernel(
-    G,  # grad (grad_out, or the already-masked g)
-    O,  # out when MASK_OUT, else None
-    X,  # input, read when TRAINING
-    Mean,  # (C,) statistics dtype, also the accumulation dtype
-    Invstd,
-    W,  # (C,) weight or None
-    SumDy,  # (C,)
-    SumDyXhat,  # (C,)
-    GI,  # grad_input, input's dtype and strides
-    n_rows,
-    row_len,
-    C,
-    tiles_c,
-    count,
+    n_rows,  # N (NCHW) or N * S (channels_last)
+    col_tiles,  # column tiles per row tile: cdiv(S, BLOCK_C) (NCHW) or 1
+    n_tiles,  # tiles of one channel (block)
+    tiles_per,  # tiles per program
     CHANNELS_LAST: tl.constexpr,
-    MASK_OUT: tl.constexpr,
-    HAS_W: tl.constexpr,
-    TRAINING: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # grad_input = k * (g - sum_dy / count - (x - mean) * invstd * sum_dy_xhat / count) with
-    # k = w * invstd (training), k * g (eval); the per-channel factors are formed per row/column.
-    acc_ty = Mean.dtype.element_ty
-    offs, mask, ch, chmask = _tile(n_rows, row_len, C, tiles_c, CHANNELS_LAST, BLOCK_R, BLOCK_C)
-    invstd = tl.load(Invstd + ch, mask=chmask, other=0.0)
-    k = invstd
-    if HAS_W:
-        k = k * tl.load(W + ch, mask=chmask, other=0.0).to(acc_ty)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(acc_ty)
-    if MASK_OUT:
-        o = tl.load(O + offs, mask=mask, other=0.0).to(acc_ty)
-        g = tl.where(o <= 0.0, 0.0, g)
-    if TRAINING:
-        cnt = tl.cast(count, acc_ty)
-        mean = tl.load(Mean + ch, mask=chmask, other=0.0)
-        mean_dy = tl.load(SumDy + ch, mask=chmask, other=0.0).to(acc_ty) / cnt
-        a = invstd * (tl.load(SumDyXhat + ch, mask=chmask, other=0.0).to(acc_ty) / cnt)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty)
-        gi = k * (g - mean_dy - (x - mean) * a)
+    # Grid (C or channel blocks, P): program (a, p) reduces tiles [p * tiles_per, ...) of a, into
+    # per-lane accumulators a0, a1, a2: Welford's count, mean and M2 of y = x - shift, or the
+    # backward's sums of g and g * (x - mean).
+    acc_ty = Part.dtype.element_ty
+    p = tl.program_id(1)
+    ch, chmask = _program_channels(tl.program_id(0), C, CHANNELS_LAST, BLOCK_C)
+    if DY is None:  # the shift: the channel's first element
+        center = tl.load(X + (ch if CHANNELS_LAST else ch.to(tl.int64) * S), mask=chmask, other=0.0).to(acc_ty)
     else:
-        gi = k * g
-    tl.store(GI + offs, _round_to(gi, GI.dtype.element_ty), mask=mask)
+        center = 0.0 if Mean is None else tl.load(Mean + ch, mask=chmask, other=0.0).to(acc_ty)
+    a0 = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    a1 = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    a2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    seen = tl.zeros([1, BLOCK_C], dtype=acc_ty)  # tiles so far in which each column was valid
+    t_lo = p * tiles_per
+    for t in range(t_lo, tl.minimum(t_lo + tiles_per, n_tiles)):
+        offs, mask, colmask = _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty) - center
+        if DY is None:
+            seen += colmask.to(acc_ty)
+            delta = tl.where(mask, x - a1, 0.0)  # masked lanes keep their state
+            a1 += delta * (1.0 / tl.maximum(seen, 1.0))  # a valid lane's count is its column's
+            a2 += delta * (x - a1)
+            a0 += mask.to(acc_ty)
+        else:
+            dy = tl.load(DY + offs, mask=mask, other=0.0)
+            if O is not None:
+                dy = tl.where(tl.load(O + offs, mask=mask, other=0.0) <= 0.0, tl.zeros_like(dy), dy)
+            if GR is not None:
+                tl.store(GR + offs, dy, mask=mask)
+            a0 += dy.to(acc_ty)
+            a1 += dy.to(acc_ty) * x
+    if DY is None:  # the program's lanes merged as the comment above says
+        n_p = _per_channel(a0, CHANNELS_LAST)
+        mean_p = _per_channel(a0 * a1, CHANNELS_LAST) / tl.maximum(n_p, 1.0)
+        d = a1 - mean_p
+        _store_partial(Part, 0, p, C, ch, chmask, n_p)
+        _store_partial(Part, 1, p, C, ch, chmask, mean_p)
+        _store_partial(Part, 2, p, C, ch, chmask, _per_channel(a2 + a0 * d * d, CHANNELS_LAST))
+    else:
+        _store_partial(Part, 0, p, C, ch, chmask, _per_channel(a0, CHANNELS_LAST))
+        _store_partial(Part, 1, p, C, ch, chmask, _per_channel(a1, CHANNELS_LAST))
+
+
+@triton.jit
+def _invstd(Var, ch, chmask, eps_hi, eps_lo, acc_ty: tl.constexpr):
+    # 1 / sqrt(var + eps) of channels ch, correctly rounded as torch's, from var of any dtype.
+    var = tl.load(Var + ch, mask=chmask, other=1.0).to(acc_ty)
+    return _rsqrt_rn(var + _f64_arg(eps_hi, eps_lo, acc_ty))
+
+
+@triton.jit
+def _update_running(RM, RV, ch, chmask, mean, var, count, mom_hi, mom_lo):
+    # running = (1 - momentum) * running + momentum * batch, in float64, with the unbiased
+    # variance var * count / (count - 1) (var itself when count == 1, as the C++ ops), rounded
+    # once to the running stats' dtype. Nothing changes when count == 0 (no values).
+    mom = _f64_arg(mom_hi, mom_lo, tl.float64)
+    n = count.to(tl.float64)
+    var = var.to(tl.float64)
+    unbiased = tl.where(n > 1.0, var * n / (n - 1.0), var)
+    m = chmask & (count > 0)
+    rm = tl.load(RM + ch, mask=m, other=0.0).to(tl.float64)
+    rv = tl.load(RV + ch, mask=m, other=0.0).to(tl.float64)
+    tl.store(RM + ch, _round_to((1.0 - mom) * rm + mom * mean.to(tl.float64), RM.dtype.element_ty), mask=m)
+    tl.store(RV + ch, _round_to((1.0 - mom) * rv + mom * unbiased, RV.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["P", "count", "shift"])
+def _merge_partials_kernel(
+    Part,  # (K, P, C) partials: K = 3 Welford (count, mean, M2) when X is given, else K = 2 sums
+    Out0,  # (C,) statistics dtype: mean, or sum_dy
+    Out1,  # (C,) var, or sum_dy_xhat
+    X,  # statistics: the input, whose first element per channel (at c * shift) was the shift
+    Var,  # sums: (C,) var (any float dtype) for invstd, or None (1)
+    RM,  # statistics: running mean to update in place, or None
+    RV,  # running var, or None
+    P,
+    C,
+    count,  # N * S
+    shift,
+    eps_hi,
+    eps_lo,
+    mom_hi,
+    mom_lo,
+    BLOCK_R: tl.constexpr,  # partials per step
+    BLOCK_C: tl.constexpr,
+):
+    # One program per block of channels: merges the P partials in a fixed order. Sums: two sums,
+    # the second scaled by invstd. Welford: the n-weighted mean of the means, then (a second
+    # pass) M2; the final mean and var, and the running-stat update. P == 0 (empty input) gives
+    # zero sums and NaN statistics.
+    acc_ty = Out0.dtype.element_ty
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    plane = P.to(tl.int64) * C
+    rp = tl.arange(0, BLOCK_R)[:, None]
+    a = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    b = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_R):
+        m = (p0 + rp < P) & cmask[None, :]
+        off = (p0 + rp).to(tl.int64) * C + cols[None, :]
+        u = tl.load(Part + off, mask=m, other=0.0)
+        v = tl.load(Part + plane + off, mask=m, other=0.0)
+        a += u
+        b += u * v if X is not None else v
+    if X is None:
+        tl.store(Out0 + cols, tl.sum(a, axis=0), mask=cmask)
+        scale = 1.0 if Var is None else _invstd(Var, cols, cmask, eps_hi, eps_lo, acc_ty)
+        tl.store(Out1 + cols, tl.sum(b, axis=0) * scale, mask=cmask)
+    else:
+        n = count.to(acc_ty)
+        mean_y = tl.sum(b, axis=0) / n
+        m2 = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
+        for p0 in range(0, P, BLOCK_R):
+            m = (p0 + rp < P) & cmask[None, :]
+            off = (p0 + rp).to(tl.int64) * C + cols[None, :]
+            d = tl.load(Part + plane + off, mask=m, other=0.0) - mean_y[None, :]
+            m2 += tl.load(Part + 2 * plane + off, mask=m, other=0.0) + tl.load(Part + off, mask=m, other=0.0) * d * d
+        mean = mean_y + tl.load(X + cols.to(tl.int64) * shift, mask=cmask & (count > 0), other=0.0).to(acc_ty)
+        var = tl.sum(m2, axis=0) / n
+        tl.store(Out0 + cols, mean, mask=cmask)
+        tl.store(Out1 + cols, var, mask=cmask)
+        if RM is not None:
+            _update_running(RM, RV, cols, cmask, mean, var, count, mom_hi, mom_lo)
+
+
+@triton.jit(do_not_specialize=["W"])
+def _combine_stats_kernel(
+    Stats,  # (W, 2C + 1) contiguous rows: mean (C), biased var (C), count
+    Mean,  # (C,) stats' dtype
+    Var,  # (C,)
+    RM,  # running mean to update in place, or None
+    RV,  # running var, or None
+    W,
+    C,
+    mom_hi,
+    mom_lo,
+    BLOCK_C: tl.constexpr,
+):
+    # Sync BatchNorm: the processes' statistics combined in float64, rows in order, in two
+    # passes: n = sum n_w, mean = sum(n_w * mean_w) / n, var = sum(n_w * (var_w + (mean_w -
+    # mean)^2)) / n. Rows with no values (n_w == 0, NaN statistics) contribute nothing.
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n = tl.zeros([BLOCK_C], dtype=tl.float64)
+    s = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for w in range(0, W):
+        row = Stats + w * (2 * C + 1)
+        n_w = tl.load(row + 2 * C).to(tl.float64)
+        n += n_w
+        s += tl.where(n_w > 0.0, n_w * tl.load(row + cols, mask=cmask, other=0.0).to(tl.float64), 0.0)
+    mean = s / n
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for w in range(0, W):
+        row = Stats + w * (2 * C + 1)
+        n_w = tl.load(row + 2 * C).to(tl.float64)
+        d = tl.load(row + cols, mask=cmask, other=0.0).to(tl.float64) - mean
+        m2 += tl.where(n_w > 0.0, n_w * (tl.load(row + C + cols, mask=cmask, other=0.0).to(tl.float64) + d * d), 0.0)
+    var = m2 / n
+    tl.store(Mean + cols, mean.to(Mean.dtype.element_ty), mask=cmask)
+    tl.store(Var + cols, var.to(Var.dtype.element_ty), mask=cmask)
+    if RM is not None:
+        _update_running(RM, RV, cols, cmask, mean, var, n, mom_hi, mom_lo)
 
 
 # ----------------------------------------------------------------------------------------------
-# Launch heuristics
+# Kernel: the elementwise passes (the forward and the input grad)
 # ----------------------------------------------------------------------------------------------
 
 
-def _hint(v) -> int:
-    """v as an int for the launch heuristics: a symbolic size (torch.compile with dynamic shapes)
-    gives its hint, without adding a guard. Block shapes never affect results, only speed."""
-    node = getattr(v, "node", None)
-    if node is not None:
-        hint = getattr(node, "hint", None)
-        return int(hint) if hint is not None else 4096
-    return int(v)
+# The forward (normalize + add + ReLU) and the backward's input grad are one kernel: both are a
+# per-element function of x (and residual, or g) and per-channel (mean, invstd, invstd * w):
+#   forward (G None):      out = relu((x - mean) * invstd * w + b + residual), one read of x
+#                          (and residual), one write; x - mean first, so a large mean does not
+#                          cancel against the scaled x.
+#   input grad (G given):  g = grad, zeroed where out <= 0 when out is given (relu), and
+#                          training: grad_input = w * invstd * (g - sum_dy / count - (x - mean) *
+#                          invstd * sum_dy_xhat / count); eval (no sums): w * invstd * g.
 
 
-class _Launch(NamedTuple):
-    block_r: int  # tile rows: N*S rows (channels_last), planes (NCHW: a channel's N, or N*C), partials (merge)
-    block_c: int  # tile columns: channels (channels_last), spatial positions (NCHW)
+@triton.jit(do_not_specialize=["count"])
+def _elementwise_kernel(
+    X,  # (N, C, S) input (not read by the eval input grad)
+    R,  # forward: residual (input's dtype and strides), or None
+    G,  # input grad: grad; None for the forward
+    O,  # input grad: out, to mask grad where out <= 0 (relu), or None
+    W,  # (C,) weight, or None
+    B,  # forward: (C,) bias, or None
+    Mean,  # (C,) any float dtype, or None (no normalization)
+    Var,  # (C,), or None
+    SumDy,  # input grad in training: (C,) statistics dtype; None in eval
+    SumDyXhat,  # (C,), or None
+    Y,  # out / grad_input, input's dtype and strides
+    n_rows,
+    row_len,
+    C,
+    count,
+    eps_hi,
+    eps_lo,
+    CHANNELS_LAST: tl.constexpr,
+    RELU: tl.constexpr,  # forward
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # This program's tile of the (n_rows, row_len) matrix: NCHW (N*C planes, S), one channel per
+    # row; channels_last (N*S, C), one channel per column. The grid is 1-D over (row tiles) x
+    # (column tiles); per-channel values are loaded per row / column, shaped to broadcast.
+    acc_ty = tl.float64 if X.dtype.element_ty == tl.float64 else tl.float32
+    pid = tl.program_id(0)
+    tiles_c = tl.cdiv(row_len, BLOCK_C)
+    rows = (pid // tiles_c) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
+    if CHANNELS_LAST:
+        ch, chmask = cols, cols < row_len
+    else:
+        ch, chmask = rows % C, rows < n_rows
+    offs = rows.to(tl.int64) * row_len + cols
+    mask = (rows < n_rows) & (cols < row_len)
+    mean = 0.0 if Mean is None else tl.load(Mean + ch, mask=chmask, other=0.0).to(acc_ty)
+    invstd = 1.0 if Var is None else _invstd(Var, ch, chmask, eps_hi, eps_lo, acc_ty)
+    scale = invstd if W is None else invstd * tl.load(W + ch, mask=chmask, other=0.0).to(acc_ty)
+    if G is None:
+        y = (tl.load(X + offs, mask=mask, other=0.0).to(acc_ty) - mean) * scale
+        if B is not None:
+            y = y + tl.load(B + ch, mask=chmask, other=0.0).to(acc_ty)
+        if R is not None:
+            y = y + tl.load(R + offs, mask=mask, other=0.0).to(acc_ty)
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
+    else:
+        g = tl.load(G + offs, mask=mask, other=0.0).to(acc_ty)
+        if O is not None:
+            g = tl.where(tl.load(O + offs, mask=mask, other=0.0) <= 0.0, 0.0, g)
+        if SumDy is not None:
+            cnt = count.to(acc_ty)
+            g -= tl.load(SumDy + ch, mask=chmask, other=0.0).to(acc_ty) / cnt
+            a = invstd * (tl.load(SumDyXhat + ch, mask=chmask, other=0.0).to(acc_ty) / cnt)
+            g -= (tl.load(X + offs, mask=mask, other=0.0).to(acc_ty) - mean) * a
+        y = scale * g
+    tl.store(Y + offs, _round_to(y, Y.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch configuration: pure functions of the layout and sizes
+# ----------------------------------------------------------------------------------------------
+
+
+class TileConfig(NamedTuple):
+    block_r: int  # BLOCK_R: N*S rows (channels_last), planes (NCHW: a channel's N, or N*C), partials
+    block_c: int  # BLOCK_C: channels (channels_last), spatial positions (NCHW)
     num_warps: int
-    split: int  # reductions: programs sharing one channel (block)'s N*S elements
+
+    @property
+    def meta(self) -> dict:
+        """The launch's block constexprs and num_warps."""
+        return {"BLOCK_R": self.block_r, "BLOCK_C": self.block_c, "num_warps": self.num_warps}
+
+
+class ReduceConfig(NamedTuple):
+    block_r: int
+    block_c: int
+    num_warps: int
+    tiles_per: int  # tiles per program (a channel (block) has cdiv(its tiles, tiles_per) programs)
+
+    meta = TileConfig.meta
 
 
 def _least_padding(n: int, lo: int, hi: int) -> int:
@@ -538,410 +462,305 @@ def _least_padding(n: int, lo: int, hi: int) -> int:
     ties); e.g. 64 for n = 3136 = 49 * 64."""
     best, b = hi, hi
     while b >= lo:
-        if triton.cdiv(n, b) * b < triton.cdiv(n, best) * best:
+        if _cdiv(n, b) * b < _cdiv(n, best) * best:
             best = b
         b //= 2
     return best
 
 
-def _launch_heuristics(
-    kind: str, channels_last: bool, n: int, c: int, s: int, device: torch.device, p: int = 0
-) -> _Launch:
-    """Tile shape, warps and (reductions) the split of each channel's N*S elements, for kind
-    "apply" (elementwise passes), "reduce" (statistics, bwd_reduce) or "merge" (the kernels that
-    merge p partials per channel; block_r then tiles the partials).
-
-    GPU: tiles of 4096 elements for the elementwise passes (8 warps, 16 per thread) and 2048 for
-    reductions (4 warps; 2-3 live accumulators per element), halved for NCHW with S not a
-    multiple of 8, whose unvectorized per-element addresses cost registers. channels_last tiles
-    span up to 128 (apply) / 64 (reduce) channels, i.e. 256 / 128 contiguous bytes of bf16 per
-    row. NCHW tiles span the power of two that covers S with the least padding (S = 3136 -> 64,
-    S = 49 -> 64), widened when the N*C (or N) planes cannot fill the tile. Reductions split
-    N*S so that about 8 programs per SM run, each over at least 4 tiles; the merge reads
-    [64, 32] tiles of partials, one program per 32 channels. Sizes may be symbolic (torch.compile
-    with dynamic shapes): their hints choose the configuration. Interpreter: tiles of 64 / 32
-    elements and at most 3 programs per channel, so that small tests still cover several
-    programs, loop iterations and masked tails."""
-    interp = _on_interpreter(device)
-    n, c, s, p = _hint(n), _hint(c), _hint(s), _hint(p)
-    if kind == "merge":
-        if interp:
-            return _Launch(min(triton.next_power_of_2(p), 4), min(triton.next_power_of_2(c), 16), 1, 1)
-        return _Launch(min(triton.next_power_of_2(p), 64), min(triton.next_power_of_2(c), 32), 4, 1)
-    reduction = kind == "reduce"
-    tile = (32 if reduction else 64) if interp else (2048 if reduction else 4096)
-    if not (interp or channels_last) and s % 8 != 0:
+def _tile_shape(reduction: bool, channels_last: bool, n: int, c: int, s: int, interpreted: bool) -> tuple[int, int]:
+    tile = (32 if reduction else 64) if interpreted else (2048 if reduction else 4096)
+    if not (interpreted or channels_last) and s % 8 != 0:
         tile //= 2  # NCHW rows that cannot be loaded in 16-byte vectors: per-element addresses
     if channels_last:
-        block_c = min(triton.next_power_of_2(c), 8 if interp else 64 if reduction else 128)
-        block_r = max(tile // block_c, 1)
+        block_c = min(triton.next_power_of_2(c), 8 if interpreted else 64 if reduction else 128)
+        return max(tile // block_c, 1), block_c
+    rows = n if reduction else n * c
+    cap = min(triton.next_power_of_2(max(s, 1)), 16 if interpreted else 1024)
+    block_c = _least_padding(max(s, 1), min(cap, 4 if interpreted else 32), cap)
+    block_r = max(min(tile // block_c, triton.next_power_of_2(max(rows, 1))), 1)
+    # Few planes: widen the tile along S while that pads S by at most 1/8.
+    wide = min(triton.next_power_of_2(max(s, 1)), tile // block_r)
+    while wide > block_c and _cdiv(s, wide) * wide > s + s // 8:
+        wide //= 2
+    return block_r, max(wide, block_c)
+
+
+@functools.lru_cache(maxsize=1024)
+def bn_elementwise_config(channels_last: bool, n: int, c: int, s: int, interpreted: bool = False) -> TileConfig:
+    """Tiles of the elementwise passes (apply, bwd_input); see the module doc."""
+    block_r, block_c = _tile_shape(False, channels_last, n, c, s, interpreted)
+    return TileConfig(block_r, block_c, 1 if interpreted else 8)
+
+
+@functools.lru_cache(maxsize=1024)
+def bn_reduce_config(
+    channels_last: bool, n: int, c: int, s: int, sm_count: int, interpreted: bool = False
+) -> ReduceConfig:
+    """Tiles and split of the reductions (stats, bwd_reduce); see the module doc. Under the
+    interpreter at most 3 programs per channel (block)."""
+    block_r, block_c = _tile_shape(True, channels_last, n, c, s, interpreted)
+    tiles = _reduce_tiles(channels_last, n, c, s, block_r, block_c)[2]
+    blocks = _cdiv(c, block_c) if channels_last else c
+    if interpreted:
+        split = min(3, tiles)
     else:
-        rows = n if reduction else n * c
-        cap = min(triton.next_power_of_2(max(s, 1)), 16 if interp else 1024)
-        block_c = _least_padding(max(s, 1), min(cap, 4 if interp else 32), cap)
-        block_r = max(min(tile // block_c, triton.next_power_of_2(max(rows, 1))), 1)
-        # Few planes: widen the tile along S while that pads S by at most 1/8.
-        wide = min(triton.next_power_of_2(max(s, 1)), tile // block_r)
-        while wide > block_c and triton.cdiv(s, wide) * wide > s + s // 8:
-            wide //= 2
-        block_c = max(wide, block_c)
-    num_warps = 1 if interp else (4 if reduction else 8)
-    split = 1
-    if reduction:
-        # Tiles along one channel (block)'s N*S elements.
-        tiles = triton.cdiv(n * s, block_r if channels_last else block_r * block_c)
-        if interp:
-            split = max(1, min(3, tiles))
-        else:
-            blocks = triton.cdiv(c, block_c) if channels_last else c
-            split = max(1, min(triton.cdiv(8 * _sm_count(device), blocks), triton.cdiv(tiles, 4), 65535))
-    return _Launch(block_r, block_c, num_warps, split)
+        split = min(_cdiv(8 * sm_count, blocks), _cdiv(tiles, 4), 65535)
+    return ReduceConfig(block_r, block_c, 1 if interpreted else 4, max(_cdiv(tiles, max(split, 1)), 1))
 
 
-def _split_nchw(n, s, cfg: _Launch) -> tuple:
-    """(n_per, s_per, splits_s, programs) for an NCHW reduction: N split first, then S, into
-    multiples of the tile. n_per and s_per come from the sizes' hints; splits_s and programs
-    follow the sizes themselves (symbolic under torch.compile with dynamic shapes)."""
-    hn, hs = _hint(n), _hint(s)
-    splits_n = max(min(cfg.split, triton.cdiv(hn, cfg.block_r)), 1)
-    n_per = max(triton.cdiv(triton.cdiv(hn, splits_n), cfg.block_r), 1) * cfg.block_r
-    splits_n = max(triton.cdiv(hn, n_per), 1)
-    splits_s = max(min(triton.cdiv(cfg.split, splits_n), triton.cdiv(hs, cfg.block_c)), 1)
-    s_per = max(triton.cdiv(triton.cdiv(hs, splits_s), cfg.block_c), 1) * cfg.block_c
-    splits_s = triton.cdiv(s, s_per)
-    return n_per, s_per, splits_s, triton.cdiv(n, n_per) * splits_s
+def bn_merge_config(interpreted: bool = False) -> TileConfig:
+    """The partials' merge: [BLOCK_R, BLOCK_C] tiles, one program per BLOCK_C channels."""
+    return TileConfig(4, 16, 1) if interpreted else TileConfig(64, 32, 4)
 
 
-def _split_rows(m, cfg: _Launch) -> tuple:
-    """(rows_per, programs) for a channels_last reduction over m rows (as _split_nchw)."""
-    rows_per = max(triton.cdiv(triton.cdiv(_hint(m), cfg.split), cfg.block_r), 1) * cfg.block_r
-    return rows_per, triton.cdiv(m, rows_per)
+def bn_combine_config(interpreted: bool = False) -> TileConfig:
+    """Sync BatchNorm's combine: one program per block_c channels."""
+    return TileConfig(1, 16, 1) if interpreted else TileConfig(1, 128, 4)
+
+
+def _reduce_tiles(channels_last: bool, n, c, s, block_r: int, block_c: int) -> tuple:
+    """(n_rows, col_tiles, tiles per channel (block), channel programs) of a reduction."""
+    if channels_last:
+        return n * s, 1, _cdiv(n * s, block_r), _cdiv(c, block_c)
+    col_tiles = _cdiv(s, block_c)
+    return n, col_tiles, _cdiv(n, block_r) * col_tiles, c
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Eager launchers
 # ----------------------------------------------------------------------------------------------
 
 
-def _activation_layout(t: Tensor, name: str) -> bool:
-    """Checks that t is a (N, C, S) view, dense NCHW or channels_last, and says which kernels read
-    it: True for the channels_last ones (also used for S == 1, where both address alike)."""
-    torch._check(t.dim() == 3, lambda: f"batch_norm (triton): {name} must be a 3-D (N, C, S) view, got {t.dim()} dims")
-    torch._check(
-        t.dtype in _FLOAT_DTYPES,
-        lambda: f"batch_norm (triton): {name} must be float32, float64, float16 or bfloat16, got {t.dtype}",
-    )
-    n, c, s = t.shape
-    torch._check(c > 0, lambda: f"batch_norm (triton): {name} must have at least one channel")
-
-    def ok(dim, expected):
-        return t.size(dim) <= 1 or t.stride(dim) == expected
-
-    nchw = ok(2, 1) and ok(1, s) and ok(0, c * s)
-    nhwc = ok(1, 1) and ok(2, c) and ok(0, c * s)
-    torch._check(nchw or nhwc, lambda: f"batch_norm (triton): {name} must be dense in NCHW or channels_last layout")
-    return s == 1 or not nchw
+def _layout(t: torch.Tensor) -> tuple:
+    """(N, C, S, channels_last) of a channels_dense (N, C, *) activation; S == 1 reads as
+    channels_last (rows of C), whose addressing it shares."""
+    shape = t.shape
+    s = math.prod(shape[2:])
+    return shape[0], shape[1], s, s == 1 or not t.is_contiguous()
 
 
-def _check_like_input(t: Tensor, name: str, input: Tensor) -> None:
-    """t is an activation of input's shape, dtype, device and memory format."""
-    torch._check(
-        t.dim() == 3 and t.shape == input.shape,
-        lambda: f"batch_norm (triton): {name} must have input's shape {tuple(input.shape)}, got {tuple(t.shape)}",
-    )
-    torch._check(t.device == input.device, lambda: f"batch_norm (triton): {name} must be on {input.device}")
-    torch._check(
-        t.dtype == input.dtype,
-        lambda: f"batch_norm (triton): {name} must have input's dtype {input.dtype}, got {t.dtype}",
-    )
-    cl = _activation_layout(t, name)
-    _, c, s = input.shape
-    torch._check(
-        cl == _activation_layout(input, "input") or s == 1 or c == 1,
-        lambda: f"batch_norm (triton): {name} must have input's memory format",
-    )
+def _reduce(launch, planes: int, tensors: tuple, input: torch.Tensor):
+    """Runs _reduce_partials_kernel over input's channels; returns its (planes, P, C) partials and P."""
+    n, c, s, cl = _layout(input)
+    cfg = bn_reduce_config(cl, _hint(n), _hint(c), _hint(s), _sm_count(input.device), _INTERPRETED)
+    n_rows, col_tiles, n_tiles, blocks = _reduce_tiles(cl, n, c, s, cfg.block_r, cfg.block_c)
+    programs = _cdiv(n_tiles, cfg.tiles_per)
+    part = torch.empty((planes, programs, c), dtype=stats_dtype(input.dtype), device=input.device)
+    if programs > 0:
+        tiles = (c, s, n_rows, col_tiles, n_tiles, cfg.tiles_per)
+        launch(_reduce_partials_kernel)[(blocks, programs)](*tensors, part, *tiles, CHANNELS_LAST=cl, **cfg.meta)
+    return part, programs
 
 
-def _check_channel_vector(t: Optional[Tensor], name: str, input: Tensor, dtype: Optional[torch.dtype] = None) -> None:
-    """t is None or a contiguous (C,) vector on input's device; of `dtype` when given (the
-    statistics), else of any floating dtype (weight, bias: fp32 with fp16/bf16 input under
-    autocast, or input's dtype)."""
-    if t is None:
-        return
-    c = input.size(1)
-    torch._check(
-        t.dim() == 1 and t.size(0) == c,
-        lambda: f"batch_norm (triton): {name} must have shape ({c},), got {tuple(t.shape)}",
-    )
-    torch._check(c <= 1 or t.stride(0) == 1, lambda: f"batch_norm (triton): {name} must be contiguous")
-    torch._check(t.device == input.device, lambda: f"batch_norm (triton): {name} must be on {input.device}")
-    if dtype is None:
-        torch._check(t.dtype in _FLOAT_DTYPES, lambda: f"batch_norm (triton): {name} must be a floating tensor")
-    else:
-        torch._check(t.dtype == dtype, lambda: f"batch_norm (triton): {name} must be {dtype}, got {t.dtype}")
+def _merge(launch, part, programs, out0, out1, x=None, shift=1, var=None, rm=None, rv=None, count=0, eps=0.0, mom=0.0):
+    """Merges reduction partials into out0 / out1: Welford statistics of input x (channel c's
+    shift at x[c * shift]; running stats rm / rv updated with momentum mom) when x is given, else
+    sums, the second scaled by invstd from var."""
+    cfg = bn_merge_config(_INTERPRETED)
+    c = out0.shape[0]
+    scalars = (programs, c, count, shift, *_split_float(eps), *_split_float(mom))
+    launch(_merge_partials_kernel)[(_cdiv(c, cfg.block_c),)](part, out0, out1, x, var, rm, rv, *scalars, **cfg.meta)
 
 
-def _elementwise_grid(cl: bool, n: int, c: int, s: int, cfg: _Launch) -> tuple[int, int, int]:
-    """(n_rows, row_len, tiles_c) of the matrix an elementwise pass tiles; the grid is
-    cdiv(n_rows, BLOCK_R) * tiles_c programs."""
+def _elementwise(launch, tensors: tuple, input: torch.Tensor, count=0, eps=1.0, relu=False) -> None:
+    """Runs _elementwise_kernel over input's (N, C, S) elements."""
+    n, c, s, cl = _layout(input)
+    cfg = bn_elementwise_config(cl, _hint(n), _hint(c), _hint(s), _INTERPRETED)
     n_rows, row_len = (n * s, c) if cl else (n * c, s)
-    return n_rows, row_len, triton.cdiv(row_len, cfg.block_c)
+    tiles_c = _cdiv(row_len, cfg.block_c)
+    programs = _cdiv(n_rows, cfg.block_r) * tiles_c
+    if programs > 0:
+        scalars = (n_rows, row_len, c, count, *_split_float(eps))
+        launch(_elementwise_kernel)[(programs,)](*tensors, *scalars, CHANNELS_LAST=cl, RELU=relu, **cfg.meta)
 
 
-@_register("fusedres::batch_norm_stats_triton")
-def batch_norm_stats_triton(input: Tensor) -> tuple[Tensor, Tensor]:
-    cl = _activation_layout(input, "input")
-    n, c, s = input.shape
-    device = input.device
-    stats = _stats_dtype(input.dtype)
-    if n * s == 0:  # as the C++ ops: no values, NaN statistics
-        return torch.full((c,), float("nan"), dtype=stats, device=device), torch.full(
-            (c,), float("nan"), dtype=stats, device=device
-        )
-    mean = torch.empty((c,), dtype=stats, device=device)
-    var = torch.empty((c,), dtype=stats, device=device)
-    if _skip_launch(input):
-        return mean, var
+def _stats_outputs(input, *args):
+    c, stats = input.shape[1], stats_dtype(input.dtype)
+    return torch.empty((c,), dtype=stats, device=input.device), torch.empty((c,), dtype=stats, device=input.device)
 
-    cfg = _launch_heuristics("reduce", cl, n, c, s, device)
-    if cl:
-        rows_per, programs = _split_rows(n * s, cfg)
-        part = torch.empty((3, programs, c), dtype=stats, device=device)
-        wrap_triton(_welford_cl_kernel)[(triton.cdiv(c, cfg.block_c), programs)](
-            input, part, n * s, c, rows_per, BLOCK_M=cfg.block_r, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps
-        )
-    else:
-        n_per, s_per, splits_s, programs = _split_nchw(n, s, cfg)
-        part = torch.empty((3, programs, c), dtype=stats, device=device)
-        wrap_triton(_welford_nchw_kernel)[(c, programs)](
-            input,
-            part,
-            n,
-            c,
-            s,
-            c * s,
-            n_per,
-            s_per,
-            splits_s,
-            BLOCK_N=cfg.block_r,
-            BLOCK_S=cfg.block_c,
-            num_warps=cfg.num_warps,
-        )
-    merge = _launch_heuristics("merge", cl, n, c, s, device, programs)
-    wrap_triton(_merge_stats_kernel)[(triton.cdiv(c, merge.block_c),)](
-        part,
-        input,
-        mean,
-        var,
-        programs,
-        c,
-        1 if cl else s,
-        BLOCK_P=merge.block_r,
-        BLOCK_C=merge.block_c,
-        num_warps=merge.num_warps,
+
+def batch_norm_stats(input, running_mean, running_var, momentum, launch=_direct):
+    """Per-channel (mean, biased var) of input; running stats updated in place when given."""
+    mean, var = outputs = _stats_outputs(input)
+    part, programs = _reduce(launch, 3, (input, None, None, None, None), input)
+    n, _, s, cl = _layout(input)
+    shift = 1 if cl else s
+    _merge(launch, part, programs, mean, var, input, shift, None, running_mean, running_var, n * s, mom=momentum)
+    return outputs
+
+
+def _combine_outputs(stats, *args):
+    c, dtype = (stats.shape[1] - 1) // 2, stats.dtype
+    return torch.empty((c,), dtype=dtype, device=stats.device), torch.empty((c,), dtype=dtype, device=stats.device)
+
+
+def batch_norm_combine_stats(stats, running_mean, running_var, momentum, launch=_direct):
+    """Sync BatchNorm: the (mean, biased var) of W processes' rows of stats; running stats
+    updated in place with the total count when given."""
+    mean, var = outputs = _combine_outputs(stats)
+    cfg = bn_combine_config(_INTERPRETED)
+    c = mean.shape[0]
+    tensors = (stats, mean, var, running_mean, running_var)
+    launch(_combine_stats_kernel)[(_cdiv(c, cfg.block_c),)](
+        *tensors, stats.shape[0], c, *_split_float(momentum), BLOCK_C=cfg.block_c, num_warps=cfg.num_warps
     )
-    return mean, var
+    return outputs
 
 
-@_register("fusedres::batch_norm_add_relu_fwd_triton")
-def batch_norm_add_relu_fwd_triton(
-    input: Tensor,
-    residual: Optional[Tensor],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    mean: Tensor,
-    invstd: Tensor,
-    relu: bool,
-    training: bool,
-    count: int,
-) -> Tensor:
-    # training and count only matter to the autograd formula (fusedres/ops).
-    cl = _activation_layout(input, "input")
-    n, c, s = input.shape
-    device = input.device
-    stats = _stats_dtype(input.dtype)
-    if residual is not None:
-        _check_like_input(residual, "residual", input)
-    _check_channel_vector(weight, "weight", input)
-    _check_channel_vector(bias, "bias", input)
-    _check_channel_vector(mean, "mean", input, stats)
-    _check_channel_vector(invstd, "invstd", input, stats)
+def _like_input(input, *args):
+    return torch.empty_like(input)
 
-    out = torch.empty_like(input)
-    if n * s == 0 or _skip_launch(input):
-        return out
-    cfg = _launch_heuristics("apply", cl, n, c, s, device)
-    n_rows, row_len, tiles_c = _elementwise_grid(cl, n, c, s, cfg)
-    wrap_triton(_fwd_apply_kernel)[(triton.cdiv(n_rows, cfg.block_r) * tiles_c,)](
-        input,
-        residual,
-        weight,
-        bias,
-        mean,
-        invstd,
-        out,
-        n_rows,
-        row_len,
-        c,
-        tiles_c,
-        CHANNELS_LAST=cl,
-        HAS_R=residual is not None,
-        HAS_W=weight is not None,
-        HAS_B=bias is not None,
-        RELU=relu,
-        BLOCK_R=cfg.block_r,
-        BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+
+def batch_norm_add_relu_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count, launch=_direct):
+    """out = relu(xhat * weight + bias + residual). training / count only matter to autograd."""
+    out = _like_input(input)
+    _elementwise(
+        launch, (input, residual, None, None, weight, bias, mean, var, None, None, out), input, eps=eps, relu=relu
     )
     return out
 
 
-@_register("fusedres::batch_norm_add_relu_bwd_reduce_triton")
-def batch_norm_add_relu_bwd_reduce_triton(
-    grad_out: Tensor,
-    out: Tensor,
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    relu: bool,
-    write_grad_residual: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    cl = _activation_layout(input, "input")
-    n, c, s = input.shape
-    device = input.device
-    stats = _stats_dtype(input.dtype)
-    _check_like_input(grad_out, "grad_out", input)
-    if relu:
-        _check_like_input(out, "out", input)
-    _check_channel_vector(mean, "mean", input, stats)
-    _check_channel_vector(invstd, "invstd", input, stats)
-
-    sum_dy = torch.empty((c,), dtype=stats, device=device)
-    sum_dy_xhat = torch.empty((c,), dtype=stats, device=device)
+def _bwd_reduce_outputs(grad_out, out, input, mean, var, eps, relu, write_grad_residual):
+    sum_dy, sum_dy_xhat = _stats_outputs(input)
     if write_grad_residual:
-        grad_residual = torch.empty_like(input, dtype=grad_out.dtype)
-    else:
-        grad_residual = torch.empty((0,), dtype=grad_out.dtype, device=device)
-    if n * s == 0:
-        return sum_dy.zero_(), sum_dy_xhat.zero_(), grad_residual
-    if _skip_launch(input):
-        return sum_dy, sum_dy_xhat, grad_residual
+        return sum_dy, sum_dy_xhat, torch.empty_like(input, dtype=grad_out.dtype)
+    return sum_dy, sum_dy_xhat, torch.empty((0,), dtype=grad_out.dtype, device=input.device)
 
-    cfg = _launch_heuristics("reduce", cl, n, c, s, device)
-    gr = grad_residual if write_grad_residual else None
-    o = out if relu else None
-    if cl:
-        rows_per, programs = _split_rows(n * s, cfg)
-        part = torch.empty((2, programs, c), dtype=stats, device=device)
-        wrap_triton(_bwd_reduce_cl_kernel)[(triton.cdiv(c, cfg.block_c), programs)](
-            grad_out,
-            o,
-            input,
-            mean,
-            gr,
-            part,
-            n * s,
-            c,
-            rows_per,
-            RELU=relu,
-            WRITE_GR=write_grad_residual,
-            BLOCK_M=cfg.block_r,
-            BLOCK_C=cfg.block_c,
-            num_warps=cfg.num_warps,
-        )
-    else:
-        n_per, s_per, splits_s, programs = _split_nchw(n, s, cfg)
-        part = torch.empty((2, programs, c), dtype=stats, device=device)
-        wrap_triton(_bwd_reduce_nchw_kernel)[(c, programs)](
-            grad_out,
-            o,
-            input,
-            mean,
-            gr,
-            part,
-            n,
-            c,
-            s,
-            c * s,
-            n_per,
-            s_per,
-            splits_s,
-            RELU=relu,
-            WRITE_GR=write_grad_residual,
-            BLOCK_N=cfg.block_r,
-            BLOCK_S=cfg.block_c,
-            num_warps=cfg.num_warps,
-        )
-    merge = _launch_heuristics("merge", cl, n, c, s, device, programs)
-    wrap_triton(_sum_partials_kernel)[(triton.cdiv(c, merge.block_c),)](
-        part,
-        invstd,
-        sum_dy,
-        sum_dy_xhat,
-        programs,
-        c,
-        BLOCK_P=merge.block_r,
-        BLOCK_C=merge.block_c,
-        num_warps=merge.num_warps,
+
+def batch_norm_add_relu_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual, launch=_direct):
+    """(sum_dy, sum_dy_xhat, grad_residual): the first backward pass."""
+    sum_dy, sum_dy_xhat, grad_residual = outputs = _bwd_reduce_outputs(
+        grad_out, out, input, mean, var, eps, relu, write_grad_residual
     )
-    return sum_dy, sum_dy_xhat, grad_residual
+    tensors = (input, grad_out, out if relu else None, mean, grad_residual if write_grad_residual else None)
+    part, programs = _reduce(launch, 2, tensors, input)
+    _merge(launch, part, programs, sum_dy, sum_dy_xhat, var=var, eps=eps)
+    return outputs
 
 
-@_register("fusedres::batch_norm_add_relu_bwd_input_triton")
-def batch_norm_add_relu_bwd_input_triton(
-    grad: Tensor,
-    out: Optional[Tensor],
-    input: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Optional[Tensor],
-    sum_dy: Tensor,
-    sum_dy_xhat: Tensor,
-    count: int,
-    training: bool,
-    relu: bool,
-) -> Tensor:
-    cl = _activation_layout(input, "input")
-    n, c, s = input.shape
-    device = input.device
-    stats = _stats_dtype(input.dtype)
-    _check_like_input(grad, "grad", input)
-    if out is not None:
-        _check_like_input(out, "out", input)
-    _check_channel_vector(mean, "mean", input, stats)
-    _check_channel_vector(invstd, "invstd", input, stats)
-    _check_channel_vector(weight, "weight", input)
-    _check_channel_vector(sum_dy, "sum_dy", input, stats)
-    _check_channel_vector(sum_dy_xhat, "sum_dy_xhat", input, stats)
-    torch._check(not training or count > 0, lambda: "batch_norm (triton): count must be positive in training mode")
+def _bwd_input_outputs(grad, out, input, *args):
+    return torch.empty_like(input)
 
-    grad_input = torch.empty_like(input)
-    if n * s == 0 or _skip_launch(input):
-        return grad_input
-    mask_out = relu and out is not None
-    cfg = _launch_heuristics("apply", cl, n, c, s, device)
-    n_rows, row_len, tiles_c = _elementwise_grid(cl, n, c, s, cfg)
-    wrap_triton(_bwd_input_kernel)[(triton.cdiv(n_rows, cfg.block_r) * tiles_c,)](
-        grad,
-        out if mask_out else None,
-        input,
-        mean,
-        invstd,
-        weight,
-        sum_dy,
-        sum_dy_xhat,
-        grad_input,
-        n_rows,
-        row_len,
-        c,
-        tiles_c,
-        count,  # unused in eval
-        CHANNELS_LAST=cl,
-        MASK_OUT=mask_out,
-        HAS_W=weight is not None,
-        TRAINING=training,
-        BLOCK_R=cfg.block_r,
-        BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
-    )
+
+def batch_norm_add_relu_bwd_input(
+    grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu, launch=_direct
+):
+    """grad_input: the second backward pass."""
+    grad_input = _bwd_input_outputs(grad, out, input)
+    sums = (sum_dy, sum_dy_xhat) if training else (None, None)
+    tensors = (input, None, grad, out if relu else None, weight, None, mean, var, *sums, grad_input)
+    _elementwise(launch, tensors, input, count, eps)
     return grad_input
+
+
+# ----------------------------------------------------------------------------------------------
+# Registered operators
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_activation(name: str, t, input=None) -> None:
+    """t is an (N, C, *) activation the kernels can read (channels_dense); with input: of its
+    shape, dtype, device and layout."""
+    check_float_tensor(name, t)
+    if t.dim() < 2 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be (N, C, ...) with C > 0, got shape {tuple(t.shape)}")
+    if not channels_dense(t):
+        raise ValueError(f"{name} must be dense in NCHW or channels_last order (make it contiguous)")
+    if input is not None and (t.shape, t.dtype, t.device) != (input.shape, input.dtype, input.device):
+        raise ValueError(
+            f"{name} must have input's shape, dtype and device, got {t.dtype}{tuple(t.shape)} on {t.device}"
+        )
+    if input is not None and _layout(t)[3] != _layout(input)[3] and input.shape[1] > 1:
+        raise ValueError(f"{name} must have input's memory format")
+
+
+def _check_bn(input, eps=None, activations=(), vectors=(), stats_vectors=(), pair=()) -> None:
+    """The registered ops' checks: input; (name, t) activations like input (None skipped);
+    channel vectors, of the statistics dtype for stats_vectors; a pair given together."""
+    _check_activation("input", input)
+    for name, t in activations:
+        if t is not None:
+            _check_activation(name, t, input)
+    if pair and (pair[0][1] is None) != (pair[1][1] is None):
+        raise ValueError(f"{pair[0][0]} and {pair[1][0]} must be given together")
+    for name, t in (*vectors, *stats_vectors):
+        _check_vector(name, t, input.shape[1], input.device)
+    for name, t in stats_vectors:
+        if t is not None and t.dtype != stats_dtype(input.dtype):
+            raise TypeError(f"{name} must be {stats_dtype(input.dtype)} (the statistics dtype), got {t.dtype}")
+    if eps is not None:
+        check_positive("eps", eps)
+
+
+def _check_stats(input, running_mean, running_var, momentum) -> None:
+    running = (("running_mean", running_mean), ("running_var", running_var))
+    _check_bn(input, vectors=running, pair=running)
+
+
+def _check_combine(stats, running_mean, running_var, momentum) -> None:
+    check_float_tensor("stats", stats)
+    if stats.dim() != 2 or stats.shape[0] == 0 or stats.shape[1] < 3 or stats.shape[1] % 2 != 1:
+        raise ValueError(f"stats must be (W, 2C + 1) with W >= 1, got shape {tuple(stats.shape)}")
+    if not stats.is_contiguous() or stats.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats must be a contiguous float32 or float64 tensor, got {stats.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_vector(name, t, (stats.shape[1] - 1) // 2, stats.device)
+
+
+def _check_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count) -> None:
+    stats = (("mean", mean), ("var", var))
+    _check_bn(input, eps, [("residual", residual)], (("weight", weight), ("bias", bias), *stats), pair=stats)
+
+
+def _check_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual) -> None:
+    stats = (("mean", mean), ("var", var))
+    _check_bn(input, eps, [("grad_out", grad_out), ("out", out)], stats, pair=stats)
+
+
+def _check_bwd_input(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu) -> None:
+    stats, sums = (("mean", mean), ("var", var)), (("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat))
+    _check_bn(input, eps, [("grad", grad), ("out", out)], (("weight", weight), *stats), sums, pair=stats)
+    if training and (sum_dy is None or sum_dy_xhat is None or count <= 0):
+        raise ValueError("training needs sum_dy, sum_dy_xhat and a positive count")
+
+
+# csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
+_RUNNING = "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor mean, Tensor var)"
+_FWD = (
+    "(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, bool relu, "
+    "bool training, int count) -> Tensor"
+)
+_BWD_REDUCE = (
+    "(Tensor grad_out, Tensor out, Tensor input, Tensor? mean, Tensor? var, float eps, bool relu, "
+    "bool write_grad_residual) -> (Tensor, Tensor, Tensor)"
+)
+_BWD_INPUT = (
+    "(Tensor grad, Tensor? out, Tensor input, Tensor? mean, Tensor? var, float eps, Tensor? weight, "
+    "Tensor? sum_dy, Tensor? sum_dy_xhat, int count, bool training, bool relu) -> Tensor"
+)
+_MUTATED = ("running_mean", "running_var")
+_REDUCE_KERNELS = (_reduce_partials_kernel, _merge_partials_kernel)
+
+batch_norm_stats_triton = _register_op(
+    f"(Tensor input, {_RUNNING}", batch_norm_stats, _stats_outputs, _check_stats, _REDUCE_KERNELS, _MUTATED
+)
+batch_norm_combine_stats_triton = _register_op(
+    f"(Tensor stats, {_RUNNING}",
+    batch_norm_combine_stats,
+    _combine_outputs,
+    _check_combine,
+    (_combine_stats_kernel,),
+    _MUTATED,
+)
+batch_norm_add_relu_fwd_triton = _register_op(
+    _FWD, batch_norm_add_relu_fwd, _like_input, _check_fwd, (_elementwise_kernel,)
+)
+batch_norm_add_relu_bwd_reduce_triton = _register_op(
+    _BWD_REDUCE, batch_norm_add_relu_bwd_reduce, _bwd_reduce_outputs, _check_bwd_reduce, _REDUCE_KERNELS
+)
+batch_norm_add_relu_bwd_input_triton = _register_op(
+    _BWD_INPUT, batch_norm_add_relu_bwd_input, _bwd_input_outputs, _check_bwd_input, (_elementwise_kernel,)
+)
