@@ -130,6 +130,9 @@ def check_batch_norm_args(input, residual, running_mean, running_var, weight, bi
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is not None:
             _check_vector(name, t, c, what, ("input", input))
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (it is updated in place), got strides {t.stride()}")
     eps = check_positive("eps", eps)
     if (running_mean is None) != (running_var is None):
         if not training:

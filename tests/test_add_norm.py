@@ -277,3 +277,16 @@ def test_backward_with_recomputed_h_matches_stored_h(device, backend, dtype):
         )
         for a, b in zip(stored, recomputed):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_strided_parameters_are_read_correctly(device, backend):
+    """A weight / bias that is a strided view (w[::2]) gives the same result as its copy."""
+    skip_if_unusable(device, backend)
+    torch.manual_seed(0)
+    x, residual = torch.randn(3, 17, device=device), torch.randn(3, 17, device=device)
+    wide_w, wide_b = torch.randn(34, device=device), torch.randn(34, device=device)
+    w, b = wide_w[::2], wide_b[::2]
+    with fusedres.use_backend(backend):
+        ours = fusedres.add_layer_norm(x, residual, w, b)
+    torch.testing.assert_close(ours, F.layer_norm(x + residual, (17,), w.contiguous(), b.contiguous()))

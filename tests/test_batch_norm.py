@@ -208,6 +208,7 @@ BAD = [
     ("bias", lambda: torch.randn(3), ValueError, r"bias must have shape \(4,\)"),
     ("running_mean", lambda: torch.zeros(5), ValueError, r"running_mean must have shape \(4,\)"),
     ("running_var", lambda: torch.ones(2), ValueError, r"running_var must have shape \(4,\)"),
+    ("running_mean", lambda: torch.zeros(8)[::2], ValueError, "running_mean must be contiguous"),
     ("residual", lambda: torch.randn(2, 4, 3, 4), ValueError, "residual must have input's shape"),
     ("input", lambda: torch.randn(4), ValueError, "input must have at least 2 dims"),
     ("input", lambda: torch.ones(2, 4, 3, 3, dtype=torch.int64), TypeError, "input must be float32"),

@@ -198,6 +198,10 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
         x = as_rows(x)
     if residual is not None and not residual.is_contiguous():
         residual = as_rows(residual)
+    if weight is not None and not weight.is_contiguous():  # the kernels read N contiguous elements
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     needs_grad = _grad_enabled() and (
         x.requires_grad
         or (residual is not None and residual.requires_grad)

@@ -228,6 +228,10 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
     input = as_channels(input)
     if residual is not None:
         residual = like_input(residual, input)
+    if weight is not None and not weight.is_contiguous():  # the kernels read C contiguous elements
+        weight = weight.contiguous()
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()
     direct, registered = kernels
     if _is_compiling() and group is None:
         if training:
