@@ -59,10 +59,47 @@ def _check_vector(name: str, t, n: int, what: str, device_of) -> None:
 # --- Add & Norm ------------------------------------------------------------------------------
 
 
+def _same_device(t, dev: int, cpu: bool) -> bool:
+    # get_device() and is_cpu are plain attribute reads; `t.device != x.device` builds two
+    # torch.device objects (~0.5 us): the fast paths below compare these instead.
+    return t.get_device() == dev and t.is_cpu == cpu
+
+
 def check_add_norm_args(x, residual, weight, bias, eps, *, param_shape: tuple | None = None) -> float:
     """Validates add_norm's arguments and returns eps as a float. weight and bias must have shape
     (N,), N = x.shape[-1]; a module normalizing several trailing dims passes their shape as
     param_shape (its parameters keep it; the kernels read them as N contiguous elements)."""
+    # The common case in one expression; anything unusual goes to the checks that name it.
+    try:
+        shape = x.shape
+        n = shape[-1]
+        dev, cpu = x.get_device(), x.is_cpu
+        pshape = (n,) if param_shape is None else param_shape
+        fast = (
+            x.dtype in FLOAT_DTYPES
+            and n > 0
+            and (residual is None or (residual.dtype in FLOAT_DTYPES and residual.shape == shape))
+            and (residual is None or _same_device(residual, dev, cpu))
+            and (weight is None or (weight.dtype in FLOAT_DTYPES and weight.shape == pshape))
+            and (weight is None or _same_device(weight, dev, cpu))
+            and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == pshape))
+            and (bias is None or _same_device(bias, dev, cpu))
+            and (weight is None or bias is None or weight.dtype == bias.dtype)
+            and (
+                param_shape is None
+                or ((weight is None or weight.is_contiguous()) and (bias is None or bias.is_contiguous()))
+            )
+            and type(eps) is float
+            and 0 < eps < math.inf
+        )
+    except (AttributeError, IndexError, TypeError):
+        fast = False
+    if fast:
+        return eps
+    return _check_add_norm_args(x, residual, weight, bias, eps, param_shape)
+
+
+def _check_add_norm_args(x, residual, weight, bias, eps, param_shape) -> float:
     check_float_tensor("x", x)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the normalized one)")
@@ -115,8 +152,39 @@ def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 # --- BatchNorm + add + ReLU -------------------------------------------------------------------
 
 
+def _channel_vector_ok(t, c: int, dev: int, cpu: bool) -> bool:
+    return t is None or (t.dtype in FLOAT_DTYPES and t.shape == (c,) and _same_device(t, dev, cpu))
+
+
 def check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
     """Validates batch_norm_add_relu's arguments and returns eps as a float."""
+    try:  # the common case in one expression, as check_add_norm_args
+        shape = input.shape
+        c = shape[1]
+        dev, cpu = input.get_device(), input.is_cpu
+        fast = (
+            input.dtype in FLOAT_DTYPES
+            and (residual is None or (residual.dtype in FLOAT_DTYPES and residual.shape == shape))
+            and (residual is None or _same_device(residual, dev, cpu))
+            and _channel_vector_ok(weight, c, dev, cpu)
+            and _channel_vector_ok(bias, c, dev, cpu)
+            and (running_mean is None) == (running_var is None)
+            and (running_mean is not None or training)
+            and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()))
+            and _channel_vector_ok(running_mean, c, dev, cpu)
+            and _channel_vector_ok(running_var, c, dev, cpu)
+            and (not training or input.numel() > c)
+            and type(eps) is float
+            and 0 < eps < math.inf
+        )
+    except (AttributeError, IndexError, TypeError):
+        fast = False
+    if fast:
+        return eps
+    return _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps)
+
+
+def _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
     check_float_tensor("input", input)
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
@@ -182,3 +250,152 @@ def like_input(t: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     if t.dtype == input.dtype and (t.stride() == input.stride() or t.numel() <= 1):
         return t
     return torch.empty_like(input).copy_(t)
+
+
+# --- the operators' own arguments --------------------------------------------------------------
+# The registered operators can be called directly (internal arguments included: statistics,
+# dtypes), so the Triton operators and the fake kernels check what the kernels index with, as
+# the C++ operators do (csrc/add_norm.cpp, csrc/batch_norm.cpp).
+
+
+def _check_elements(name: str, t, n: int, device) -> None:
+    """t is None or n contiguous floating elements (any shape) on `device`."""
+    if t is None:
+        return
+    check_float_tensor(name, t)
+    if t.numel() != n or not t.is_contiguous():
+        raise ValueError(f"{name} must have {n} contiguous elements, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def _check_rows(name: str, t, like=None, like_name: str = "") -> None:
+    """t is a (..., N) float tensor the kernels can read in place (and has like's shape and device)."""
+    check_float_tensor(name, t)
+    if like is not None and t.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
+    if like is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    if not _rows_readable(t):
+        raise ValueError(f"{name} must have unit stride along its last dim and rows of one stride (make it contiguous)")
+
+
+def _check_dtype_arg(name: str, dtype, optional: bool = False) -> None:
+    if dtype is None and optional:
+        return
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
+
+
+def _param_shape(weight, bias, n: int) -> tuple | None:
+    t = weight if weight is not None else bias
+    return None if t is None or t.shape == (n,) else tuple(t.shape)
+
+
+def check_add_norm_fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> None:
+    """add_norm_fwd's arguments as the operator takes them (the registered Triton operator and the
+    fake kernels; csrc/add_norm.cpp checks the same in C++)."""
+    n = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
+    check_add_norm_args(x, residual, weight, bias, eps, param_shape=_param_shape(weight, bias, n))
+    _check_rows("x", x)
+    if residual is not None:
+        _check_rows("residual", residual, x, "x")
+    _check_elements("weight", weight, n, x.device)
+    _check_elements("bias", bias, n, x.device)
+    _check_dtype_arg("h_dtype", h_dtype)
+
+
+def check_add_norm_bwd_op(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype) -> None:
+    """add_norm_bwd's arguments, as check_add_norm_fwd_op."""
+    check_float_tensor("h", h)
+    if h.dim() < 1 or h.shape[-1] == 0:
+        raise ValueError(f"h must have a non-empty last dimension, got shape {tuple(h.shape)}")
+    _check_rows("h", h)
+    for name, t in (("dy", dy), ("dh", dh), ("residual", residual)):
+        if t is not None:
+            _check_rows(name, t, h, "h")
+    n = h.shape[-1]
+    _check_elements("weight", weight, n, h.device)
+    _check_elements("bias", bias, n, h.device)
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
+    m, stats = h.numel() // n, stats_dtype(dy.dtype)
+    for name, t in (("rstd", rstd),) if rms_norm else (("rstd", rstd), ("mean", mean)):
+        if not (isinstance(t, torch.Tensor) and t.shape == (m,) and t.dtype == stats and t.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous ({m},) {stats} tensor (the forward's), got {_describe(t)}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
+    _check_dtype_arg("h_dtype", h_dtype)
+    _check_dtype_arg("dresidual_dtype", dresidual_dtype, optional=True)
+
+
+def _describe(t) -> str:
+    return f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_activation(name: str, t, input=None) -> None:
+    """t is an (N, C, *) activation the kernels can read (channels_dense); with input: of its
+    shape, dtype, device and layout."""
+    check_float_tensor(name, t)
+    if t.dim() < 2 or t.shape[1] == 0:
+        raise ValueError(f"{name} must be (N, C, ...) with C > 0, got shape {tuple(t.shape)}")
+    if not channels_dense(t):
+        raise ValueError(f"{name} must be dense in NCHW or channels_last order (make it contiguous)")
+    if input is not None and (t.shape, t.dtype, t.device) != (input.shape, input.dtype, input.device):
+        raise ValueError(
+            f"{name} must have input's shape, dtype and device, got {t.dtype}{tuple(t.shape)} on {t.device}"
+        )
+    if input is not None and t.is_contiguous() != input.is_contiguous() and input.shape[1] > 1:
+        raise ValueError(f"{name} must have input's memory format")
+
+
+def _check_bn(input, eps=None, activations=(), vectors=(), stats_vectors=(), pair=()) -> None:
+    """The registered ops' checks: input; (name, t) activations like input (None skipped);
+    channel vectors, of the statistics dtype for stats_vectors; a pair given together."""
+    _check_activation("input", input)
+    for name, t in activations:
+        if t is not None:
+            _check_activation(name, t, input)
+    if pair and (pair[0][1] is None) != (pair[1][1] is None):
+        raise ValueError(f"{pair[0][0]} and {pair[1][0]} must be given together")
+    for name, t in (*vectors, *stats_vectors):
+        _check_elements(name, t, input.shape[1], input.device)
+    for name, t in stats_vectors:
+        if t is not None and t.dtype != stats_dtype(input.dtype):
+            raise TypeError(f"{name} must be {stats_dtype(input.dtype)} (the statistics dtype), got {t.dtype}")
+    if eps is not None:
+        check_positive("eps", eps)
+
+
+def check_bn_stats_op(input, running_mean, running_var, momentum) -> None:
+    running = (("running_mean", running_mean), ("running_var", running_var))
+    _check_bn(input, vectors=running, pair=running)
+
+
+def check_bn_combine_op(stats, running_mean, running_var, momentum) -> None:
+    check_float_tensor("stats", stats)
+    if stats.dim() != 2 or stats.shape[0] == 0 or stats.shape[1] < 3 or stats.shape[1] % 2 != 1:
+        raise ValueError(f"stats must be (W, 2C + 1) with W >= 1, got shape {tuple(stats.shape)}")
+    if not stats.is_contiguous() or stats.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"stats must be a contiguous float32 or float64 tensor, got {stats.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        _check_elements(name, t, (stats.shape[1] - 1) // 2, stats.device)
+
+
+def check_bn_fwd_op(input, residual, weight, bias, mean, var, eps, relu, training, count) -> None:
+    stats = (("mean", mean), ("var", var))
+    _check_bn(input, eps, [("residual", residual)], (("weight", weight), ("bias", bias), *stats), pair=stats)
+
+
+def check_bn_bwd_reduce_op(grad_out, out, input, mean, var, eps, relu, write_grad_residual) -> None:
+    stats = (("mean", mean), ("var", var))
+    _check_bn(input, eps, [("grad_out", grad_out), ("out", out)], stats, pair=stats)
+
+
+def check_bn_bwd_input_op(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu) -> None:
+    stats, sums = (("mean", mean), ("var", var)), (("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat))
+    _check_bn(input, eps, [("grad", grad), ("out", out)], (("weight", weight), *stats), sums, pair=stats)
+    if training and (sum_dy is None or sum_dy_xhat is None or count <= 0):
+        raise ValueError("training needs sum_dy, sum_dy_xhat and a positive count")

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from fusedres._checks import as_rows, check_add_norm_args, stats_dtype
+from fusedres._checks import as_rows, check_add_norm_args, check_add_norm_bwd_op, check_add_norm_fwd_op, stats_dtype
 from fusedres._extension import EXTENSION_LOADED
 from fusedres.backends import resolve_backend
 from fusedres.ops._eager import below_autograd, direct, plain
@@ -62,6 +62,7 @@ else:
 
 
 def add_norm_fwd_fake(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h):
+    check_add_norm_fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
     m = x.numel() // x.shape[-1] if x.dim() else 1
     stats = stats_dtype(x.dtype)
     y = x.new_empty(x.shape)
@@ -72,6 +73,7 @@ def add_norm_fwd_fake(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h
 
 
 def add_norm_bwd_fake(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
+    check_add_norm_bwd_op(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype)
     dx = dy.new_empty(h.shape)
     dresidual = dy.new_empty(h.shape, dtype=dresidual_dtype) if dresidual_dtype is not None else dy.new_empty(0)
     dweight = torch.empty_like(weight, memory_format=torch.contiguous_format) if weight is not None else dy.new_empty(0)

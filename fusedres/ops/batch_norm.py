@@ -25,6 +25,11 @@ from fusedres._checks import (
     as_channels,
     check_batch_norm_args,
     check_bias_add_relu_args,
+    check_bn_bwd_input_op,
+    check_bn_bwd_reduce_op,
+    check_bn_combine_op,
+    check_bn_fwd_op,
+    check_bn_stats_op,
     like_input,
     stats_dtype,
 )
@@ -79,26 +84,31 @@ else:
 
 
 def _stats_fake(input, running_mean, running_var, momentum):
+    check_bn_stats_op(input, running_mean, running_var, momentum)
     c, stats = input.shape[1], stats_dtype(input.dtype)
     return input.new_empty((c,), dtype=stats), input.new_empty((c,), dtype=stats)
 
 
 def _combine_fake(stats, running_mean, running_var, momentum):
+    check_bn_combine_op(stats, running_mean, running_var, momentum)
     c = (stats.shape[1] - 1) // 2
     return stats.new_empty((c,)), stats.new_empty((c,))
 
 
 def _fwd_fake(input, residual, weight, bias, mean, var, eps, relu, training, count):
+    check_bn_fwd_op(input, residual, weight, bias, mean, var, eps, relu, training, count)
     return torch.empty_like(input)
 
 
 def _bwd_reduce_fake(grad_out, out, input, mean, var, eps, relu, write_grad_residual):
+    check_bn_bwd_reduce_op(grad_out, out, input, mean, var, eps, relu, write_grad_residual)
     c, stats = input.shape[1], stats_dtype(input.dtype)
     g = torch.empty_like(input) if write_grad_residual else input.new_empty((0,))
     return input.new_empty((c,), dtype=stats), input.new_empty((c,), dtype=stats), g
 
 
 def _bwd_input_fake(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu):
+    check_bn_bwd_input_op(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu)
     return torch.empty_like(input)
 
 

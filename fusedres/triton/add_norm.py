@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from fusedres._checks import FLOAT_DTYPES, _rows_readable, check_add_norm_args, check_float_tensor, stats_dtype
+from fusedres._checks import check_add_norm_bwd_op, check_add_norm_fwd_op, stats_dtype
 
 # Whether @triton.jit produces interpreted kernels (Triton reads TRITON_INTERPRET when a kernel
 # is defined, i.e. at import of this module).
@@ -714,78 +714,6 @@ def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
     return op
 
 
-def _check_vector(name: str, t, n: int, device) -> None:
-    """t is None or n contiguous floating elements (any shape) on `device`."""
-    if t is None:
-        return
-    check_float_tensor(name, t)
-    if t.numel() != n or not t.is_contiguous():
-        raise ValueError(f"{name} must have {n} contiguous elements, got shape {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
-def _check_rows(name: str, t, like=None, like_name: str = "") -> None:
-    """t is a (..., N) float tensor the kernels can read in place (and has like's shape and device)."""
-    check_float_tensor(name, t)
-    if like is not None and t.shape != like.shape:
-        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
-    if not _rows_readable(t):
-        raise ValueError(f"{name} must have unit stride along its last dim and rows of one stride (make it contiguous)")
-
-
-def _check_dtype_arg(name: str, dtype, optional: bool = False) -> None:
-    if dtype is None and optional:
-        return
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
-
-
-def _param_shape(weight, bias, n: int) -> tuple | None:
-    t = weight if weight is not None else bias
-    return None if t is None or t.shape == (n,) else tuple(t.shape)
-
-
-def _check_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> None:
-    n = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
-    check_add_norm_args(x, residual, weight, bias, eps, param_shape=_param_shape(weight, bias, n))
-    _check_rows("x", x)
-    if residual is not None:
-        _check_rows("residual", residual, x, "x")
-    _check_vector("weight", weight, n, x.device)
-    _check_vector("bias", bias, n, x.device)
-    _check_dtype_arg("h_dtype", h_dtype)
-
-
-def _check_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype) -> None:
-    check_float_tensor("h", h)
-    if h.dim() < 1 or h.shape[-1] == 0:
-        raise ValueError(f"h must have a non-empty last dimension, got shape {tuple(h.shape)}")
-    _check_rows("h", h)
-    for name, t in (("dy", dy), ("dh", dh), ("residual", residual)):
-        if t is not None:
-            _check_rows(name, t, h, "h")
-    n = h.shape[-1]
-    _check_vector("weight", weight, n, h.device)
-    _check_vector("bias", bias, n, h.device)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    m, stats = h.numel() // n, stats_dtype(dy.dtype)
-    for name, t in (("rstd", rstd),) if rms_norm else (("rstd", rstd), ("mean", mean)):
-        if not (isinstance(t, torch.Tensor) and t.shape == (m,) and t.dtype == stats and t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous ({m},) {stats} tensor (the forward's), got {_describe(t)}")
-        if t.device != h.device:
-            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
-    _check_dtype_arg("h_dtype", h_dtype)
-    _check_dtype_arg("dresidual_dtype", dresidual_dtype, optional=True)
-
-
-def _describe(t) -> str:
-    return f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 # csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
 _FWD = (
     "(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms_norm, ScalarType h_dtype, "
@@ -795,7 +723,7 @@ _BWD = (
     "(Tensor dy, Tensor? dh, Tensor h, Tensor? residual, ScalarType h_dtype, Tensor? weight, Tensor? bias, "
     "Tensor mean, Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)"
 )
-add_norm_fwd_triton = _register_op(_FWD, add_norm_fwd, _fwd_outputs, _check_fwd, (_add_norm_fwd_kernel,))
+add_norm_fwd_triton = _register_op(_FWD, add_norm_fwd, _fwd_outputs, check_add_norm_fwd_op, (_add_norm_fwd_kernel,))
 add_norm_bwd_triton = _register_op(
-    _BWD, add_norm_bwd, _bwd_outputs, _check_bwd, (_add_norm_bwd_kernel, _column_sum_kernel)
+    _BWD, add_norm_bwd, _bwd_outputs, check_add_norm_bwd_op, (_add_norm_bwd_kernel, _column_sum_kernel)
 )

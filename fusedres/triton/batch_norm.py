@@ -71,11 +71,17 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres._checks import channels_dense, check_float_tensor, check_positive, stats_dtype
+from fusedres._checks import (
+    check_bn_bwd_input_op,
+    check_bn_bwd_reduce_op,
+    check_bn_combine_op,
+    check_bn_fwd_op,
+    check_bn_stats_op,
+    stats_dtype,
+)
 from fusedres.triton.add_norm import (
     _INTERPRETED,
     _cdiv,
-    _check_vector,
     _direct,
     _f64_arg,
     _hint,
@@ -659,74 +665,6 @@ def batch_norm_add_relu_bwd_input(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_activation(name: str, t, input=None) -> None:
-    """t is an (N, C, *) activation the kernels can read (channels_dense); with input: of its
-    shape, dtype, device and layout."""
-    check_float_tensor(name, t)
-    if t.dim() < 2 or t.shape[1] == 0:
-        raise ValueError(f"{name} must be (N, C, ...) with C > 0, got shape {tuple(t.shape)}")
-    if not channels_dense(t):
-        raise ValueError(f"{name} must be dense in NCHW or channels_last order (make it contiguous)")
-    if input is not None and (t.shape, t.dtype, t.device) != (input.shape, input.dtype, input.device):
-        raise ValueError(
-            f"{name} must have input's shape, dtype and device, got {t.dtype}{tuple(t.shape)} on {t.device}"
-        )
-    if input is not None and _layout(t)[3] != _layout(input)[3] and input.shape[1] > 1:
-        raise ValueError(f"{name} must have input's memory format")
-
-
-def _check_bn(input, eps=None, activations=(), vectors=(), stats_vectors=(), pair=()) -> None:
-    """The registered ops' checks: input; (name, t) activations like input (None skipped);
-    channel vectors, of the statistics dtype for stats_vectors; a pair given together."""
-    _check_activation("input", input)
-    for name, t in activations:
-        if t is not None:
-            _check_activation(name, t, input)
-    if pair and (pair[0][1] is None) != (pair[1][1] is None):
-        raise ValueError(f"{pair[0][0]} and {pair[1][0]} must be given together")
-    for name, t in (*vectors, *stats_vectors):
-        _check_vector(name, t, input.shape[1], input.device)
-    for name, t in stats_vectors:
-        if t is not None and t.dtype != stats_dtype(input.dtype):
-            raise TypeError(f"{name} must be {stats_dtype(input.dtype)} (the statistics dtype), got {t.dtype}")
-    if eps is not None:
-        check_positive("eps", eps)
-
-
-def _check_stats(input, running_mean, running_var, momentum) -> None:
-    running = (("running_mean", running_mean), ("running_var", running_var))
-    _check_bn(input, vectors=running, pair=running)
-
-
-def _check_combine(stats, running_mean, running_var, momentum) -> None:
-    check_float_tensor("stats", stats)
-    if stats.dim() != 2 or stats.shape[0] == 0 or stats.shape[1] < 3 or stats.shape[1] % 2 != 1:
-        raise ValueError(f"stats must be (W, 2C + 1) with W >= 1, got shape {tuple(stats.shape)}")
-    if not stats.is_contiguous() or stats.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"stats must be a contiguous float32 or float64 tensor, got {stats.dtype}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        _check_vector(name, t, (stats.shape[1] - 1) // 2, stats.device)
-
-
-def _check_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count) -> None:
-    stats = (("mean", mean), ("var", var))
-    _check_bn(input, eps, [("residual", residual)], (("weight", weight), ("bias", bias), *stats), pair=stats)
-
-
-def _check_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual) -> None:
-    stats = (("mean", mean), ("var", var))
-    _check_bn(input, eps, [("grad_out", grad_out), ("out", out)], stats, pair=stats)
-
-
-def _check_bwd_input(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu) -> None:
-    stats, sums = (("mean", mean), ("var", var)), (("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat))
-    _check_bn(input, eps, [("grad", grad), ("out", out)], (("weight", weight), *stats), sums, pair=stats)
-    if training and (sum_dy is None or sum_dy_xhat is None or count <= 0):
-        raise ValueError("training needs sum_dy, sum_dy_xhat and a positive count")
-
-
 # csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
 _RUNNING = "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor mean, Tensor var)"
 _FWD = (
@@ -745,22 +683,22 @@ _MUTATED = ("running_mean", "running_var")
 _REDUCE_KERNELS = (_reduce_partials_kernel, _merge_partials_kernel)
 
 batch_norm_stats_triton = _register_op(
-    f"(Tensor input, {_RUNNING}", batch_norm_stats, _stats_outputs, _check_stats, _REDUCE_KERNELS, _MUTATED
+    f"(Tensor input, {_RUNNING}", batch_norm_stats, _stats_outputs, check_bn_stats_op, _REDUCE_KERNELS, _MUTATED
 )
 batch_norm_combine_stats_triton = _register_op(
     f"(Tensor stats, {_RUNNING}",
     batch_norm_combine_stats,
     _combine_outputs,
-    _check_combine,
+    check_bn_combine_op,
     (_combine_stats_kernel,),
     _MUTATED,
 )
 batch_norm_add_relu_fwd_triton = _register_op(
-    _FWD, batch_norm_add_relu_fwd, _like_input, _check_fwd, (_elementwise_kernel,)
+    _FWD, batch_norm_add_relu_fwd, _like_input, check_bn_fwd_op, (_elementwise_kernel,)
 )
 batch_norm_add_relu_bwd_reduce_triton = _register_op(
-    _BWD_REDUCE, batch_norm_add_relu_bwd_reduce, _bwd_reduce_outputs, _check_bwd_reduce, _REDUCE_KERNELS
+    _BWD_REDUCE, batch_norm_add_relu_bwd_reduce, _bwd_reduce_outputs, check_bn_bwd_reduce_op, _REDUCE_KERNELS
 )
 batch_norm_add_relu_bwd_input_triton = _register_op(
-    _BWD_INPUT, batch_norm_add_relu_bwd_input, _bwd_input_outputs, _check_bwd_input, (_elementwise_kernel,)
+    _BWD_INPUT, batch_norm_add_relu_bwd_input, _bwd_input_outputs, check_bn_bwd_input_op, (_elementwise_kernel,)
 )
