@@ -65,6 +65,11 @@ def _same_device(t, dev: int, cpu: bool) -> bool:
     return t.get_device() == dev and t.is_cpu == cpu
 
 
+def _like_ok(t, shape, dev: int, cpu: bool) -> bool:
+    """t is None, or a float tensor of this shape on the device (dev, cpu) (the fast paths)."""
+    return t is None or (t.dtype in FLOAT_DTYPES and t.shape == shape and _same_device(t, dev, cpu))
+
+
 def check_add_norm_args(x, residual, weight, bias, eps, *, param_shape: tuple | None = None) -> float:
     """Validates add_norm's arguments and returns eps as a float. weight and bias must have shape
     (N,), N = x.shape[-1]; a module normalizing several trailing dims passes their shape as
@@ -78,12 +83,9 @@ def check_add_norm_args(x, residual, weight, bias, eps, *, param_shape: tuple | 
         fast = (
             x.dtype in FLOAT_DTYPES
             and n > 0
-            and (residual is None or (residual.dtype in FLOAT_DTYPES and residual.shape == shape))
-            and (residual is None or _same_device(residual, dev, cpu))
-            and (weight is None or (weight.dtype in FLOAT_DTYPES and weight.shape == pshape))
-            and (weight is None or _same_device(weight, dev, cpu))
-            and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == pshape))
-            and (bias is None or _same_device(bias, dev, cpu))
+            and _like_ok(residual, shape, dev, cpu)
+            and _like_ok(weight, pshape, dev, cpu)
+            and _like_ok(bias, pshape, dev, cpu)
             and (weight is None or bias is None or weight.dtype == bias.dtype)
             and (
                 param_shape is None
@@ -152,10 +154,6 @@ def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
 # --- BatchNorm + add + ReLU -------------------------------------------------------------------
 
 
-def _channel_vector_ok(t, c: int, dev: int, cpu: bool) -> bool:
-    return t is None or (t.dtype in FLOAT_DTYPES and t.shape == (c,) and _same_device(t, dev, cpu))
-
-
 def check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
     """Validates batch_norm_add_relu's arguments and returns eps as a float."""
     try:  # the common case in one expression, as check_add_norm_args
@@ -164,15 +162,14 @@ def check_batch_norm_args(input, residual, running_mean, running_var, weight, bi
         dev, cpu = input.get_device(), input.is_cpu
         fast = (
             input.dtype in FLOAT_DTYPES
-            and (residual is None or (residual.dtype in FLOAT_DTYPES and residual.shape == shape))
-            and (residual is None or _same_device(residual, dev, cpu))
-            and _channel_vector_ok(weight, c, dev, cpu)
-            and _channel_vector_ok(bias, c, dev, cpu)
+            and _like_ok(residual, shape, dev, cpu)
+            and _like_ok(weight, (c,), dev, cpu)
+            and _like_ok(bias, (c,), dev, cpu)
             and (running_mean is None) == (running_var is None)
             and (running_mean is not None or training)
             and (running_mean is None or (running_mean.is_contiguous() and running_var.is_contiguous()))
-            and _channel_vector_ok(running_mean, c, dev, cpu)
-            and _channel_vector_ok(running_var, c, dev, cpu)
+            and _like_ok(running_mean, (c,), dev, cpu)
+            and _like_ok(running_var, (c,), dev, cpu)
             and (not training or input.numel() > c)
             and type(eps) is float
             and 0 < eps < math.inf

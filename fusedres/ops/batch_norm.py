@@ -367,9 +367,10 @@ def sync_batch_norm_add_relu(
         raise RuntimeError("sync_batch_norm_add_relu needs a kernel backend (cpu, cuda or triton), not 'reference'")
     if group is None:
         group = torch.distributed.group.WORLD
-    return _BatchNormFunction.apply(
-        as_channels(input),
-        like_input(residual, as_channels(input)) if residual is not None else None,
+    return _run(
+        _KERNELS[backend],
+        input,
+        residual,
         weight,
         bias,
         running_mean,
@@ -378,6 +379,5 @@ def sync_batch_norm_add_relu(
         eps,
         relu,
         True,
-        _KERNELS[backend],
         group,
     )
