@@ -99,9 +99,26 @@ def _known_base(cls: type) -> Pattern | None:
 def fuse(model: nn.Module, *, inplace: bool = True, report: bool = False):
     """Swap fused forwards into every fusable block of `model` (and `model` itself).
 
-    Returns the model, or (model, FuseReport) with report=True. The report is also logged at INFO
-    on the "fusedres" logger. With inplace=False a deep copy is fused and the original is left as
-    it was."""
+    A recognised block (torchvision / timm ResNet blocks, nn.Transformer*Layer, HF BERT,
+    RoBERTa, GPT-2, Llama, Mistral, Qwen2 layers; matched by exact class) gets a subclass whose
+    forward calls the fused ops on its own submodules: parameters, buffers, state_dict keys and
+    optimizer state are untouched. Anything else is left alone, with the reason in the report.
+
+    Args:
+        model: the module to fuse.
+        inplace: False fuses a deep copy and leaves `model` as it was.
+        report: also return a FuseReport (what was fused, what was skipped and why); it is
+            logged at INFO on the "fusedres" logger either way.
+
+    Returns:
+        The fused model, or (model, FuseReport) with ``report=True``.
+
+    Example::
+
+        >>> model = torchvision.models.resnet50()
+        >>> model, report = fusedres.fuse(model, report=True)
+        >>> fusedres.unfuse(model)  # the original classes and forwards back
+    """
     # The patterns of the libraries this process has imported; importing them is cheap because
     # matching is by class name and nothing of torchvision/transformers is imported here.
     from fusedres.convert import hf, resnet, torch_transformer  # noqa: F401

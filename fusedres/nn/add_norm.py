@@ -73,9 +73,24 @@ class _AddNorm(nn.Module):
 
 
 class AddLayerNorm(_AddNorm):
-    """``nn.LayerNorm(normalized_shape)(x + residual)``; with prenorm=True, forward returns
-    (y, h) where h = x + residual is the next block's residual. Parameters and state_dict keys
-    are nn.LayerNorm's."""
+    """``nn.LayerNorm(normalized_shape)(x + residual)`` in one kernel (fusedres.add_layer_norm).
+
+    Parameters, buffers and state_dict keys are nn.LayerNorm's, so checkpoints load either way.
+
+    Args:
+        normalized_shape, eps, elementwise_affine, bias, device, dtype: as nn.LayerNorm.
+        prenorm: forward returns (y, h), h = x + residual being the next block's residual.
+        residual_in_fp32: keep h in float32 (a low-precision model with an fp32 residual stream).
+
+    Shape:
+        forward(x, residual=None): x and residual (..., *normalized_shape); y and h likewise.
+
+    Example::
+
+        >>> norm = fusedres.nn.AddLayerNorm(768)
+        >>> y = norm(torch.randn(2, 16, 768), torch.randn(2, 16, 768))
+        >>> norm = fusedres.nn.AddLayerNorm.from_module(torch.nn.LayerNorm(768), prenorm=True)
+    """
 
     rms_norm = False
 
@@ -111,8 +126,25 @@ class AddLayerNorm(_AddNorm):
 
 
 class AddRMSNorm(_AddNorm):
-    """``nn.RMSNorm(normalized_shape)(x + residual)``; eps=None uses torch.finfo(x.dtype).eps as
-    nn.RMSNorm does. Parameters and state_dict keys are nn.RMSNorm's."""
+    """``nn.RMSNorm(normalized_shape)(x + residual)`` in one kernel (fusedres.add_rms_norm).
+
+    Parameters and state_dict keys are nn.RMSNorm's (a weight, no bias).
+
+    Args:
+        normalized_shape, elementwise_affine, device, dtype: as nn.RMSNorm.
+        eps: None uses torch.finfo(x.dtype).eps, as nn.RMSNorm does.
+        prenorm: forward returns (y, h): Llama's ``residual = hidden + attn_out`` and the norm of
+            it, in one pass.
+        residual_in_fp32: keep h in float32.
+
+    Shape:
+        forward(x, residual=None): x and residual (..., *normalized_shape); y and h likewise.
+
+    Example::
+
+        >>> norm = fusedres.nn.AddRMSNorm(4096, eps=1e-6, prenorm=True)
+        >>> y, h = norm(torch.randn(1, 8, 4096), torch.randn(1, 8, 4096))
+    """
 
     rms_norm = True
 

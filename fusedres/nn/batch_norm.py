@@ -133,7 +133,22 @@ class BatchNormAddReLU1d(_BatchNormAddReLU, nn.BatchNorm1d):
 
 
 class BatchNormAddReLU2d(_BatchNormAddReLU, nn.BatchNorm2d):
-    """nn.BatchNorm2d followed by + residual and ReLU, fused: the ResNet block tail."""
+    """``relu(nn.BatchNorm2d(x) + residual)`` fused (fusedres.batch_norm_add_relu): the ResNet
+    block tail ``out = bn3(conv3(out)); out += identity; out = relu(out)``.
+
+    A subclass of nn.BatchNorm2d: the same constructor, parameters, buffers (running stats,
+    num_batches_tracked), state_dict, momentum=None and track_running_stats behaviour.
+
+    Shape:
+        forward(x, residual=None): x and residual (N, C, H, W), NCHW or channels_last; the output
+        keeps x's memory format.
+
+    Example::
+
+        >>> bn = fusedres.nn.BatchNormAddReLU2d(64)
+        >>> out = bn(torch.randn(8, 64, 56, 56), torch.randn(8, 64, 56, 56))
+        >>> bn = fusedres.nn.BatchNormAddReLU2d.from_module(torch.nn.BatchNorm2d(64))  # shares its tensors
+    """
 
 
 class BatchNormAddReLU3d(_BatchNormAddReLU, nn.BatchNorm3d):
@@ -199,10 +214,26 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 
 
 class ConvBNAddReLU2d(nn.Module):
-    """relu(bn(conv(x)) + residual). Training: batch statistics through the fused BN kernel.
-    Eval: BN folded into the conv's weight and bias, then one bias + add + ReLU pass. The folded
-    weights are derived on the fly (cached while the parameters are unchanged and no grad is
-    needed); the state_dict holds only conv.* and bn.*."""
+    """``relu(bn(conv(x)) + residual)``.
+
+    Training: the conv, then the fused BN kernels (batch statistics). Eval: BN folded into the
+    conv's weight and bias, then one bias + add + ReLU pass. The folded weights are derived on
+    the fly (cached while the parameters and running stats are unchanged and no grad is needed);
+    the state_dict holds only conv.* and bn.*.
+
+    Args:
+        conv: an nn.Conv2d with bn.num_features output channels.
+        bn: an nn.BatchNorm2d (or BatchNormAddReLU2d), shared, not copied.
+
+    Shape:
+        forward(x, residual=None): x the conv's input; residual the conv output's shape.
+
+    Example::
+
+        >>> block = fusedres.nn.ConvBNAddReLU2d(torch.nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        ...                                     torch.nn.BatchNorm2d(64))
+        >>> out = block(torch.randn(2, 64, 14, 14), torch.randn(2, 64, 14, 14))
+    """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
         super().__init__()
