@@ -628,16 +628,20 @@ def _param_grad(param, dy):
     return torch.empty(param.shape, dtype=param.dtype, device=dy.device)
 
 
-def add_norm_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype, launch=_direct):
+def add_norm_bwd(
+    dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype, launch=_direct, sm_count=None
+):
     """Backward of add_norm_fwd. Returns (dx, dresidual, dweight, dbias) as csrc/ops.cpp's
-    add_norm_bwd; `launch` as in add_norm_fwd."""
+    add_norm_bwd; `launch` as in add_norm_fwd; `sm_count`: plan the grid for that many SMs instead
+    of dy's device's (fusedres/triton/aot.py plans for a target GPU)."""
     dx, dresidual, dweight, dbias = outputs = _bwd_outputs(
         dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype
     )
     n = h.shape[-1]
     m = rstd.shape[0]
     cfg = add_norm_bwd_config(int(n), dy.dtype, _INTERPRETED)
-    programs, rows_per_program = add_norm_bwd_grid(_hint(m), cfg.block_n, _sm_count(dy.device), _INTERPRETED)
+    sms = sm_count or _sm_count(dy.device)
+    programs, rows_per_program = add_norm_bwd_grid(_hint(m), cfg.block_n, sms, _INTERPRETED)
     programs = _cdiv(m, rows_per_program)  # the sizes' own value when symbolic
     stats = rstd.dtype
     dw_part = None if weight is None else torch.empty((programs, n), dtype=stats, device=dy.device)

@@ -546,10 +546,12 @@ def _layout(t: torch.Tensor) -> tuple:
     return shape[0], shape[1], s, s == 1 or not t.is_contiguous()
 
 
-def _reduce(launch, planes: int, tensors: tuple, input: torch.Tensor):
-    """Runs _reduce_partials_kernel over input's channels; returns its (planes, P, C) partials and P."""
+def _reduce(launch, planes: int, tensors: tuple, input: torch.Tensor, sm_count=None):
+    """Runs _reduce_partials_kernel over input's channels, split for sm_count SMs (default: input's
+    device's); returns its (planes, P, C) partials and P."""
     n, c, s, cl = _layout(input)
-    cfg = bn_reduce_config(cl, _hint(n), _hint(c), _hint(s), _sm_count(input.device), _INTERPRETED)
+    sms = sm_count or _sm_count(input.device)
+    cfg = bn_reduce_config(cl, _hint(n), _hint(c), _hint(s), sms, _INTERPRETED)
     n_rows, col_tiles, n_tiles, blocks = _reduce_tiles(cl, n, c, s, cfg.block_r, cfg.block_c)
     programs = _cdiv(n_tiles, cfg.tiles_per)
     part = torch.empty((planes, programs, c), dtype=stats_dtype(input.dtype), device=input.device)
@@ -586,10 +588,11 @@ def _stats_outputs(input, *args):
     return torch.empty((c,), dtype=stats, device=input.device), torch.empty((c,), dtype=stats, device=input.device)
 
 
-def batch_norm_stats(input, running_mean, running_var, momentum, launch=_direct):
-    """Per-channel (mean, biased var) of input; running stats updated in place when given."""
+def batch_norm_stats(input, running_mean, running_var, momentum, launch=_direct, sm_count=None):
+    """Per-channel (mean, biased var) of input; running stats updated in place when given.
+    sm_count: plan for that many SMs instead of input's device's (fusedres/triton/aot.py)."""
     mean, var = outputs = _stats_outputs(input)
-    part, programs = _reduce(launch, 3, (input, None, None, None, None), input)
+    part, programs = _reduce(launch, 3, (input, None, None, None, None), input, sm_count)
     n, _, s, cl = _layout(input)
     shift = 1 if cl else s
     _merge(launch, part, programs, mean, var, input, shift, None, running_mean, running_var, n * s, mom=momentum)
@@ -634,13 +637,15 @@ def _bwd_reduce_outputs(grad_out, out, input, mean, var, eps, relu, write_grad_r
     return sum_dy, sum_dy_xhat, torch.empty((0,), dtype=grad_out.dtype, device=input.device)
 
 
-def batch_norm_add_relu_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual, launch=_direct):
-    """(sum_dy, sum_dy_xhat, grad_residual): the first backward pass."""
+def batch_norm_add_relu_bwd_reduce(
+    grad_out, out, input, mean, var, eps, relu, write_grad_residual, launch=_direct, sm_count=None
+):
+    """(sum_dy, sum_dy_xhat, grad_residual): the first backward pass; sm_count as in batch_norm_stats."""
     sum_dy, sum_dy_xhat, grad_residual = outputs = _bwd_reduce_outputs(
         grad_out, out, input, mean, var, eps, relu, write_grad_residual
     )
     tensors = (input, grad_out, out if relu else None, mean, grad_residual if write_grad_residual else None)
-    part, programs = _reduce(launch, 2, tensors, input)
+    part, programs = _reduce(launch, 2, tensors, input, sm_count)
     _merge(launch, part, programs, sum_dy, sum_dy_xhat, var=var, eps=eps)
     return outputs
 
