@@ -56,7 +56,9 @@ integer arguments on == 1 and on divisibility by 16, except those in ``do_not_sp
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import re
 import struct
 from typing import NamedTuple
 
@@ -444,11 +446,13 @@ def _column_sum_kernel(
 # A row is held in registers as one block when next_power_of_2(N) fits both in _MAX_FUSED_BYTES
 # of x's (dy's) dtype, as in flash-attention / Liger, and in the element limits below: beyond
 # those, ptxas (sm_80/sm_90, num_warps <= 16) spills registers (the backward also keeps the
-# dweight/dbias accumulators live; in float64 it spills from 8192 on). Wider rows loop over blocks.
+# dweight/dbias accumulators live; in float64, with a separate residual grad to write, it spills at
+# 4096 on sm_90). Wider rows loop over blocks. A float64 element takes two registers: float64 rows
+# get twice the warps per column.
 _MAX_FUSED_BYTES = 65536
 _MAX_FUSED_N_FWD = 16384
 _MAX_FUSED_N_BWD = 8192
-_MAX_FUSED_N_BWD_FP64 = 4096
+_MAX_FUSED_N_BWD_FP64 = 2048
 _LOOP_BLOCK_N = 4096
 # Smallest block: keeps tiny rows (N = 1, 7) on well-trodden layouts on GPU; masked anyway.
 _MIN_BLOCK_N = 16
@@ -485,14 +489,15 @@ def _row_config(n: int, itemsize: int, max_n: int, cols_per_warp: int, interpret
 @functools.cache
 def add_norm_fwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -> RowConfig:
     """Forward launch configuration for rows of n elements of x's dtype (see the module doc)."""
-    return _row_config(n, dtype.itemsize, _MAX_FUSED_N_FWD, 512, interpreted)
+    return _row_config(n, dtype.itemsize, _MAX_FUSED_N_FWD, 128 if dtype == torch.float64 else 512, interpreted)
 
 
 @functools.cache
 def add_norm_bwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -> RowConfig:
     """Backward launch configuration for rows of n elements of dy's dtype (see the module doc)."""
-    max_n = _MAX_FUSED_N_BWD_FP64 if dtype == torch.float64 else _MAX_FUSED_N_BWD
-    return _row_config(n, dtype.itemsize, max_n, 256, interpreted)
+    if dtype == torch.float64:
+        return _row_config(n, dtype.itemsize, _MAX_FUSED_N_BWD_FP64, 128, interpreted)
+    return _row_config(n, dtype.itemsize, _MAX_FUSED_N_BWD, 256, interpreted)
 
 
 def add_norm_bwd_grid(m: int, block_n: int, sm_count: int, interpreted: bool = False) -> tuple[int, int]:
@@ -684,6 +689,30 @@ def add_norm_bwd(
 # ----------------------------------------------------------------------------------------------
 
 
+_ANNOTATIONS = {
+    "Tensor": torch.Tensor,
+    "Tensor?": torch.Tensor | None,
+    "float": float,
+    "bool": bool,
+    "int": int,
+    "ScalarType": torch.dtype,
+    "ScalarType?": torch.dtype | None,
+}
+
+
+def _signature_of(schema: str) -> inspect.Signature:
+    """The Python signature that torch.library's schema inference turns back into `schema`."""
+    arguments, returns = schema[1:].split(") -> ")
+    params = []
+    for argument in arguments.split(", "):
+        kind, name = argument.rsplit(" ", 1)
+        kind = re.sub(r"\(\w+!\)", "", kind)  # Tensor(a!)? -> Tensor?: mutation is declared apart
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[kind]))
+    n_out = returns.count("Tensor")
+    result = torch.Tensor if n_out == 1 else tuple[(torch.Tensor,) * n_out]
+    return inspect.Signature(params, return_annotation=result)
+
+
 def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
     """Registers fusedres::<launcher's name>_triton with `schema` (csrc/ops.cpp's for the C++ op
     of the launcher's name): the arguments are checked with `check`, then `launcher` runs.
@@ -711,6 +740,9 @@ def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
         check(*args)
         return launcher(*args, launch=wrap_triton)
 
+    # torch 2.11's triton_op infers the schema from the function even when given one: give it
+    # the signature the schema spells.
+    run_traced.__signature__ = _signature_of(schema)
     op = triton_op(qualname, run_traced, mutates_args=mutates_args, schema=schema)
     kernel_table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
     if isinstance(kernel_table, dict):

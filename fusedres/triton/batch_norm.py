@@ -165,10 +165,13 @@ def _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R: tl.cons
 
 @triton.jit
 def _per_channel(v, CHANNELS_LAST: tl.constexpr):
-    # Sum of a tile over its lanes of one channel: rows (channels_last) or the whole tile (NCHW).
-    v = tl.sum(v, axis=0, keep_dims=True)
-    if not CHANNELS_LAST:
-        v = tl.sum(v, axis=1, keep_dims=True)
+    # Sum of a tile over its lanes of one channel: rows (channels_last, a [1, BLOCK_C] row) or the
+    # whole tile (NCHW, a scalar: Triton 3.6's layout pass fails on a [1, 1] result reused in the
+    # tile's arithmetic, "operand #0 does not dominate this use").
+    if CHANNELS_LAST:
+        v = tl.sum(v, axis=0, keep_dims=True)
+    else:
+        v = tl.sum(tl.sum(v, axis=1), axis=0)
     return v
 
 
