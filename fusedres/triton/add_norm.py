@@ -56,8 +56,11 @@ integer arguments on == 1 and on divisibility by 16, except those in ``do_not_sp
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+import re
 import struct
+import typing
 from typing import NamedTuple
 
 import torch
@@ -707,11 +710,37 @@ def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
         check(*args)
         return launcher(*args, launch=wrap_triton)
 
+    # torch 2.11's triton_op takes `schema` but ignores it and infers one from the function's
+    # signature, which (*args) cannot give: a signature spelled from the schema makes the inferred
+    # schema the same one (int as SymInt); torches that use `schema` never look at it.
+    run_traced.__signature__ = _signature_of_schema(schema)
     op = triton_op(qualname, run_traced, mutates_args=mutates_args, schema=schema)
     kernel_table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
     if isinstance(kernel_table, dict):
         kernel_table[qualname] = list(kernels)
     return op
+
+
+_SCHEMA_TYPES = {"Tensor": torch.Tensor, "float": float, "bool": bool, "int": int, "ScalarType": torch.dtype}
+
+
+def _signature_of_schema(schema: str) -> inspect.Signature:
+    """The Python signature whose inferred schema (torch.library.infer_schema) is `schema`, one of
+    the schemas below: "(Tensor x, Tensor(a!)? y, float eps, ...) -> (Tensor, Tensor)". Alias
+    annotations are dropped (mutates_args says which arguments are written)."""
+    args, returns = re.fullmatch(r"\((.*)\) -> (.*)", schema).groups()
+
+    def annotation(type_name: str):
+        base = _SCHEMA_TYPES[re.sub(r"\(.*?\)|\?", "", type_name)]
+        return typing.Optional[base] if type_name.endswith("?") else base  # noqa: UP045 (infer_schema's spelling)
+
+    params = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=annotation(type_name))
+        for type_name, name in (arg.split() for arg in args.split(", "))
+    ]
+    outputs = [annotation(r.split()[0]) for r in returns.strip("()").split(", ")]
+    result = outputs[0] if not returns.startswith("(") else tuple[tuple(outputs)]
+    return inspect.Signature(params, return_annotation=result)
 
 
 def _check_vector(name: str, t, n: int, device) -> None:
