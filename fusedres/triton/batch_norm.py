@@ -159,10 +159,14 @@ def _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R: tl.cons
 
 @triton.jit
 def _per_channel(v, CHANNELS_LAST: tl.constexpr):
-    # Sum of a tile over its lanes of one channel: rows (channels_last) or the whole tile (NCHW).
-    v = tl.sum(v, axis=0, keep_dims=True)
-    if not CHANNELS_LAST:
-        v = tl.sum(v, axis=1, keep_dims=True)
+    # Sum of a tile over its lanes of one channel: rows (channels_last, a [1, BLOCK_C] tensor) or
+    # the whole tile (NCHW: a scalar, rows first; it broadcasts against the [1, 1] channel).
+    if CHANNELS_LAST:
+        v = tl.sum(v, axis=0, keep_dims=True)
+    else:
+        # Not a [1, 1] tensor: triton 3.6 fails to compile a [1, 1] sum broadcast back over the
+        # tile (for sm_90: "operand #0 does not dominate this use" in the layout-conversion pass).
+        v = tl.sum(tl.sum(v, axis=0), axis=0)
     return v
 
 
