@@ -1,9 +1,20 @@
 """Test setup: Triton's interpreter on GPU-less machines, and `gpu`-marked tests skipped cleanly."""
 
 import os
+import sys
 import tempfile
+import types
 
 import torch
+
+# tests/test_triton_launchers.py imports `tests.helpers`, a name that resolves only while the
+# checkout's root is on sys.path, which PYTHONSAFEPATH=1 (the Quickstart's) keeps off it so that
+# the installed wheel is what runs. This folder as the package `tests` serves that import without
+# putting the root, and the checkout's fusedres with it, on sys.path.
+if "tests" not in sys.modules:
+    _package = types.ModuleType("tests")
+    _package.__path__ = [os.path.dirname(os.path.abspath(__file__))]
+    sys.modules["tests"] = _package
 
 # A fresh compile cache per run: a cached graph can outlive a change to an operator's schema.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fusedres-inductor-"))
