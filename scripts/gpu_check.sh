@@ -45,8 +45,8 @@
 #      with a timeout_s of about 560 (the budget below is 480 s, packing and pip after it).
 #
 # Environment: PYTHON (python3), OUT (gpu-out), WHEELS (wheels), GPU_CHECK_BUDGET (seconds: 480;
-# --dry-run 300; --full 7200), COMPUTE_SANITIZER (compute-sanitizer on PATH, else
-# $CUDA_HOME/bin/compute-sanitizer).
+# --dry-run 300; --full 7200), GPU_CHECK_WORKERS (pytest-xdist workers where it is installed: 8),
+# COMPUTE_SANITIZER (compute-sanitizer on PATH, else $CUDA_HOME/bin/compute-sanitizer).
 
 MAX_FILES=8 # what the device tool brings back from $OUT
 MAX_DEPTH=2 # folders below $OUT
@@ -138,6 +138,14 @@ sanitizer_verdict() {
 
 pytest_() { "$py" -m pytest -q -p no:cacheprovider -rfE "$@"; }
 
+# pytest-xdist's workers, where it is installed (the H200 machines have it): Triton compiles each
+# kernel specialization on first use, on one core per process, and the tests ask for hundreds.
+workers_() {
+  if [ "$mode" != dry ] && "$py" -c 'import xdist' 2>/dev/null; then
+    echo "-n ${GPU_CHECK_WORKERS:-8}"
+  fi
+}
+
 step_install() {
   local wheels_=() w
   mapfile -t wheels_ < <(find "$wheels" -maxdepth 1 -name '*.whl' 2>/dev/null | sort)
@@ -194,9 +202,11 @@ step_gpu_tests() {
   if [ "$mode" = dry ]; then
     pytest_ tests/test_add_norm.py tests/test_batch_norm.py -k "test_matches_fp64_reference and cpu-cpu and float32"
   elif [ "$mode" = full ]; then
-    pytest_ tests --durations=20 --junitxml="$stage/junit-tests.xml"
+    # shellcheck disable=SC2046 # workers_ prints two words or none
+    pytest_ tests $(workers_) --durations=20 --junitxml="$stage/junit-tests.xml"
   else
-    pytest_ tests -m gpu --ignore=tests/test_cuda_graphs.py --maxfail=50 --durations=15 \
+    # shellcheck disable=SC2046
+    pytest_ tests -m gpu --ignore=tests/test_cuda_graphs.py $(workers_) --maxfail=50 --durations=15 \
       --junitxml="$stage/junit-gpu-tests.xml"
   fi
 }
@@ -210,7 +220,8 @@ step_triton_launchers() {
   if [ "$mode" = dry ]; then
     pytest_ tests/test_triton_launchers.py -k "test_add_norm_matches_reference and float32 and layer"
   else
-    pytest_ tests/test_triton_launchers.py --durations=5 --junitxml="$stage/junit-triton-launchers.xml"
+    # shellcheck disable=SC2046
+    pytest_ tests/test_triton_launchers.py $(workers_) --durations=5 --junitxml="$stage/junit-triton-launchers.xml"
   fi
 }
 
@@ -478,7 +489,7 @@ main() {
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
   export py mode stage site wheels sanitizer
-  export -f pytest_ bench_ sanitize_ sanitizer_verdict sanitizer_version step_install step_env step_gpu_tests step_cuda_graphs \
+  export -f pytest_ workers_ bench_ sanitize_ sanitizer_verdict sanitizer_version step_install step_env step_gpu_tests step_cuda_graphs \
     step_triton_launchers step_bench_add_norm step_bench_bn step_overhead step_memcheck step_racecheck
   names=() statuses=() seconds=() details=() notes=()
   t0=$SECONDS
