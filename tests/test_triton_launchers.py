@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close_to_ref, assert_within_rule
 
 from fusedres import available_backends
 from fusedres.reference import add_norm_reference, batch_norm_add_relu_reference
-from tests.helpers import assert_close_to_ref, assert_within_rule
 
 triton_add_norm = pytest.importorskip("fusedres.triton.add_norm")
 from fusedres.triton import batch_norm as triton_batch_norm  # noqa: E402
@@ -561,11 +561,12 @@ def test_kernels_compile_for_sm90(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = "from tests.test_triton_launchers import compile_for_sm90; compile_for_sm90()"
-    done = subprocess.run(
-        [sys.executable, "-c", command], capture_output=True, text=True, env=env, cwd=root, timeout=600
+    tests = os.path.dirname(os.path.abspath(__file__))
+    command = (
+        f"import sys; sys.path.insert(0, {tests!r}); "
+        "from test_triton_launchers import compile_for_sm90; compile_for_sm90()"
     )
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, env=env, timeout=600)
     if done.returncode != 0 and ("ImportError" in done.stderr or "AttributeError" in done.stderr):
         pytest.skip(f"Triton's compile internals differ here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
