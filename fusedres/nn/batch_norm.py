@@ -99,9 +99,14 @@ def conv_bn_add_relu(
 ) -> torch.Tensor:
     """relu(bn(conv(x)) + residual). Training (or BN without running stats): the conv, then the
     fused BN kernel. Eval: BN folded into the conv's weight and bias, then one bias + add + ReLU
-    pass, instead of BN, add and ReLU each re-reading the activation."""
+    pass, instead of BN, add and ReLU each re-reading the activation. Compiled eval: torch's
+    own ops, which the compiler fuses into the conv's epilogue itself (an opaque bias + add + ReLU
+    op there measured 0.79x torch.compile of the plain model, resnet50 inference on a CPU)."""
     if bn.training or not bn.track_running_stats or bn.running_mean is None:
         return bn_add_relu(bn, conv(x), residual)
+    if torch.compiler.is_compiling():
+        out = nn.functional.batch_norm(conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return torch.relu(out if residual is None else out + residual)
     weight, bias = _folded_params(conv, bn)
     return bias_add_relu(conv._conv_forward(x, weight, None), bias, residual)
 
