@@ -290,3 +290,23 @@ def test_strided_parameters_are_read_correctly(device, backend):
     with fusedres.use_backend(backend):
         ours = fusedres.add_layer_norm(x, residual, w, b)
     torch.testing.assert_close(ours, F.layer_norm(x + residual, (17,), w.contiguous(), b.contiguous()))
+
+
+@pytest.mark.parametrize("h_dtype,tail", [(torch.float16, 2**-11), (torch.bfloat16, 2**-8)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_fp64_to_16_bit_rounds_through_fp32(device, backend, h_dtype, tail):
+    """h = x + residual from fp64 x and a 16-bit residual is rounded to the residual's dtype as
+    eager's .to() does: through fp32. 1 + tail + 2**-40 is just above halfway between two 16-bit
+    values, so a direct rounding goes up; fp32 first drops the 2**-40 and ties go to even (1.0)."""
+    skip_if_unusable(device, backend)
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, dtype=torch.float64, device=device)
+    residual = torch.randn(3, 40, device=device).to(h_dtype)
+    x[1, 7] = 1 + tail + 2**-40 - 0.5
+    residual[1, 7] = 0.5
+    with fusedres.use_backend(backend):
+        _, h = fusedres.add_layer_norm(x, residual, prenorm=True)
+    expected = (x + residual.double()).to(h_dtype)
+    assert h.dtype == h_dtype
+    assert h[1, 7].item() == 1.0
+    torch.testing.assert_close(h, expected, rtol=0, atol=0)

@@ -207,7 +207,7 @@ def _add_norm_fwd_kernel(
         mask = cols < N
         h = _load_h(X, R, x_row + cols, r_row + cols, mask, acc_ty, H_CODE)
         if H is not None:
-            tl.store(H + cols, h.to(H.dtype.element_ty), mask=mask)  # exact: h is rounded already
+            tl.store(H + cols, _round_to(h, H.dtype.element_ty), mask=mask)  # exact: h is rounded already
         if IS_RMS:
             rstd = _rsqrt_rn(tl.sum(h * h, axis=0) / N + eps)
             xhat = h * rstd
@@ -227,7 +227,7 @@ def _add_norm_fwd_kernel(
             mask = c < N
             h = _load_h(X, R, x_row + c, r_row + c, mask, acc_ty, H_CODE)
             if H is not None:
-                tl.store(H + c, h.to(H.dtype.element_ty), mask=mask)
+                tl.store(H + c, _round_to(h, H.dtype.element_ty), mask=mask)
             if IS_RMS:
                 acc += h * h
             else:
