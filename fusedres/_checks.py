@@ -65,6 +65,11 @@ def _same_device(t, dev: int, cpu: bool) -> bool:
     return t.get_device() == dev and t.is_cpu == cpu
 
 
+def _eps_ok(eps) -> bool:
+    """eps is a positive finite float (the fast paths; check_positive says what is wrong)."""
+    return type(eps) is float and 0 < eps < math.inf
+
+
 def _like_ok(t, shape, dev: int, cpu: bool) -> bool:
     """t is None, or a float tensor of this shape on the device (dev, cpu) (the fast paths)."""
     return t is None or (t.dtype in FLOAT_DTYPES and t.shape == shape and _same_device(t, dev, cpu))
@@ -91,14 +96,11 @@ def check_add_norm_args(x, residual, weight, bias, eps, *, param_shape: tuple | 
                 param_shape is None
                 or ((weight is None or weight.is_contiguous()) and (bias is None or bias.is_contiguous()))
             )
-            and type(eps) is float
-            and 0 < eps < math.inf
+            and _eps_ok(eps)
         )
     except (AttributeError, IndexError, TypeError):
         fast = False
-    if fast:
-        return eps
-    return _check_add_norm_args(x, residual, weight, bias, eps, param_shape)
+    return eps if fast else _check_add_norm_args(x, residual, weight, bias, eps, param_shape)
 
 
 def _check_add_norm_args(x, residual, weight, bias, eps, param_shape) -> float:
@@ -171,14 +173,13 @@ def check_batch_norm_args(input, residual, running_mean, running_var, weight, bi
             and _like_ok(running_mean, (c,), dev, cpu)
             and _like_ok(running_var, (c,), dev, cpu)
             and (not training or input.numel() > c)
-            and type(eps) is float
-            and 0 < eps < math.inf
+            and _eps_ok(eps)
         )
     except (AttributeError, IndexError, TypeError):
         fast = False
-    if fast:
-        return eps
-    return _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps)
+    return (
+        eps if fast else _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps)
+    )
 
 
 def _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
