@@ -36,18 +36,47 @@ BAD = [
 ]
 
 
+CPU_BACKENDS = [b for b in ("cpu", "triton", "reference") if b in fusedres.available_backends("cpu")]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("arg,make,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
-def test_bad_argument_is_named(arg, make, exc, match):
-    """The checks run before a backend is chosen (fusedres/_checks.py), so one backend shows them
-    for all; the raw operators' own checks are tested below."""
-    device, backend = "cpu", "reference"
-    args = good(device)
+def test_bad_argument_is_named(arg, make, exc, match, backend):
+    """Every backend raises the same error: the C++ operators' own checks reject the call and
+    fusedres/_checks.py names the argument; the others are checked before the call."""
+    args = good("cpu")
     bad = make(args)
-    args[arg] = bad.to(device) if isinstance(bad, torch.Tensor) else bad
+    args[arg] = bad
     if arg == "x" and isinstance(bad, torch.Tensor) and bad.dim() == 2 and bad.is_floating_point():
         args.update(residual=None, weight=None, bias=None)
-    with fusedres.use_backend(backend), pytest.raises(exc, match=match):
+    with fusedres.use_backend(backend), pytest.raises(exc, match=match) as raised:
         fusedres.add_layer_norm(**args)
+    assert raised.value.__context__ is None  # not "during handling of ... another exception occurred"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_module_bad_input_is_named(backend):
+    norm = fusedres.nn.AddLayerNorm(16)
+    with fusedres.use_backend(backend):
+        with pytest.raises(ValueError, match="residual must have x's shape"):
+            norm(torch.randn(4, 16), torch.randn(3, 16))
+        with pytest.raises(TypeError, match="x must be float32"):
+            norm(torch.ones(4, 16, dtype=torch.int64))
+
+
+def test_kernel_failure_that_is_not_an_argument_error_propagates(monkeypatch):
+    """Valid arguments and a failing kernel (out of memory, say): the kernel's own error, as is."""
+    if "cpu" not in fusedres.available_backends("cpu"):
+        pytest.skip("fusedres._C not loaded")
+    from fusedres.ops import add_norm
+
+    def failing(*args):
+        raise torch.OutOfMemoryError("out of memory (test)")
+
+    kernels = add_norm._KERNELS["cpu"]
+    monkeypatch.setitem(add_norm._KERNELS, "cpu", kernels._replace(fwd=failing))
+    with fusedres.use_backend("cpu"), pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        fusedres.add_layer_norm(**good("cpu"))
 
 
 @pytest.mark.gpu

@@ -78,6 +78,30 @@ def test_from_module_shares_state():
         BatchNormAddReLU2d.from_module(nn.BatchNorm1d(4))
 
 
+class _Scaled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_parametrized_weight_is_used():
+    """A parametrization turns `weight` into a property (gone from _parameters): the module must
+    still read it, as nn.BatchNorm2d does, not take the weight for absent."""
+    from torch.nn.utils import parametrize
+
+    theirs = randomize(nn.BatchNorm2d(4))
+    ours = BatchNormAddReLU2d(4)
+    ours.load_state_dict(theirs.state_dict())
+    for module in (theirs, ours):
+        parametrize.register_parametrization(module, "weight", _Scaled())
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    y, expected = ours(x), F.relu(theirs(x))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(y.square().sum(), [x, ours.parametrizations.weight.original])
+    want = torch.autograd.grad(expected.square().sum(), [x, theirs.parametrizations.weight.original])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def make_block(residual: bool):
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)

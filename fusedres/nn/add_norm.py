@@ -7,7 +7,6 @@ import numbers
 import torch
 from torch import nn
 
-from fusedres._checks import check_add_norm_args
 from fusedres.ops.add_norm import _add_norm
 
 
@@ -41,7 +40,6 @@ class _AddNorm(nn.Module):
             raise ValueError(f"x must end with normalized_shape {shape}, got x of shape {tuple(x.shape)}")
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         if k == 1:
-            eps = check_add_norm_args(x, residual, self.weight, self.bias, eps)
             return _add_norm(
                 x, residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32
             )
@@ -50,9 +48,16 @@ class _AddNorm(nn.Module):
         # contiguous elements, and their grads come back in that shape).
         flat_x = x.flatten(-k)
         flat_residual = residual.flatten(-k) if residual is not None else None
-        eps = check_add_norm_args(flat_x, flat_residual, self.weight, self.bias, eps, param_shape=shape)
         out = _add_norm(
-            flat_x, flat_residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32
+            flat_x,
+            flat_residual,
+            self.weight,
+            self.bias,
+            eps,
+            self.rms_norm,
+            self.prenorm,
+            self.residual_in_fp32,
+            param_shape=shape,
         )
         if self.prenorm:
             return out[0].view(x.shape), out[1].view(x.shape)

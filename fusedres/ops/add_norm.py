@@ -16,6 +16,7 @@ Two paths, one formula (`_setup_context` + `_backward`):
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -92,10 +93,7 @@ if EXTENSION_LOADED:
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, _eps, rms_norm, h_dtype, store_h = inputs
     _y, h, mean, rstd = output
-    ctx.rms_norm = rms_norm
-    ctx.h_dtype = h_dtype
-    ctx.x_dtype = x.dtype
-    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.meta = (rms_norm, h_dtype, x.dtype, residual.dtype if residual is not None else None)
     # Backward needs the tensor that was normalized: the stored h, or x (+ residual, added back
     # by the backward kernel) when h was not written. x.to(h_dtype) only ever widens x, so x
     # itself stands for h when there is no residual.
@@ -103,24 +101,33 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(h if store_h else x, residual if recompute else None, weight, bias, mean, rstd)
 
 
-def _backward_with(bwd, ctx, dy, dh):
+def _backward_with(bwd, ctx, dy, dh, tail):
+    """The grads of x, residual, weight and bias, followed by `tail` (the other inputs' Nones)."""
     h, residual, weight, bias, mean, rstd = ctx.saved_tensors
     needs_x, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
+    rms_norm, h_dtype, x_dtype, residual_dtype = ctx.meta
     if dy is None:  # only h was used downstream
-        dy = h.new_zeros(h.shape, dtype=ctx.x_dtype)
-    separate_dresidual = needs_residual and ctx.residual_dtype not in (None, ctx.x_dtype)
+        dy = h.new_zeros(h.shape, dtype=x_dtype)
+    elif not dy.is_contiguous():
+        dy = as_rows(dy)
+    if dh is not None:
+        if dh.numel() == 0:  # the grad of the registered op's h when it was not written
+            dh = None
+        elif not dh.is_contiguous():
+            dh = as_rows(dh)
+    separate_dresidual = needs_residual and residual_dtype is not None and residual_dtype != x_dtype
     dx, dresidual, dweight, dbias = bwd(
-        as_rows(dy),
-        as_rows(dh) if dh is not None and dh.numel() > 0 else None,
+        dy,
+        dh,
         h,
         residual,
-        ctx.h_dtype,
+        h_dtype,
         weight,
         bias if needs_bias else None,
         mean,
         rstd,
-        ctx.rms_norm,
-        ctx.residual_dtype if separate_dresidual else None,
+        rms_norm,
+        residual_dtype if separate_dresidual else None,
     )
     # x and residual get the same grad (dL/dh); one tensor serves both when dtypes agree.
     return (
@@ -128,12 +135,16 @@ def _backward_with(bwd, ctx, dy, dh):
         (dresidual if separate_dresidual else dx) if needs_residual else None,
         dweight if needs_weight else None,
         dbias if needs_bias else None,
+        *tail,
     )
+
+
+_NO_OP_GRADS = (None,) * 4  # eps, rms_norm, h_dtype, store_h
 
 
 def _make_registered_backward(bwd_op):
     def backward(ctx, dy, dh, _dmean, _drstd):
-        return (*_backward_with(bwd_op, ctx, dy, dh), None, None, None, None)
+        return _backward_with(bwd_op, ctx, dy, dh, _NO_OP_GRADS)
 
     return backward
 
@@ -145,12 +156,16 @@ for _kernels in {k.fwd_op: k for k in _KERNELS.values()}.values():  # once per r
 
 
 class _AddNormFunction(torch.autograd.Function):
-    """The eager path: the backend's kernels called directly, forward and backward."""
+    """The eager path: the backend's kernels called directly, forward and backward.
+
+    The tensors are apply's arguments and everything else one tuple, `call` = (kernels, the
+    forward op's other arguments, prenorm): each argument of apply costs host time, forward and
+    backward (a grad slot)."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels):
-        ctx.set_materialize_grads(False)
-        args = (x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+    def forward(ctx, x, residual, weight, bias, call):
+        kernels, args, prenorm = call
+        args = (x, residual, weight, bias, *args)
         if plain(x, residual, weight, bias):
             output = kernels.fwd(*args)
         else:
@@ -158,18 +173,21 @@ class _AddNormFunction(torch.autograd.Function):
                 output = kernels.fwd_op(*args)
         _setup_context(ctx, args, output)
         ctx.kernels = kernels
-        return (output[0], output[1]) if prenorm else output[0]
+        if not prenorm:
+            return output[0]
+        ctx.set_materialize_grads(False)  # a grad for y or h alone: no zeros of the other's size
+        return output[0], output[1]
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        kernels = ctx.kernels
         if plain(dy, dh):
-            grads = _backward_with(kernels.bwd, ctx, dy, dh)
-        else:
-            with below_autograd():
-                grads = _backward_with(kernels.bwd_op, ctx, dy, dh)
-        return (*grads, None, None, None, None, None, None)
+            return _backward_with(ctx.kernels.bwd, ctx, dy, dh, _NO_CALL_GRAD)
+        with below_autograd():
+            return _backward_with(ctx.kernels.bwd_op, ctx, dy, dh, _NO_CALL_GRAD)
 
+
+_NO_CALL_GRAD = (None,)
+_apply = _AddNormFunction.apply
 
 # --- public API --------------------------------------------------------------------------------
 
@@ -177,13 +195,42 @@ class _AddNormFunction(torch.autograd.Function):
 def add_norm(x, residual, weight, bias, eps, *, rms_norm: bool, prenorm: bool = False, residual_in_fp32: bool = False):
     """LayerNorm (rms_norm=False) or RMSNorm (rms_norm=True) of h = x + residual over the last
     dimension. Returns y, or (y, h) with prenorm=True. See add_layer_norm / add_rms_norm."""
-    eps = check_add_norm_args(x, residual, weight, bias, eps)
     return _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
 
 
-def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32):
-    """add_norm after its arguments were checked (modules check theirs their own way)."""
-    backend = resolve_backend(x.device)
+# The C++ operators check every tensor argument themselves (shape, dtype, device, layout: what
+# their memory safety needs), so in front of them the fast path checks only what they do not:
+# eps (finite), and that weight and bias are vectors (the kernels accept any N contiguous
+# elements, for the modules' multi-dim parameters). When an operator rejects its arguments,
+# check_add_norm_args finds the argument and raises the error every backend raises.
+_SELF_CHECKING = frozenset(("cpu", "cuda"))
+_INF = math.inf
+
+
+def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, param_shape=None):
+    """Checks the arguments and runs (a module normalizing several trailing dims passes its
+    parameters' shape, as check_add_norm_args takes it)."""
+    try:
+        backend = resolve_backend(x.device)
+        if (
+            backend in _SELF_CHECKING
+            and type(eps) is float
+            and 0 < eps < _INF
+            and param_shape is None
+            and (weight is None or weight.dim() == 1)
+            and (bias is None or bias.dim() == 1)
+        ):
+            return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
+    except (RuntimeError, AttributeError, TypeError, IndexError) as error:
+        failure = error
+    else:
+        eps = check_add_norm_args(x, residual, weight, bias, eps, param_shape=param_shape)
+        return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
+    check_add_norm_args(x, residual, weight, bias, eps, param_shape=param_shape)  # names the argument
+    raise failure
+
+
+def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32):
     if backend == "reference":
         if weight is not None and weight.dim() != 1:  # a module's multi-dim parameters
             weight, bias = weight.reshape(-1), bias.reshape(-1) if bias is not None else None
@@ -218,7 +265,7 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
     if _is_compiling():
         y, h, _mean, _rstd = kernels.fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
     elif needs_grad:
-        return _AddNormFunction.apply(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, prenorm, kernels)
+        return _apply(x, residual, weight, bias, (kernels, (eps, rms_norm, h_dtype, store_h), prenorm))
     elif plain(x, residual, weight, bias):
         y, h, _mean, _rstd = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
     else:
@@ -257,7 +304,6 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps=1e-5, *, prenor
         >>> torch.allclose(y, F.layer_norm(x + r, (64,)), atol=1e-5)
         True
     """
-    eps = check_add_norm_args(x, residual, weight, bias, eps)
     return _add_norm(x, residual, weight, bias, eps, False, prenorm, residual_in_fp32)
 
 
@@ -289,5 +335,4 @@ def add_rms_norm(x, residual=None, weight=None, eps=1e-6, *, prenorm=False, resi
         >>> torch.allclose(y, F.rms_norm(x + r, (128,), eps=1e-6), atol=1e-5)
         True
     """
-    eps = check_add_norm_args(x, residual, weight, None, eps)
     return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_in_fp32)
