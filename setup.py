@@ -217,6 +217,8 @@ def get_extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra_compile_args,
+        # dlopen/dlsym (csrc/cpu/output_pool.cpp) live in libdl before glibc 2.34.
+        libraries=["dl"] if platform.system() == "Linux" else [],
         py_limited_api=True,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

@@ -7,6 +7,8 @@
 // at::empty_strided directly.
 #pragma once
 
+#include "cpu/output_pool.h"
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -47,10 +49,16 @@ inline int32_t shim_dtype(ScalarType t) {
 }
 
 // An uninitialized tensor of the given sizes and strides, dtype, on `like`'s device.
+// Large CPU outputs come from fusedres's pool of freed blocks (csrc/cpu/output_pool.h).
 inline Tensor empty_strided_on(const Tensor& like, const int64_t* sizes, const int64_t* strides, int64_t ndim,
                                ScalarType dtype) {
   int32_t device_type = 0;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
+  if (device_type == aoti_torch_device_type_cpu()) {
+    if (auto pooled = cpu::pooled_empty_strided(sizes, strides, ndim, dtype)) {
+      return *pooled;
+    }
+  }
   AtenTensorHandle out = nullptr;
   TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes, strides, shim_dtype(dtype), device_type,
                                                   like.get_device_index(), &out));

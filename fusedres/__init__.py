@@ -11,6 +11,7 @@ from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from fusedres._version import __version__
 from fusedres.backends import available_backends, get_backend, set_backend, use_backend
 from fusedres.convert import FuseReport, fuse, unfuse
+from fusedres.memory import cpu_pool_release, cpu_pool_stats
 from fusedres.ops import add_layer_norm, add_rms_norm, batch_norm_add_relu
 from fusedres.ops.add_norm import add_norm
 
@@ -24,6 +25,8 @@ __all__ = [
     "add_rms_norm",
     "available_backends",
     "batch_norm_add_relu",
+    "cpu_pool_release",
+    "cpu_pool_stats",
     "fuse",
     "get_backend",
     "nn",

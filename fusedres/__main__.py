@@ -34,6 +34,16 @@ def backend_report(device: str) -> dict:
     return lines
 
 
+def _pool_report(capacity: int, loaded: bool) -> str:
+    if capacity:
+        return f"outputs of 4 MiB and more reuse freed blocks, up to {capacity >> 20} MiB kept (FUSEDRES_CPU_POOL_MB)"
+    if not loaded:
+        return "off (fusedres._C not loaded)"
+    if os.environ.get("FUSEDRES_CPU_POOL_MB", "").strip():
+        return "off (FUSEDRES_CPU_POOL_MB)"
+    return "off (needs torch >= 2.11)"
+
+
 def environment_report() -> dict:
     import torch
 
@@ -57,6 +67,7 @@ def environment_report() -> dict:
         **build_info_report(BUILD_INFO),
         "selected backend": fusedres.get_backend(),
         **backend_report("cpu"),
+        "CPU output pool": _pool_report(fusedres.cpu_pool_stats()["capacity_bytes"], EXTENSION_LOADED),
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

@@ -28,6 +28,9 @@
 // split over the thread pool, was measured as well: ~1.7 ms faster on that op, but 1.5-2 ms slower
 // on BatchNorm 32x64x56x56 (medians 12.5 -> 14.0 ms NCHW, 8.1 -> 10.1 ms channels_last), so no.
 //
+// Since torch 2.11 the output pool (output_pool.h) hands a freed output's faulted pages to the
+// next output, so the advice only ever matters for a block's first use, or under torch 2.10.
+//
 // FUSEDRES_CPU_HUGEPAGES=0 never advises; FUSEDRES_CPU_HUGEPAGES=1 always does, for hosts known to
 // have neither slow path. Advice is only a hint: it changes speed, never results.
 #pragma once
