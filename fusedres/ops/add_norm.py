@@ -5,13 +5,16 @@ the same schema in fusedres/triton/add_norm.py (Triton). This module adds what e
 shares: the fake (meta) kernel, one autograd formula, and the public functions.
 fusedres/reference/add_norm.py is the spec all of them are tested against.
 
-Two paths, one formula (`_setup_context` + `_backward`):
+Two paths, one formula (`_setup_context` + `_backward_with`):
 - eager: `_AddNormFunction.apply` calls the backend's kernel directly (the C++ operator below
   the Autograd dispatch key, or the Triton launcher): one Python -> kernel crossing forward and
   one backward. Without grad it calls the kernel alone.
 - torch.compile: the registered operators, with the same formula attached by
   `torch.library.register_autograd`, so the compiler traces them like any aten op (and opcheck
   tests them).
+
+Arguments are checked once: by the C++ operators themselves, or by check_add_norm_args in front
+of the other backends (see _add_norm).
 """
 
 from __future__ import annotations
@@ -231,6 +234,7 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
 
 
 def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32):
+    """add_norm on checked arguments (or ones a C++ operator checks)."""
     if backend == "reference":
         if weight is not None and weight.dim() != 1:  # a module's multi-dim parameters
             weight, bias = weight.reshape(-1), bias.reshape(-1) if bias is not None else None
