@@ -4,9 +4,11 @@ right, the cap holds, and FUSEDRES_CPU_POOL_MB=0 turns it off."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -139,3 +141,38 @@ print(s["capacity_bytes"], s["cached_bytes"])
 )
 def test_cap_from_environment(pool_mb, capacity, cached):
     assert _run(CAP_PROBE, pool_mb) == f"{capacity} {cached}"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_forked_child_starts_with_a_fresh_pool():
+    """The parent's pool (its lock possibly held by a thread that the child does not have) is not
+    the child's: the child's pool is empty, keeps the parent's cap, and works."""
+    x, r, w, b = _inputs()
+    expected = F.layer_norm(x + r, (HIDDEN,), w, b)
+    with fusedres.use_backend("cpu"):
+        fusedres.add_layer_norm(x, r, w, b)  # freed at once: the parent's pool holds its block
+    parent = fusedres.cpu_pool_stats()
+    assert parent["cached_bytes"] > 0
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status, never return into pytest
+        code = 1
+        try:
+            torch.set_num_threads(1)  # the parent's OpenMP threads are gone (as in DataLoader workers)
+            child = fusedres.cpu_pool_stats()
+            with fusedres.use_backend("cpu"):
+                y = fusedres.add_layer_norm(x, r, w, b)
+            ok = child == {"capacity_bytes": parent["capacity_bytes"], "cached_bytes": 0}
+            code = 0 if ok and torch.allclose(y, expected, rtol=1e-5, atol=1e-5) else 2
+        finally:
+            os._exit(code)
+    for _ in range(600):  # a hung child fails the test instead of hanging it
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert fusedres.cpu_pool_stats()["cached_bytes"] == parent["cached_bytes"]  # the parent's is untouched

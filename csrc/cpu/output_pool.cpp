@@ -10,6 +10,7 @@
 
 #if defined(__linux__)
 #include <dlfcn.h>
+#include <pthread.h>
 #endif
 
 namespace fusedres::cpu {
@@ -59,6 +60,8 @@ struct Block {
 class Pool {
  public:
   Pool() : from_blob_(find_from_blob()), capacity_(from_blob_ ? capacity_from_env() : 0) {}
+  // The same settings, nothing cached (no lookups: safe in a fork child handler).
+  explicit Pool(const Pool& settings) : from_blob_(settings.from_blob_), capacity_(settings.capacity_) {}
 
   bool enabled() const {
     return capacity_ > 0;
@@ -141,8 +144,27 @@ class Pool {
   int64_t cached_ = 0;
 };
 
+Pool* instance = nullptr;
+
+#if defined(__linux__)
+// A child of fork() starts with a fresh pool: the parent's mutex may have been held by another
+// thread at the fork, and that thread does not exist in the child. The parent's cached blocks stay
+// mapped in the child, unused (copy-on-write pages, never touched).
+void fresh_pool_in_child() {
+  instance = new Pool(*instance);
+}
+#endif
+
 Pool& pool() {
-  static Pool* instance = new Pool();  // never destroyed: tensors may be freed during exit
+  // Never destroyed: tensors may be freed during exit.
+  static Pool* first = [] {
+    instance = new Pool();
+#if defined(__linux__)
+    pthread_atfork(nullptr, nullptr, &fresh_pool_in_child);
+#endif
+    return instance;
+  }();
+  (void)first;
   return *instance;
 }
 

@@ -15,7 +15,7 @@
 //   of the stable C shim exists from torch 2.11; it is looked up at run time, so the extension
 //   still loads on 2.10, where outputs come from torch's allocator as before.
 // - Thread-safe (a tensor may be freed on any thread), and never destroyed: a tensor freed while
-//   the process exits still finds it.
+//   the process exits still finds it. A child of fork() starts with an empty pool of its own.
 // - Such a tensor's storage cannot be resized in place (resize_ past its size raises).
 #pragma once
 
