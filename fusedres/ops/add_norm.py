@@ -94,21 +94,36 @@ if EXTENSION_LOADED:
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, rms_norm, h_dtype, store_h = inputs
-    _y, h, mean, rstd = output
-    ctx.meta = (rms_norm, h_dtype, x.dtype, residual.dtype if residual is not None else None)
+    x, residual, weight, bias, eps, rms_norm, h_dtype, store_h = inputs
+    ctx.call = (None, (eps, rms_norm, h_dtype, store_h), None, *_grad_dtypes(x, residual))
+    _save(ctx, x, residual, weight, bias, store_h, output)
+
+
+def _grad_dtypes(x, residual):
+    """x's dtype (dy's), and residual's when it differs (its grad is then a tensor of its own)."""
+    x_dtype = x.dtype
+    if residual is None:
+        return x_dtype, None
+    residual_dtype = residual.dtype
+    return x_dtype, (residual_dtype if residual_dtype != x_dtype else None)
+
+
+def _save(ctx, x, residual, weight, bias, store_h, output):
     # Backward needs the tensor that was normalized: the stored h, or x (+ residual, added back
     # by the backward kernel) when h was not written. x.to(h_dtype) only ever widens x, so x
     # itself stands for h when there is no residual.
-    recompute = not store_h and residual is not None
-    ctx.save_for_backward(h if store_h else x, residual if recompute else None, weight, bias, mean, rstd)
+    _y, h, mean, rstd = output
+    if store_h:
+        ctx.save_for_backward(h, None, weight, bias, mean, rstd)
+    else:
+        ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
 
 
 def _backward_with(bwd, ctx, dy, dh, tail):
     """The grads of x, residual, weight and bias, followed by `tail` (the other inputs' Nones)."""
     h, residual, weight, bias, mean, rstd = ctx.saved_tensors
-    needs_x, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
-    rms_norm, h_dtype, x_dtype, residual_dtype = ctx.meta
+    needs = ctx.needs_input_grad
+    _kernels, (_eps, rms_norm, h_dtype, _store_h), _prenorm, x_dtype, dresidual_dtype = ctx.call
     if dy is None:  # only h was used downstream
         dy = h.new_zeros(h.shape, dtype=x_dtype)
     elif not dy.is_contiguous():
@@ -118,26 +133,18 @@ def _backward_with(bwd, ctx, dy, dh, tail):
             dh = None
         elif not dh.is_contiguous():
             dh = as_rows(dh)
-    separate_dresidual = needs_residual and residual_dtype is not None and residual_dtype != x_dtype
+    needs_residual = needs[1]
+    if not needs_residual:
+        dresidual_dtype = None
     dx, dresidual, dweight, dbias = bwd(
-        dy,
-        dh,
-        h,
-        residual,
-        h_dtype,
-        weight,
-        bias if needs_bias else None,
-        mean,
-        rstd,
-        rms_norm,
-        residual_dtype if separate_dresidual else None,
+        dy, dh, h, residual, h_dtype, weight, bias if needs[3] else None, mean, rstd, rms_norm, dresidual_dtype
     )
     # x and residual get the same grad (dL/dh); one tensor serves both when dtypes agree.
     return (
-        dx if needs_x else None,
-        (dresidual if separate_dresidual else dx) if needs_residual else None,
-        dweight if needs_weight else None,
-        dbias if needs_bias else None,
+        dx if needs[0] else None,
+        (dx if dresidual_dtype is None else dresidual) if needs_residual else None,
+        dweight if needs[2] else None,
+        dbias if needs[3] else None,
         *tail,
     )
 
@@ -162,20 +169,19 @@ class _AddNormFunction(torch.autograd.Function):
     """The eager path: the backend's kernels called directly, forward and backward.
 
     The tensors are apply's arguments and everything else one tuple, `call` = (kernels, the
-    forward op's other arguments, prenorm): each argument of apply costs host time, forward and
-    backward (a grad slot)."""
+    forward op's other arguments, prenorm, *_grad_dtypes): each argument of apply costs host
+    time, forward and backward (a grad slot). The tuple is the saved context too."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, call):
-        kernels, args, prenorm = call
-        args = (x, residual, weight, bias, *args)
+        kernels, args, prenorm, _x_dtype, _dresidual_dtype = call
         if plain(x, residual, weight, bias):
-            output = kernels.fwd(*args)
+            output = kernels.fwd(x, residual, weight, bias, *args)
         else:
             with below_autograd():
-                output = kernels.fwd_op(*args)
-        _setup_context(ctx, args, output)
-        ctx.kernels = kernels
+                output = kernels.fwd_op(x, residual, weight, bias, *args)
+        ctx.call = call
+        _save(ctx, x, residual, weight, bias, args[3], output)
         if not prenorm:
             return output[0]
         ctx.set_materialize_grads(False)  # a grad for y or h alone: no zeros of the other's size
@@ -184,9 +190,9 @@ class _AddNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         if plain(dy, dh):
-            return _backward_with(ctx.kernels.bwd, ctx, dy, dh, _NO_CALL_GRAD)
+            return _backward_with(ctx.call[0].bwd, ctx, dy, dh, _NO_CALL_GRAD)
         with below_autograd():
-            return _backward_with(ctx.kernels.bwd_op, ctx, dy, dh, _NO_CALL_GRAD)
+            return _backward_with(ctx.call[0].bwd_op, ctx, dy, dh, _NO_CALL_GRAD)
 
 
 _NO_CALL_GRAD = (None,)
@@ -244,21 +250,23 @@ def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in
     kernels = _KERNELS[backend]
     # h's dtype: residual's (x's without one), at least fp32 with residual_in_fp32
     # (fusedres.reference.h_dtype_for).
-    h_dtype = (residual if residual is not None else x).dtype
+    h_dtype = x_dtype = residual_dtype = x.dtype
+    if residual is not None:
+        h_dtype = residual_dtype = residual.dtype
+        if not residual.is_contiguous():
+            residual = as_rows(residual)
     if residual_in_fp32:
         h_dtype = _promote(h_dtype, torch.float32)
     if not x.is_contiguous():
         x = as_rows(x)
-    if residual is not None and not residual.is_contiguous():
-        residual = as_rows(residual)
     if weight is not None and not weight.is_contiguous():  # the kernels read N contiguous elements
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
     needs_grad = _grad_enabled() and (
-        x.requires_grad
+        (weight is not None and weight.requires_grad)  # first: true in training
+        or x.requires_grad
         or (residual is not None and residual.requires_grad)
-        or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
     # h is written only when someone reads it: prenorm returns it; a backward reads it, except
@@ -266,10 +274,13 @@ def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in
     # a CPU far more than re-reading a tensor (memory-neutral too: x and residual are kept in
     # place of h).
     store_h = prenorm or (needs_grad and residual is not None and backend != "cpu")
-    if _is_compiling():
+    if needs_grad and not _is_compiling():
+        dresidual_dtype = residual_dtype if residual_dtype != x_dtype else None  # see _grad_dtypes
+        return _apply(
+            x, residual, weight, bias, (kernels, (eps, rms_norm, h_dtype, store_h), prenorm, x_dtype, dresidual_dtype)
+        )
+    if _is_compiling():  # the registered operator, with its autograd formula
         y, h, _mean, _rstd = kernels.fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
-    elif needs_grad:
-        return _apply(x, residual, weight, bias, (kernels, (eps, rms_norm, h_dtype, store_h), prenorm))
     elif plain(x, residual, weight, bias):
         y, h, _mean, _rstd = kernels.fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
     else:
