@@ -123,9 +123,10 @@ if EXTENSION_LOADED:
 
 
 def _setup_context(ctx, inputs, output):
-    input, residual, weight, bias, mean, var, eps, relu, training, count = inputs
-    ctx.relu, ctx.training, ctx.count, ctx.eps = relu, training, count, eps
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    input, _residual, weight, bias, mean, var, eps, relu, training, count = inputs
+    # One attribute of ctx (each costs host time): (eps, relu, training, count, the eager path's
+    # kernels and process group, bias's dtype (its grad's)).
+    ctx.meta = (eps, relu, training, count, None, None, bias.dtype if bias is not None else None)
     ctx.save_for_backward(input, output, weight, mean, var)
 
 
@@ -133,10 +134,10 @@ def _as_dtype(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _backward_with(kernels: _Kernels, ctx, grad_out, group=None):
+def _backward_with(kernels: _Kernels, ctx, grad_out):
     input, out, weight, mean, var = ctx.saved_tensors
     needs_input, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
-    relu, training, eps = ctx.relu, ctx.training, ctx.eps
+    eps, relu, training, count, _kernels, group, bias_dtype = ctx.meta
     grad_out = like_input(grad_out, input)
     # With a ReLU, the residual's grad is the masked grad: written once by the reduce pass and
     # read back (instead of grad_out and out) by the input pass.
@@ -145,7 +146,7 @@ def _backward_with(kernels: _Kernels, ctx, grad_out, group=None):
     if (needs_input and training) or needs_weight or needs_bias or write_g:
         sum_dy, sum_dy_xhat, g = kernels.bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_g)
         grad_weight = _as_dtype(sum_dy_xhat, weight.dtype) if needs_weight else None
-        grad_bias = _as_dtype(sum_dy, ctx.bias_dtype) if needs_bias else None
+        grad_bias = _as_dtype(sum_dy, bias_dtype) if needs_bias else None
         if group is not None and needs_input:
             # dweight/dbias stay local (DDP reduces them); the input grad needs global sums.
             sums = torch.cat([sum_dy, sum_dy_xhat])
@@ -155,7 +156,7 @@ def _backward_with(kernels: _Kernels, ctx, grad_out, group=None):
     if needs_input:
         grad, mask_from = (g, None) if write_g else (grad_out, out)
         grad_input = kernels.bwd_input(
-            grad, mask_from, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, ctx.count, training, relu
+            grad, mask_from, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu
         )
     grad_residual = (g if write_g else grad_out) if needs_residual else None
     return grad_input, grad_residual, grad_weight, grad_bias
@@ -187,9 +188,8 @@ def _sync_stats(kernels: _Kernels, x, running_mean, running_var, momentum, group
     return mean, var, int(stats[:, -1].sum().item())
 
 
-def _forward(
-    kernels, ctx, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group
-):
+def _forward(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group):
+    """The output, and what the backward reads: (out, mean, var, count)."""
     if not training:
         mean, var, count = running_mean, running_var, 1
     elif group is not None:
@@ -199,38 +199,51 @@ def _forward(
         count = input.numel() // input.shape[1]
     if training and running_mean is not None:
         _increment_version((running_mean, running_var))  # the kernel updated them in place
-    out = kernels.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)
-    if ctx is not None:
-        _setup_context(ctx, (input, residual, weight, bias, mean, var, eps, relu, training, count), out)
-    return out
+    return kernels.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count), mean, var, count
 
 
 class _BatchNormFunction(torch.autograd.Function):
-    """The eager path: the backend's kernels called directly, forward and backward."""
+    """The eager path: the backend's kernels called directly, forward and backward.
+
+    The tensors that get grads are apply's arguments, everything else one tuple, `call` =
+    (kernels, running_mean, running_var, momentum, eps, relu, training, group): each argument of
+    apply costs host time, forward and backward (a grad slot)."""
 
     @staticmethod
-    def forward(
-        ctx, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, kernels, group
-    ):
+    def forward(ctx, input, residual, weight, bias, call):
+        kernels, running_mean, running_var, momentum, eps, relu, training, group = call
         direct, registered = kernels
-        args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
         if plain(input, residual, weight, bias):
-            out = _forward(direct, ctx, *args)
+            out, mean, var, count = _forward(
+                direct, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group
+            )
         else:
             with below_autograd():
-                out = _forward(registered, ctx, *args)
-        ctx.kernels, ctx.group = kernels, group
+                out, mean, var, count = _forward(
+                    registered,
+                    input,
+                    residual,
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                    momentum,
+                    eps,
+                    relu,
+                    training,
+                    group,
+                )
+        ctx.meta = (eps, relu, training, count, kernels, group, bias.dtype if bias is not None else None)
+        ctx.save_for_backward(input, out, weight, mean, var)  # as _setup_context
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        direct, registered = ctx.kernels
+        direct, registered = ctx.meta[4]
         if plain(grad_out):
-            grads = _backward_with(direct, ctx, grad_out, ctx.group)
-        else:
-            with below_autograd():
-                grads = _backward_with(registered, ctx, grad_out, ctx.group)
-        return (*grads, None, None, None, None, None, None, None, None)
+            return (*_backward_with(direct, ctx, grad_out), None)
+        with below_autograd():
+            return (*_backward_with(registered, ctx, grad_out), None)
 
 
 def _run(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group):
@@ -256,13 +269,14 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
     if needs_grad:
-        return _BatchNormFunction.apply(*args[:10], kernels, group)
+        call = (kernels, running_mean, running_var, momentum, eps, relu, training, group)
+        return _BatchNormFunction.apply(input, residual, weight, bias, call)
+    args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
     if plain(input, residual, weight, bias):
-        return _forward(direct, None, *args)
+        return _forward(direct, *args)[0]
     with below_autograd():
-        return _forward(registered, None, *args)
+        return _forward(registered, *args)[0]
 
 
 # --- public API --------------------------------------------------------------------------------
