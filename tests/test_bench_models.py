@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -162,3 +163,32 @@ def test_time_box_raises_past_its_seconds_and_restores_the_alarm():
     with models.time_box(1.0):
         pass
     time.sleep(1.1)  # a stray alarm would raise here
+
+
+def test_tails_records_every_fused_tail_and_bounds_the_model_speedup(tmp_path, monkeypatch):
+    from fusedres.bench import tails
+
+    monkeypatch.setattr(models, "default_cases", lambda device: {"resnet50": tiny_case()})
+    result = tails.measure(tiny_case(), torch.device("cpu"), None, reps=1)
+    # ResNet(BasicBlock, [1, 1, 1, 1]): the stem's conv-BN-ReLU and two tails per block (the
+    # downsample BNs have no ReLU and stay torch's); the second tail of each block adds identity.
+    assert sum(r["calls"] for r in result["rows"]) == 9
+    assert sum(r["calls"] for r in result["rows"] if "bn+add+relu" in r["tail"]) == 4
+    assert {r["tail"].split()[0] for r in result["rows"]} >= {"2x64x16x16", "2x64x8x8", "2x512x1x1"}
+    eager, fused, step = result["tails_eager_ms"], result["tails_fused_ms"], result["step_ms"]
+    assert eager == pytest.approx(sum(r["calls"] * r["eager_ms"] for r in result["rows"]))
+    assert result["share"] == pytest.approx(eager / step)
+    assert result["speedup_bound"] == pytest.approx(step / (step - (eager - fused)))
+    assert tails.main(["--device", "cpu", "--reps", "1", "--out", str(tmp_path)]) == 0
+    assert "share of the step" in (tmp_path / "tails.md").read_text()
+
+
+def test_tails_restores_the_fused_function_after_recording():
+    from fusedres.bench import tails
+    from fusedres.nn import batch_norm
+
+    before = batch_norm.bn_add_relu
+    case = tiny_case()
+    with pytest.raises(RuntimeError):
+        tails.tail_calls(fusedres.fuse(case.build()), torch.randn(2, 5, 32, 32), contextlib.nullcontext())
+    assert batch_norm.bn_add_relu is before
