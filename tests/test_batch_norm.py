@@ -49,6 +49,9 @@ CASES = [
     Case((6, 10)),  # BatchNorm1d on (N, C)
     Case((4, 6, 9)),  # (N, C, L)
     Case((2, 4, 3, 4, 5)),  # 3-D
+    # C over the CPU rows kernels' channel block (512), not a multiple of it or of a vector
+    Case((2, 1100, 2, 3), channels_last=True),
+    Case((2, 1100, 2, 3), channels_last=True, training=False),
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -106,6 +109,8 @@ def reference(x, residual, rm, rv, weight, bias, training, momentum, eps, relu):
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_matches_fp64_reference(device, backend, case, dtype):
     skip_if_unusable(device, backend)
+    if backend == "triton" and device == "cpu" and case.shape[1] > 512:
+        pytest.skip("the wide-C cases are for the CPU kernels' channel blocks; minutes under the Triton interpreter")
     base = make_inputs(case, dtype, device)
     upstream = torch.randn(case.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     upstream = upstream.to(dtype).double()

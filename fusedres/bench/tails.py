@@ -72,14 +72,19 @@ def tail_steps(tail: Tail, device: torch.device) -> dict[str, Callable[[], None]
     eager_bn = torch.nn.BatchNorm2d(channels, device=device)
     fused = fusedres.nn.BatchNormAddReLU2d(channels, device=device)
 
+    # The grads of everything that gets one in the model (nothing accumulates into .grad, as in a
+    # step, where the input's grad flows on to the conv and the parameters' start at None).
+    eager_wrt = tuple(t for t in (x, identity, eager_bn.weight, eager_bn.bias) if t is not None)
+    fused_wrt = tuple(t for t in (x, identity, fused.weight, fused.bias) if t is not None)
+
     def eager():
         out = eager_bn(x)
         if identity is not None:
             out += identity
-        torch.relu_(out).backward(grad)
+        torch.autograd.grad(torch.relu_(out), eager_wrt, grad)
 
     def fusedres_tail():
-        fused(x, identity).backward(grad)
+        torch.autograd.grad(fused(x, identity), fused_wrt, grad)
 
     return {"eager": eager, "fusedres": fusedres_tail}
 
