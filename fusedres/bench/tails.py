@@ -96,14 +96,7 @@ def measure(case: models.ModelCase, device: torch.device, dtype: torch.dtype | N
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     calls = tail_calls(fusedres.fuse(model, inplace=False), batch, autocast)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-
-    def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast:
-            loss = case.loss(model, batch)
-        loss.backward()
-        optimizer.step()
+    train_step = models._Pair(case, device, batch, autocast, {"eager": model}).step("eager", "train")
 
     rows = []
     for tail, count in sorted(calls.items(), key=lambda kv: (kv[0].shape[1], kv[0].shape[2], kv[0].residual)):

@@ -206,33 +206,19 @@ class _BatchNormFunction(torch.autograd.Function):
     """The eager path: the backend's kernels called directly, forward and backward.
 
     The tensors that get grads are apply's arguments, everything else one tuple, `call` =
-    (kernels, running_mean, running_var, momentum, eps, relu, training, group): each argument of
-    apply costs host time, forward and backward (a grad slot)."""
+    (kernels, `_forward`'s arguments after the tensors): each argument of apply costs host time,
+    forward and backward (a grad slot)."""
 
     @staticmethod
     def forward(ctx, input, residual, weight, bias, call):
-        kernels, running_mean, running_var, momentum, eps, relu, training, group = call
+        kernels, rest = call
         direct, registered = kernels
         if plain(input, residual, weight, bias):
-            out, mean, var, count = _forward(
-                direct, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group
-            )
+            out, mean, var, count = _forward(direct, input, residual, weight, bias, *rest)
         else:
             with below_autograd():
-                out, mean, var, count = _forward(
-                    registered,
-                    input,
-                    residual,
-                    weight,
-                    bias,
-                    running_mean,
-                    running_var,
-                    momentum,
-                    eps,
-                    relu,
-                    training,
-                    group,
-                )
+                out, mean, var, count = _forward(registered, input, residual, weight, bias, *rest)
+        _running_mean, _running_var, _momentum, eps, relu, training, group = rest
         ctx.meta = (eps, relu, training, count, kernels, group, bias.dtype if bias is not None else None)
         ctx.save_for_backward(input, out, weight, mean, var)  # as _setup_context
         return out
@@ -264,19 +250,18 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
             mean, var, count = running_mean, running_var, 1
         return registered.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)
     needs_grad = _grad_enabled() and (
-        input.requires_grad
+        (weight is not None and weight.requires_grad)  # first: true in training
+        or input.requires_grad
         or (residual is not None and residual.requires_grad)
-        or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
+    rest = (running_mean, running_var, momentum, eps, relu, training, group)
     if needs_grad:
-        call = (kernels, running_mean, running_var, momentum, eps, relu, training, group)
-        return _BatchNormFunction.apply(input, residual, weight, bias, call)
-    args = (input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group)
+        return _BatchNormFunction.apply(input, residual, weight, bias, (kernels, rest))
     if plain(input, residual, weight, bias):
-        return _forward(direct, *args)[0]
+        return _forward(direct, input, residual, weight, bias, *rest)[0]
     with below_autograd():
-        return _forward(registered, *args)[0]
+        return _forward(registered, input, residual, weight, bias, *rest)[0]
 
 
 # --- public API --------------------------------------------------------------------------------
