@@ -8,6 +8,11 @@ Environment switches:
   FUSEDRES_CUDA=auto|0|1   auto (default): build CUDA kernels when torch has CUDA and nvcc is
                            found; 0: CPU kernels only; 1: fail if the CUDA kernels cannot be built.
   FUSEDRES_NO_EXTENSION=1  build no C++ extension at all (Triton and reference backends only).
+  FUSEDRES_FASTPATH=0|1    0: skip fusedres._fastpath; 1 (default): build it. It is the eager
+                           add_norm call as a C++ autograd node (csrc/fastpath/add_norm.cpp), built
+                           against torch's C++ and Python APIs, which have no stable ABI: it loads
+                           only under the torch and CPython of the build (elsewhere fusedres runs
+                           the same formula in Python).
   CUDA_HOME                the CUDA toolkit; default: /usr/local/cuda, else the parent of the
                            nvcc found on PATH (following symlinks and wrapper scripts is not
                            attempted: set CUDA_HOME when nvcc on PATH is a wrapper).
@@ -196,6 +201,7 @@ def get_extensions():
         if use_cuda:
             extra_compile_args["nvcc"].append(f"-Xcompiler=-idirafter{inc}")
 
+    build_fastpath = os.environ.get("FUSEDRES_FASTPATH", "1") != "0"
     # fusedres/_extension.py compares these with the running torch before it loads _C.
     write_build_info(
         extension=True,
@@ -206,6 +212,8 @@ def get_extensions():
         nvcc=nvcc_version(cuda_home) if use_cuda else None,
         cuda_home=cuda_home if use_cuda else None,
         cuda_arch_list=os.environ["TORCH_CUDA_ARCH_LIST"] if use_cuda else None,
+        torch_git=torch.version.git_version,  # fusedres._fastpath needs this exact torch
+        fastpath=f"cpython-{sys.version_info[0]}{sys.version_info[1]}" if build_fastpath else None,
         stable_abi_target="2.10",
         python_limited_api="3.10",
         platform=f"{platform.system().lower()}_{platform.machine()}",
@@ -221,7 +229,18 @@ def get_extensions():
         libraries=["dl"] if platform.system() == "Linux" else [],
         py_limited_api=True,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+    extensions = [ext]
+    if build_fastpath:
+        # Not py_limited_api: torch's Python bindings (pybind11) need the full CPython API.
+        extensions.append(
+            CppExtension(
+                "fusedres._fastpath",
+                [os.path.join("csrc", "fastpath", "add_norm.cpp")],
+                # -g0 (unless FUSEDRES_DEBUG): Python's own CFLAGS add -g, which makes this 14 MB.
+                extra_compile_args={"cxx": opt + ([] if debug else ["-g0"]) + ["-fdiagnostics-color=always"]},
+            )
+        )
+    return extensions, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = get_extensions()

@@ -48,7 +48,7 @@ def environment_report() -> dict:
     import torch
 
     import fusedres
-    from fusedres._extension import BUILD_INFO, EXTENSION_ERROR, EXTENSION_LOADED
+    from fusedres._extension import BUILD_INFO, EXTENSION_ERROR, EXTENSION_LOADED, FASTPATH_ERROR
 
     try:
         import triton
@@ -64,6 +64,11 @@ def environment_report() -> dict:
         "triton": triton_version,
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "0"),
         "_C loaded": "yes" if EXTENSION_LOADED else f"no: {EXTENSION_ERROR}",
+        "_fastpath loaded": (  # the eager add_norm call as a C++ autograd node
+            f"yes (built for torch {BUILD_INFO.get('torch')}, {BUILD_INFO.get('fastpath')})"
+            if FASTPATH_ERROR is None
+            else f"no: {FASTPATH_ERROR}"
+        ),
         **build_info_report(BUILD_INFO),
         "selected backend": fusedres.get_backend(),
         **backend_report("cpu"),

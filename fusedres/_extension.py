@@ -10,7 +10,9 @@ explained by `explain_load_error`. Both are pure functions (tests/test_packaging
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from collections.abc import Callable
 
 import torch
@@ -108,6 +110,47 @@ def load(
 
 
 EXTENSION_LOADED, EXTENSION_ERROR = load()
+
+
+def fastpath_mismatch(build_info: dict, torch_version: str, torch_git: str | None, python_tag: str) -> str | None:
+    """Why fusedres._fastpath (built as build_info says) cannot run here, or None.
+
+    It is built against torch's C++ and Python APIs, which have no stable ABI: only the exact
+    torch (version and commit) and CPython of the build will do."""
+    built_for = build_info.get("fastpath")
+    if not built_for:
+        return "not built (FUSEDRES_FASTPATH=0, or no C++ extension)"
+    built = f"torch {build_info.get('torch')} and {built_for}"
+    if torch_version != build_info.get("torch") or torch_git != build_info.get("torch_git"):
+        return f"built for {built}, running torch {torch_version}"
+    if python_tag != built_for:
+        return f"built for {built}, running {python_tag}"
+    return None
+
+
+def _import_fastpath():
+    return importlib.import_module("fusedres._fastpath")
+
+
+def load_fastpath(importer: Callable[[], object] = _import_fastpath) -> tuple[object | None, str | None]:
+    """(fusedres._fastpath or None, why not): the eager add_norm call as a C++ autograd node.
+    Without it fusedres/ops/add_norm.py runs the same formula as a Python autograd.Function.
+    FUSEDRES_FASTPATH=0 in the environment (read once, here, at import) turns it off."""
+    if not EXTENSION_LOADED:
+        return None, "needs fusedres._C"
+    if os.environ.get("FUSEDRES_FASTPATH", "1") == "0":
+        return None, "off (FUSEDRES_FASTPATH=0)"
+    python_tag = f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    why = fastpath_mismatch(BUILD_INFO, torch.__version__, torch.version.git_version, python_tag)
+    if why:
+        return None, why
+    try:
+        return importer(), None
+    except (ImportError, OSError) as e:
+        return None, f"failed to load: {e}"
+
+
+FASTPATH, FASTPATH_ERROR = load_fastpath()
 
 
 def has_cuda_kernels() -> bool:

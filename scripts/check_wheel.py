@@ -5,7 +5,9 @@
                                   [--require-cuda] [--archs "8.0;9.0+PTX"]
 
 Wheel: named and tagged cp310-abi3 (one wheel for every CPython >= 3.10), not pure; nothing
-but fusedres/ and its .dist-info; one extension, fusedres/_C.abi3.so; fusedres/_build_info.py
+but fusedres/ and its .dist-info; the extension fusedres/_C.abi3.so, and fusedres/_fastpath (the
+eager fast path, built for one CPython and torch) exactly when the build info says it was built,
+for the CPython it names, linking neither libpython nor libtorch_python; fusedres/_build_info.py
 present and consistent with the metadata. _C: no undefined c10::/at::/torch:: (C++, unstable ABI)
 symbols, only torch's stable C shim (aoti_torch_*, torch_*); no libtorch_python or libpython
 dependency; Python symbols from the limited API. CUDA (when the build info says so, or
@@ -388,6 +390,25 @@ def check_cuda(c: Checker, so: Path, info: dict, archs: str, require: bool) -> N
     check_kernel_resources(c, kernels)
 
 
+def check_fastpath(c: Checker, z: zipfile.ZipFile, fastpath: list[str], info: dict, tmp: str) -> None:
+    """fusedres._fastpath: present exactly when built, for the CPython the build info names."""
+    built_for = info.get("fastpath")  # "cpython-311"
+    if not built_for:
+        c.check(not fastpath, "no fusedres._fastpath (the build info says it was not built)", ", ".join(fastpath))
+        return
+    if not c.check(len(fastpath) == 1, f"fusedres._fastpath built for {built_for}", ", ".join(fastpath) or "missing"):
+        return
+    c.check(f".{built_for}-" in fastpath[0], f"_fastpath's file is for {built_for}", fastpath[0])
+    c.check(bool(info.get("torch_git")), "build info: the torch commit _fastpath was built against")
+    so = Path(z.extract(fastpath[0], tmp))
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", run(["readelf", "-d", str(so)]))
+    c.check(
+        not [lib for lib in needed if lib.startswith("libpython")],
+        "_fastpath does not link libpython (the interpreter provides it)",
+        ", ".join(needed),
+    )
+
+
 def check_wheel(c: Checker, wheel: Path, archs: str, require_cuda: bool) -> None:
     print(f"wheel {wheel}")
     m = WHEEL_NAME.match(wheel.name)
@@ -411,13 +432,19 @@ def check_wheel(c: Checker, wheel: Path, archs: str, require_cuda: bool) -> None
 
         stray = sorted({n.split("/")[0] for n in names} - {"fusedres", dist_info})
         c.check(not stray, "nothing but fusedres/ and its .dist-info", ", ".join(stray))
-        sos = [n for n in names if n.endswith(".so")]
-        if not c.check(sos == ["fusedres/_C.abi3.so"], "exactly one extension: fusedres/_C.abi3.so", ", ".join(sos)):
-            return
         if not c.check("fusedres/_build_info.py" in names, "fusedres/_build_info.py in the wheel"):
             return
         info = read_build_info(z.read("fusedres/_build_info.py").decode())
         print("  info build info: " + ", ".join(f"{k}={v}" for k, v in info.items()))
+        sos = sorted(n for n in names if n.endswith(".so"))
+        fastpath = [n for n in sos if n.startswith("fusedres/_fastpath.")]
+        if not c.check(
+            [n for n in sos if n not in fastpath] == ["fusedres/_C.abi3.so"],
+            "one stable-ABI extension: fusedres/_C.abi3.so",
+            ", ".join(sos),
+        ):
+            return
+        check_fastpath(c, z, fastpath, info, tmp)
         c.check(info.get("extension") is True, "build info: extension built")
         c.check(info.get("version") == m["version"], "build info version matches the wheel", str(info.get("version")))
         c.check(info.get("stable_abi_target") == "2.10", "build info: stable ABI target 2.10")

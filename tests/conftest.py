@@ -27,11 +27,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(params=["fastpath", "function"])
+def autograd_path(request, monkeypatch):
+    """Runs a test on each of add_norm's eager paths: the C++ autograd node (fusedres._fastpath,
+    built for one torch and CPython) and the Python autograd.Function that runs everywhere else.
+    The fast path serves the C++ backends; tests of other backends run once, as "function"."""
+    from fusedres._extension import FASTPATH_ERROR
+    from fusedres.ops import add_norm
+
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None  # None: the default, auto
+    if request.param == "function":
+        monkeypatch.setattr(add_norm, "_fastpath", None)
+    elif backend not in (None, "auto", "cpu", "cuda"):
+        pytest.skip(f"the fast path serves the cpu and cuda backends, not {backend}")
+    elif add_norm._fastpath is None:
+        pytest.skip(f"fusedres._fastpath: {FASTPATH_ERROR}")
+    return request.param
+
+
 def pytest_report_header(config):
-    from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED
+    from fusedres._extension import EXTENSION_ERROR, EXTENSION_LOADED, FASTPATH_ERROR
 
     return [
         f"fusedres {fusedres.__version__}: _C loaded={EXTENSION_LOADED} ({EXTENSION_ERROR or 'ok'}), "
+        f"_fastpath {FASTPATH_ERROR or 'loaded'}, "
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
         f"backends cpu={fusedres.available_backends('cpu')}",
         _imported_from(),

@@ -7,6 +7,9 @@ import torch
 
 import fusedres
 
+# Every test on both eager paths (conftest.py: autograd_path).
+pytestmark = pytest.mark.usefixtures("autograd_path")
+
 
 def good(device):
     x = torch.randn(4, 16, device=device)
@@ -64,8 +67,10 @@ def test_module_bad_input_is_named(backend):
             norm(torch.ones(4, 16, dtype=torch.int64))
 
 
-def test_kernel_failure_that_is_not_an_argument_error_propagates(monkeypatch):
-    """Valid arguments and a failing kernel (out of memory, say): the kernel's own error, as is."""
+def test_kernel_failure_that_is_not_an_argument_error_propagates(monkeypatch, autograd_path):
+    """Valid arguments and a failing kernel (out of memory, say): the kernel's own error, as is,
+    from either eager path (the C++ fast path, replaced here by one that fails, or the kernels the
+    Python Function calls)."""
     if "cpu" not in fusedres.available_backends("cpu"):
         pytest.skip("fusedres._C not loaded")
     from fusedres.ops import add_norm
@@ -73,8 +78,10 @@ def test_kernel_failure_that_is_not_an_argument_error_propagates(monkeypatch):
     def failing(*args):
         raise torch.OutOfMemoryError("out of memory (test)")
 
-    kernels = add_norm._KERNELS["cpu"]
-    monkeypatch.setitem(add_norm._KERNELS, "cpu", kernels._replace(fwd=failing))
+    if autograd_path == "fastpath":
+        monkeypatch.setattr(add_norm, "_fastpath", failing)
+    else:
+        monkeypatch.setitem(add_norm._KERNELS, "cpu", add_norm._KERNELS["cpu"]._replace(fwd=failing))
     with fusedres.use_backend("cpu"), pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         fusedres.add_layer_norm(**good("cpu"))
 

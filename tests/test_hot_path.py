@@ -9,6 +9,7 @@ TorchDispatchMode over CPU tensors. Allocations and views are not launches and a
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def _leaves(*tensors):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prenorm", [False, True], ids=["postnorm", "prenorm"])
 @pytest.mark.parametrize("rms_norm", [False, True], ids=["ln", "rms"])
-def test_add_norm_dispatches_one_op_each_way(backend, prenorm, rms_norm):
+def test_add_norm_dispatches_one_op_each_way(backend, prenorm, rms_norm, autograd_path):
     skip_if_unusable("cpu", backend)
     torch.manual_seed(0)
     x, r, w, b = _leaves(torch.randn(3, 5, 33), torch.randn(3, 5, 33), torch.randn(33), torch.randn(33))
@@ -81,7 +82,7 @@ def test_add_norm_dispatches_one_op_each_way(backend, prenorm, rms_norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_add_norm_without_grad_dispatches_one_op(backend):
+def test_add_norm_without_grad_dispatches_one_op(backend, autograd_path):
     skip_if_unusable("cpu", backend)
     x, r, w, b = torch.randn(4, 64), torch.randn(4, 64), torch.randn(64), torch.randn(64)
     with fusedres.use_backend(backend), torch.no_grad():
@@ -121,11 +122,14 @@ def test_batch_norm_eval_dispatches_one_op(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_eager_calls_the_kernels_directly(backend, monkeypatch):
-    """Without a dispatch mode, functorch transform or tensor subclass in play, eager calls the
-    kernels themselves; the registered operators (torch.compile's) are not touched. A dispatch
-    mode sends the call through the registered operator instead, so the mode sees it."""
+    """The Python Function path: without a dispatch mode, functorch transform or tensor subclass
+    in play, eager calls the kernels themselves; the registered operators (torch.compile's) are
+    not touched. A dispatch mode sends the call through the registered operator instead, so the
+    mode sees it."""
     skip_if_unusable("cpu", backend)
     from fusedres.ops import add_norm as module
+
+    monkeypatch.setattr(module, "_fastpath", None)
 
     kernels = module._KERNELS[backend]
     calls = []
@@ -148,6 +152,72 @@ def test_eager_calls_the_kernels_directly(backend, monkeypatch):
         with CountOps():
             fusedres.add_rms_norm(x.detach(), r.detach(), w.detach())
         assert calls[-1] == "fwd_op"
+
+
+def test_fastpath_runs_no_python_per_kernel(monkeypatch):
+    """With fusedres._fastpath, an eager add_norm call (forward, backward, no_grad) is one
+    crossing into C++: neither the Python kernels nor the registered operators are called from
+    Python, and the grads are the Python path's, bit for bit."""
+    from fusedres.ops import add_norm as module
+
+    if module._fastpath is None:
+        pytest.skip(f"fusedres._fastpath: {fusedres._extension.FASTPATH_ERROR}")
+    kernels = module._KERNELS["cpu"]
+    calls = []
+    monkeypatch.setitem(
+        module._KERNELS,
+        "cpu",
+        module._Kernels(*(lambda *a, fn=fn: calls.append(fn) or fn(*a) for fn in kernels)),
+    )
+    torch.manual_seed(0)
+    x, r, w = _leaves(torch.randn(3, 5, 16), torch.randn(3, 5, 16), torch.randn(16))
+    with fusedres.use_backend("cpu"):
+        y, h = fusedres.add_rms_norm(x, r, w, prenorm=True)
+        grads = torch.autograd.grad((y, h), (x, r, w), (torch.ones_like(y), torch.full_like(h, 0.5)))
+        with torch.no_grad():
+            fusedres.add_rms_norm(x, r, w)
+        assert calls == []
+        monkeypatch.setattr(module, "_fastpath", None)
+        y2, h2 = fusedres.add_rms_norm(x, r, w, prenorm=True)
+        grads2 = torch.autograd.grad((y2, h2), (x, r, w), (torch.ones_like(y), torch.full_like(h, 0.5)))
+    assert calls  # the Python path did call them
+    assert y.grad_fn.name() != y2.grad_fn.name()
+    for a, b in zip((y, h, *grads), (y2, h2, *grads2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fastpath_loads_under_the_torch_it_was_built_for():
+    """fusedres._fastpath is built for one torch (version and commit) and CPython: there it must
+    load (a silent fallback would hide a broken build), anywhere else it must not."""
+    import sys
+
+    from fusedres import _extension
+
+    info = _extension.BUILD_INFO
+    if not _extension.EXTENSION_LOADED or not info.get("fastpath"):
+        pytest.skip("no fusedres._C, or built with FUSEDRES_FASTPATH=0")
+    matches = (
+        torch.__version__ == info["torch"]
+        and torch.version.git_version == info["torch_git"]
+        and info["fastpath"] == f"cpython-{sys.version_info[0]}{sys.version_info[1]}"
+    )
+    if os.environ.get("FUSEDRES_FASTPATH") == "0":
+        assert _extension.FASTPATH is None and "FUSEDRES_FASTPATH=0" in _extension.FASTPATH_ERROR
+    elif matches:
+        assert _extension.FASTPATH is not None, _extension.FASTPATH_ERROR
+    else:
+        assert _extension.FASTPATH is None and "built for" in _extension.FASTPATH_ERROR
+
+
+def test_fastpath_mismatch_names_what_differs():
+    from fusedres._extension import fastpath_mismatch
+
+    info = {"torch": "2.14.1+cu130", "torch_git": "abc", "fastpath": "cpython-311"}
+    assert fastpath_mismatch(info, "2.14.1+cu130", "abc", "cpython-311") is None
+    assert "running torch 2.11.0" in fastpath_mismatch(info, "2.11.0", "def", "cpython-311")
+    assert "running torch 2.14.1+cu130" in fastpath_mismatch(info, "2.14.1+cu130", "def", "cpython-311")
+    assert "running cpython-312" in fastpath_mismatch(info, "2.14.1+cu130", "abc", "cpython-312")
+    assert "not built" in fastpath_mismatch({"torch": "2.14.1"}, "2.14.1", "abc", "cpython-311")
 
 
 def test_training_running_stat_update_bumps_versions():

@@ -35,7 +35,15 @@ def direct(op: torch._ops.OpOverload, device_type: str):
 
 def plain(a, b=None, c=None, d=None) -> bool:
     """Whether the kernels may be called directly for these tensors (None is fine)."""
-    if _dispatch_modes() or _functorch_active():
+    if _dispatch_modes():
+        return False
+    return plain_tensors(a, b, c, d)
+
+
+def plain_tensors(a, b=None, c=None, d=None) -> bool:
+    """No functorch transform and plain tensors (None is fine): what a C++ caller of the
+    operators below Autograd needs (dispatch modes still see those calls)."""
+    if _functorch_active():
         return False
     return (
         a.__class__ in _PLAIN

@@ -25,9 +25,9 @@ from typing import NamedTuple
 import torch
 
 from fusedres._checks import as_rows, check_add_norm_args, check_add_norm_bwd_op, check_add_norm_fwd_op, stats_dtype
-from fusedres._extension import EXTENSION_LOADED
+from fusedres._extension import EXTENSION_LOADED, FASTPATH
 from fusedres.backends import resolve_backend
-from fusedres.ops._eager import below_autograd, direct, plain
+from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
 from fusedres.reference.add_norm import add_norm_reference
 
 _is_compiling = torch.compiler.is_compiling
@@ -214,6 +214,9 @@ def add_norm(x, residual, weight, bias, eps, *, rms_norm: bool, prenorm: bool = 
 # check_add_norm_args finds the argument and raises the error every backend raises.
 _SELF_CHECKING = frozenset(("cpu", "cuda"))
 _INF = math.inf
+# The eager call as one crossing into a C++ autograd node (csrc/fastpath/add_norm.cpp), where
+# fusedres._fastpath loaded (built for this torch and CPython); else _run's Python Function.
+_fastpath = FASTPATH.add_norm if FASTPATH is not None else None
 
 
 def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, param_shape=None):
@@ -229,6 +232,8 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
             and (weight is None or weight.dim() == 1)
             and (bias is None or bias.dim() == 1)
         ):
+            if _fastpath is not None and plain_tensors(x, residual, weight, bias) and not _is_compiling():
+                return _fastpath(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
             return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
     except (RuntimeError, AttributeError, TypeError, IndexError) as error:
         failure = error
