@@ -270,8 +270,23 @@ def test_tests_import_the_installed_wheel():
     assert fusedres.EXTENSION_LOADED, fusedres.EXTENSION_ERROR
     c_module = Path(sys.modules["fusedres._C"].__file__).resolve()
     assert c_module == package / "_C.abi3.so"
+    if _extension.FASTPATH is not None:
+        assert Path(_extension.FASTPATH.__file__).resolve().parent == package
     if torch.version.cuda and _extension.BUILD_INFO.get("cuda"):
         assert _extension.has_cuda_kernels()
+
+
+def test_fastpath_can_be_turned_off():
+    out = subprocess.run(
+        [sys.executable, "-c", "from fusedres import _extension as e; print(e.FASTPATH, '|', e.FASTPATH_ERROR)"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "FUSEDRES_FASTPATH": "0"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("|")[0].strip() == "None"
+    assert "FUSEDRES_FASTPATH=0" in out.stdout or "not built" in out.stdout or "needs fusedres._C" in out.stdout
 
 
 def test_subprocesses_import_the_installed_wheel_too():
