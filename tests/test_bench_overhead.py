@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres.bench import cli, overhead
+from fusedres.ops import add_norm
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in fusedres.available_backends("cpu") if b != "triton"]
@@ -38,7 +39,14 @@ def test_cli_overhead_writes_every_case_and_backend(tmp_path, capsys):
     assert env["device_type"] == "cpu" and env["threads"] == 1 and env["torch"] == torch.__version__
     assert results["method"]["calls"] == 5 and results["method"]["repeats"] == 2
     rows = results["overhead"]
-    assert [(r["case"], r["backend"]) for r in rows] == [(c.label, b) for c in overhead.CASES for b in BACKENDS]
+    # With fusedres._fastpath, add-norm cases also time the Python path of each C++ backend.
+    python_path = [f"{b} {overhead.PYTHON_PATH}" for b in BACKENDS if b in ("cpu", "cuda")]
+    expected = [
+        (c.label, b)
+        for c in overhead.CASES
+        for b in BACKENDS + (python_path if c.family == "add_norm" and add_norm.has_fastpath() else [])
+    ]
+    assert [(r["case"], r["backend"]) for r in rows] == expected
     assert {r["case"] for r in rows} == {
         "add_layer_norm fwd no_grad",
         "add_layer_norm fwd+bwd",

@@ -19,6 +19,7 @@ of the other backends (see _add_norm).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -217,6 +218,23 @@ _INF = math.inf
 # The eager call as one crossing into a C++ autograd node (csrc/fastpath/add_norm.cpp), where
 # fusedres._fastpath loaded (built for this torch and CPython); else _run's Python Function.
 _fastpath = FASTPATH.add_norm if FASTPATH is not None else None
+
+
+def has_fastpath() -> bool:
+    """Whether eager calls take fusedres._fastpath (else the Python autograd Function)."""
+    return _fastpath is not None
+
+
+@contextlib.contextmanager
+def without_fastpath():
+    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
+    bench measures it against; not thread-safe: a process-wide switch)."""
+    global _fastpath
+    saved, _fastpath = _fastpath, None
+    try:
+        yield
+    finally:
+        _fastpath = saved
 
 
 def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, param_shape=None):
