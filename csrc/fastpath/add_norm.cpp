@@ -173,14 +173,23 @@ py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor&
   // h is written only when someone reads it: prenorm returns it; a backward reads it, except on
   // the CPU, whose backward adds the residual back instead.
   const bool store_h = prenorm || (needs_grad && residual.has_value() && !x.is_cpu());
-  const Tensor rows = as_rows(x);
-  const OptTensor residual_rows = as_rows(residual), w = contiguous(weight), b = contiguous(bias);
-  if (needs_grad) {
-    const variable_list out =
-        AddNormFunction::apply(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h, prenorm);
-    return prenorm ? py::object(py::make_tuple(out[0], out[1])) : py::cast(out[0]);
+  Tensor y, h;
+  {
+    // As aten's own Python bindings do: other Python threads run while the kernels do.
+    py::gil_scoped_release no_gil;
+    const Tensor rows = as_rows(x);
+    const OptTensor residual_rows = as_rows(residual), w = contiguous(weight), b = contiguous(bias);
+    if (needs_grad) {
+      variable_list out = AddNormFunction::apply(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h, prenorm);
+      y = std::move(out[0]);
+      if (prenorm) {
+        h = std::move(out[1]);
+      }
+    } else {
+      std::tie(y, h, std::ignore, std::ignore) =
+          add_norm_fwd(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h);
+    }
   }
-  auto [y, h, mean, rstd] = add_norm_fwd(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h);
   return prenorm ? py::object(py::make_tuple(y, h)) : py::cast(y);
 }
 
