@@ -17,7 +17,7 @@ namespace fusedres::cpu {
 
 namespace {
 
-constexpr int64_t kMinBytes = int64_t{4} << 20;
+constexpr int64_t kMinBytes = int64_t{1} << 20;
 constexpr int64_t kGranule = int64_t{1} << 20;
 constexpr std::size_t kAlignment = 64;  // as c10's CPU allocator
 

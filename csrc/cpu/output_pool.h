@@ -1,14 +1,16 @@
 // Reused memory for large CPU outputs.
 //
-// glibc serves a block of 32 MiB and up with a fresh mmap and unmaps it on free (below that its
-// heap usually keeps freed blocks), so every such output's pages fault on first write: on
-// add_layer_norm 8192x1024 fp32 forward + backward (2-core EPYC VM, 2 threads) 16k faults take
-// ~19 of the step's ~28 ms; the kernels themselves take ~9. PyTorch's CPU tuning guide answers
+// glibc serves a block of 32 MiB and up with a fresh mmap and unmaps it on free, so every such
+// output's pages fault on first write: on add_layer_norm 8192x1024 fp32 forward + backward (2-core
+// EPYC VM, 2 threads) 16k faults take ~19 of the step's ~28 ms; the kernels themselves take ~9.
+// Smaller blocks come from its heap, which it trims once enough of its top is free: the 3 MiB y
+// and h of a prenorm add_layer_norm (768 x 1024 fp32) were trimmed and faulted in again on every
+// call (forward 1.69 ms with h against 0.30 without, 1 thread; 0.33 from the pool). PyTorch's CPU tuning guide answers
 // that with jemalloc or tcmalloc in LD_PRELOAD; this pool does it for fusedres's own outputs: a
 // freed output's block is kept (its pages stay mapped) and handed to the next output of the same
 // rounded size.
 //
-// - Outputs of at least 4 MiB; sizes round up to 1 MiB. The pool keeps at most
+// - Outputs of at least 1 MiB; sizes round up to 1 MiB. The pool keeps at most
 //   FUSEDRES_CPU_POOL_MB (default 1024; 0 turns it off) of freed blocks, dropping the least
 //   recently freed first. Read once per process.
 // - The tensor is made by torch_from_blob with a deleter that returns its block here. That entry
