@@ -36,7 +36,7 @@ def backend_report(device: str) -> dict:
 
 def _pool_report(capacity: int, loaded: bool) -> str:
     if capacity:
-        return f"outputs of 4 MiB and more reuse freed blocks, up to {capacity >> 20} MiB kept (FUSEDRES_CPU_POOL_MB)"
+        return f"outputs of 1 MiB and more reuse freed blocks, up to {capacity >> 20} MiB kept (FUSEDRES_CPU_POOL_MB)"
     if not loaded:
         return "off (fusedres._C not loaded)"
     if os.environ.get("FUSEDRES_CPU_POOL_MB", "").strip():
