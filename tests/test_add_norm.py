@@ -312,3 +312,29 @@ def test_fp64_to_16_bit_rounds_through_fp32(device, backend, h_dtype, tail):
     assert h.dtype == h_dtype
     assert h[1, 7].item() == 1.0
     torch.testing.assert_close(h, expected, rtol=0, atol=0)
+
+
+def test_saved_tensors_go_through_hooks_and_in_place_changes_are_caught():
+    """What autograd promises of saved tensors holds on both paths: saved-tensor hooks (activation
+    offloading, checkpointing) see every saved tensor, and a saved input changed in place before
+    the backward is an error, not a wrong grad."""
+    if "cpu" not in fusedres.available_backends("cpu"):
+        pytest.skip("fusedres._C not loaded")
+    torch.manual_seed(0)
+    x, r, w, b = (
+        t.requires_grad_() for t in (torch.randn(8, 32), torch.randn(8, 32), torch.randn(32), torch.randn(32))
+    )
+    packed = []
+    with fusedres.use_backend("cpu"):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+            y = fusedres.add_layer_norm(x, r, w, b)
+        grads = torch.autograd.grad(y, (x, r, w, b), torch.ones_like(y))
+        assert any(p is x for p in packed) and any(p is w for p in packed), [p.shape for p in packed]
+        expected = torch.autograd.grad(F.layer_norm(x + r, (32,), w, b), (x, r, w, b), torch.ones_like(y))
+        for g, e in zip(grads, expected):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+        y = fusedres.add_layer_norm(x, r, w, b)
+        with torch.no_grad():
+            w.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(y, (x,), torch.ones_like(y))
