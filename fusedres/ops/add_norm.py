@@ -12,6 +12,9 @@ Two paths, one formula (`_setup_context` + `_backward_with`):
 - torch.compile: the registered operators, with the same formula attached by
   `torch.library.register_autograd`, so the compiler traces them like any aten op (and opcheck
   tests them).
+Where fusedres._fastpath loaded (built for this torch and CPython), eager calls on the C++
+backends take it instead of `_AddNormFunction`: one call into C++, which runs the same formula
+as a C++ autograd node (csrc/fastpath/add_norm.cpp; the tests run both).
 
 Arguments are checked once: by the C++ operators themselves, or by check_add_norm_args in front
 of the other backends (see _add_norm).
@@ -250,7 +253,7 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
             and (weight is None or weight.dim() == 1)
             and (bias is None or bias.dim() == 1)
         ):
-            if _fastpath is not None and plain_tensors(x, residual, weight, bias) and not _is_compiling():
+            if _fastpath is not None and not _is_compiling() and plain_tensors(x, residual, weight, bias):
                 return _fastpath(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
             return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
     except (RuntimeError, AttributeError, TypeError, IndexError) as error:
