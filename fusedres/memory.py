@@ -1,9 +1,9 @@
 """The CPU output pool: large CPU outputs of the C++ kernels reuse the blocks of freed ones.
 
 A fresh multi-megabyte CPU tensor costs a page fault per 4 KiB page on first write (glibc maps
-blocks of 32 MiB and up anew for every allocation and unmaps them on free, and trims the heap that
-smaller ones come from); on a memory-bound op those faults take longer than the kernel. So outputs
-of 1 MiB and more come from a pool of freed
+blocks of 32 MiB and up anew for every allocation and unmaps them on free); on a memory-bound op
+those faults take longer than the kernel, and smaller fresh outputs measured slower than reused
+ones too (csrc/cpu/output_pool.h). So outputs of 1 MiB and more come from a pool of freed
 blocks that stay mapped (csrc/cpu/output_pool.h), capped at FUSEDRES_CPU_POOL_MB megabytes of
 freed blocks (default 1024; 0 turns the pool off), read once per process. It needs torch >= 2.11
 (the stable ABI's from_blob with a deleter); under torch 2.10 outputs come from torch's allocator.

@@ -3,9 +3,10 @@
 // glibc serves a block of 32 MiB and up with a fresh mmap and unmaps it on free, so every such
 // output's pages fault on first write: on add_layer_norm 8192x1024 fp32 forward + backward (2-core
 // EPYC VM, 2 threads) 16k faults take ~19 of the step's ~28 ms; the kernels themselves take ~9.
-// Smaller blocks come from its heap, which it trims once enough of its top is free: the 3 MiB y
-// and h of a prenorm add_layer_norm (768 x 1024 fp32) were trimmed and faulted in again on every
-// call (forward 1.69 ms with h against 0.30 without, 1 thread; 0.33 from the pool). PyTorch's CPU tuning guide answers
+// Smaller outputs pay too, for a reason not traced: the forward of a prenorm add_layer_norm at
+// 1024 x 768 fp32 (3 MiB y and h, 1 thread) took 1.69 ms with torch's allocator and 0.33 ms on
+// pooled blocks after other ops had allocated, 0.71 and 0.44 ms in a process that allocates
+// nothing else, where getrusage counted no page faults. PyTorch's CPU tuning guide answers
 // that with jemalloc or tcmalloc in LD_PRELOAD; this pool does it for fusedres's own outputs: a
 // freed output's block is kept (its pages stay mapped) and handed to the next output of the same
 // rounded size.
