@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(params=["fastpath", "function"])
-def autograd_path(request, monkeypatch):
+def autograd_path(request):
     """Runs a test on each of add_norm's eager paths: the C++ autograd node (fusedres._fastpath,
     built for one torch and CPython) and the Python autograd.Function that runs everywhere else.
     The fast path serves the C++ backends; tests of other backends run once, as "function"."""
@@ -38,12 +38,14 @@ def autograd_path(request, monkeypatch):
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec else None  # None: the default, auto
     if request.param == "function":
-        monkeypatch.setattr(add_norm, "_fastpath", None)
-    elif backend not in (None, "auto", "cpu", "cuda"):
+        with add_norm.without_fastpath():
+            yield request.param
+        return
+    if backend not in (None, "auto", "cpu", "cuda"):
         pytest.skip(f"the fast path serves the cpu and cuda backends, not {backend}")
-    elif add_norm._fastpath is None:
+    if not add_norm.has_fastpath():
         pytest.skip(f"fusedres._fastpath: {FASTPATH_ERROR}")
-    return request.param
+    yield request.param
 
 
 def pytest_report_header(config):
