@@ -235,7 +235,8 @@ def get_extensions():
         extensions.append(
             CppExtension(
                 "fusedres._fastpath",
-                [os.path.join("csrc", "fastpath", "add_norm.cpp")],
+                sorted(glob.glob(os.path.join("csrc", "fastpath", "*.cpp"))),
+                include_dirs=[os.path.join(ROOT, "csrc")],
                 # -g0 (unless FUSEDRES_DEBUG): Python's own CFLAGS add -g, which makes this 14 MB.
                 extra_compile_args={"cxx": opt + ([] if debug else ["-g0"]) + ["-fdiagnostics-color=always"]},
             )

@@ -16,6 +16,8 @@
 // The caller (fusedres/ops/add_norm.py: _run) has chosen a C++ backend (cpu or cuda), checked
 // eps and that weight and bias are vectors, and found plain tensors, no functorch transform and
 // no compilation; the operators check the rest, and a failure is re-diagnosed in Python.
+#include "fastpath/module.h"
+
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -194,10 +196,11 @@ py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor&
 }
 
 } // namespace
-} // namespace fusedres
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fusedres's eager fast path (built for one torch and CPython; see csrc/fastpath/add_norm.cpp)";
-  m.def("add_norm", &fusedres::add_norm, "add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, "
+void register_add_norm(py::module_& m) {
+  m.def("add_norm", &add_norm, "add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, "
         "residual_in_fp32) -> y, or (y, h) with prenorm");
 }
+
+} // namespace fusedres
+
