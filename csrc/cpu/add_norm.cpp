@@ -103,39 +103,40 @@ void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, ac
   });
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cpu(
-    const Tensor& x,
-    const std::optional<Tensor>& residual,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps,
-    bool rms_norm,
-    ScalarType h_dtype,
-    bool store_h) {
-  const RowsView shape = check_add_norm_fwd_args(x, residual, weight, bias, eps);
-  auto [y, h, mean, rstd] = alloc_add_norm_fwd_outputs(x, shape, rms_norm, h_dtype, store_h);
+// Until the CPU kernels implement them (issue 23): the residual features are refused here.
+void refuse_features(const AddNormParams& p, bool store_mask) {
+  STD_TORCH_CHECK(!p.features.any() && !store_mask,
+      "fusedres: dropout_p, rowscale, colscale, weight_offset and the dropout mask are not implemented by the CPU "
+      "backend yet");
+}
+
+AddNormFwdResult<Tensor> add_norm_fwd_cpu(const AddNormFwd& a) {
+  const AddNormParams p = check_add_norm(a);
+  refuse_features(p, a.store_mask);
+  auto out = alloc_add_norm_outputs(a, p.shape);
+  auto& [y, h, mean, rstd, mask] = out;
   advise_huge_pages(y);
   advise_huge_pages(h);
-  if (shape.rows == 0) {
-    return {y, h, mean, rstd};
+  if (p.shape.rows == 0) {
+    return out;
   }
   AddNormFwdRows args{};
-  args.x = RowArg(x);
-  args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
-  args.h = store_h ? RowArg(h) : RowArg();
+  args.x = RowArg(a.x);
+  args.residual = a.residual ? RowArg(*a.residual) : RowArg();
+  args.h = a.store_h ? RowArg(h) : RowArg();
   args.y = RowArg(y);
-  args.h_dtype = h_dtype;
-  args.mean = rms_norm ? nullptr : mean.data_ptr();
+  args.h_dtype = a.h_dtype;
+  args.mean = a.rms_norm ? nullptr : mean.data_ptr();
   args.rstd = rstd.data_ptr();
-  args.n = shape.cols;
-  args.eps = eps;
-  args.rms_norm = rms_norm;
+  args.n = p.shape.cols;
+  args.eps = a.eps;
+  args.rms_norm = a.rms_norm;
   if (rstd.scalar_type() == ScalarType::Double) {
-    run_fwd<double>(args, weight, bias, shape.rows);
+    run_fwd<double>(args, a.weight, a.bias, p.shape.rows);
   } else {
-    run_fwd<float>(args, weight, bias, shape.rows);
+    run_fwd<float>(args, a.weight, a.bias, p.shape.rows);
   }
-  return {y, h, mean, rstd};
+  return out;
 }
 
 // Sums the (chunks, n) partials in chunk order into a parameter grad of any float dtype.
@@ -170,51 +171,41 @@ void run_bwd_and_reduce(const AddNormBwdRows& args, const std::optional<Tensor>&
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cpu(
-    const Tensor& dy,
-    const std::optional<Tensor>& dh,
-    const Tensor& h,
-    const std::optional<Tensor>& residual,
-    ScalarType h_dtype,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const Tensor& mean,
-    const Tensor& rstd,
-    bool rms_norm,
-    std::optional<ScalarType> dresidual_dtype) {
-  const RowsView shape = check_add_norm_bwd_args(dy, dh, h, residual, weight, bias, mean, rstd, rms_norm);
-  auto [dx, dresidual] = alloc_add_norm_bwd_row_outputs(dy, h, dresidual_dtype);
-  Tensor dweight = alloc_param_grad(dy, weight);
-  Tensor dbias = alloc_param_grad(dy, bias);
+AddNormBwdResult<Tensor> add_norm_bwd_cpu(const AddNormBwd& a) {
+  const AddNormParams p = check_add_norm(a);
+  refuse_features(p, false);
+  auto out = alloc_add_norm_outputs(a);
+  auto& [dx, dresidual, dweight, dbias, dcolscale] = out;
   advise_huge_pages(dx);
   advise_huge_pages(dresidual);
   AddNormBwdRows args{};
-  args.dy = RowArg(dy);
-  args.dh = dh.has_value() ? RowArg(*dh) : RowArg();
-  args.h = RowArg(h);
-  args.residual = residual.has_value() ? RowArg(*residual) : RowArg();
-  args.h_dtype = h_dtype;
+  args.dy = RowArg(a.dy);
+  args.dh = a.dh ? RowArg(*a.dh) : RowArg();
+  // The normalized h: read as stored, or x (+ residual, added back per row as the forward did).
+  args.h = a.h ? RowArg(*a.h) : RowArg(*a.x);
+  args.residual = !a.h && a.residual ? RowArg(*a.residual) : RowArg();
+  args.h_dtype = a.h_dtype;
   args.dx = RowArg(dx);
-  args.dresidual = dresidual_dtype.has_value() ? RowArg(dresidual) : RowArg();
-  args.mean = rms_norm ? nullptr : mean.const_data_ptr();
-  args.rstd = rstd.const_data_ptr();
-  args.n = shape.cols;
-  args.rms_norm = rms_norm;
-  Tensor* dw = weight.has_value() ? &dweight : nullptr;
-  Tensor* db = bias.has_value() ? &dbias : nullptr;
-  if (rstd.scalar_type() == ScalarType::Double) {
-    run_bwd_and_reduce<double>(args, weight, dw, db, shape.rows, shape.cols);
+  args.dresidual = a.dresidual_dtype ? RowArg(dresidual) : RowArg();
+  args.mean = a.rms_norm ? nullptr : a.mean->const_data_ptr();
+  args.rstd = a.rstd.const_data_ptr();
+  args.n = p.shape.cols;
+  args.rms_norm = a.rms_norm;
+  Tensor* dw = a.weight ? &dweight : nullptr;
+  Tensor* db = a.bias ? &dbias : nullptr;
+  if (a.rstd.scalar_type() == ScalarType::Double) {
+    run_bwd_and_reduce<double>(args, a.weight, dw, db, p.shape.rows, p.shape.cols);
   } else {
-    run_bwd_and_reduce<float>(args, weight, dw, db, shape.rows, shape.cols);
+    run_bwd_and_reduce<float>(args, a.weight, dw, db, p.shape.rows, p.shape.cols);
   }
-  return {dx, dresidual, dweight, dbias};
+  return out;
 }
 
 } // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("add_norm_fwd", TORCH_BOX(&add_norm_fwd_cpu));
-  m.impl("add_norm_bwd", TORCH_BOX(&add_norm_bwd_cpu));
+  m.impl("add_norm_fwd", TORCH_BOX((&add_norm_fwd_entry<Tensor, &add_norm_fwd_cpu>)));
+  m.impl("add_norm_bwd", TORCH_BOX((&add_norm_bwd_entry<Tensor, &add_norm_bwd_cpu>)));
 }
 
 } // namespace fusedres::cpu
