@@ -98,6 +98,17 @@ void check_seed_offset(const Tensor& t, const char* name, const Tensor& anchor) 
   STD_TORCH_CHECK(t.device() == anchor.device(), "fusedres: ", name, " must be on the same device as the data");
 }
 
+bool disjoint(const Tensor& a, const Tensor& b) {
+  if (a.device() != b.device()) {
+    return true;
+  }
+  const char* a0 = static_cast<const char*>(a.const_data_ptr());
+  const char* b0 = static_cast<const char*>(b.const_data_ptr());
+  const int64_t a_bytes = a.numel() * static_cast<int64_t>(a.element_size());
+  const int64_t b_bytes = b.numel() * static_cast<int64_t>(b.element_size());
+  return a0 + a_bytes <= b0 || b0 + b_bytes <= a0;
+}
+
 void check_float_dtype(ScalarType dtype, const char* name) {
   STD_TORCH_CHECK(is_supported_float(dtype), "fusedres: ", name, " must be float32, float64, float16 or bfloat16");
 }

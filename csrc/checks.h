@@ -35,6 +35,8 @@ void check_elements(const Tensor& t, const char* name, const Tensor& anchor, int
 // The dropout RNG state: a contiguous (2,) int64 tensor on anchor's device.
 void check_seed_offset(const Tensor& t, const char* name, const Tensor& anchor);
 void check_float_dtype(ScalarType dtype, const char* name);
+// Whether two tensors' memory does not overlap (contiguous ones: their byte ranges).
+bool disjoint(const Tensor& a, const Tensor& b);
 
 } // namespace fusedres
 

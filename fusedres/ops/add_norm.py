@@ -45,8 +45,10 @@ _F32 = torch.float32
 
 FwdArgs = arguments(spec.FWD)
 BwdArgs = arguments(spec.BWD)
+InplaceArgs = arguments(spec.INPLACE)
 check_fwd_args = checker(spec.FWD)
 check_bwd_args = checker(spec.BWD)
+check_inplace_args = checker(spec.INPLACE)
 # The public functions copy what the kernels cannot read in place: no layout rule for them.
 _check_call = checker(spec.FWD, layout=False)
 
@@ -56,14 +58,16 @@ class _Kernels(NamedTuple):
     bwd: object
     fwd_op: object  # the registered operators (torch.compile, opcheck, dispatch modes)
     bwd_op: object
+    inplace_op: object
 
 
 _KERNELS: dict[str, _Kernels] = {}
 
 if EXTENSION_LOADED:
     _fwd, _bwd = torch.ops.fusedres.add_norm_fwd.default, torch.ops.fusedres.add_norm_bwd.default
+    _inplace = torch.ops.fusedres.add_norm_inplace.default
     for _device in ("cpu", "cuda"):
-        _KERNELS[_device] = _Kernels(direct(_fwd, _device), direct(_bwd, _device), _fwd, _bwd)
+        _KERNELS[_device] = _Kernels(direct(_fwd, _device), direct(_bwd, _device), _fwd, _bwd, _inplace)
 
 try:
     from fusedres.triton import add_norm as _triton
@@ -75,6 +79,7 @@ else:
         _triton.add_norm_bwd,
         torch.ops.fusedres.add_norm_fwd_triton.default,
         torch.ops.fusedres.add_norm_bwd_triton.default,
+        torch.ops.fusedres.add_norm_inplace_triton.default,
     )
 
 
@@ -143,9 +148,14 @@ def add_norm_bwd_fake(*args):
     return allocate(spec.BWD, args, empty_like_device)
 
 
+def add_norm_inplace_fake(*args):
+    check_inplace_args(*args)
+
+
 if EXTENSION_LOADED:
     torch.library.register_fake("fusedres::add_norm_fwd")(add_norm_fwd_fake)
     torch.library.register_fake("fusedres::add_norm_bwd")(add_norm_bwd_fake)
+    torch.library.register_fake("fusedres::add_norm_inplace")(add_norm_inplace_fake)
 
 
 # --- autograd: one formula for both paths ------------------------------------------------------
@@ -681,3 +691,58 @@ def add_rms_norm(
     """
     features = _features(dropout_p, rowscale, colscale, weight_offset, return_dropout_mask)
     return _add_norm(x, residual, weight, None, eps, True, prenorm, residual_in_fp32, features)
+
+
+# --- in place, for inference -------------------------------------------------------------------
+
+
+def add_norm_(x, residual, weight, bias, eps, *, rms_norm: bool, colscale=None, weight_offset: float = 0.0):
+    """Add & Norm in place: residual <- h = residual + x * colscale, x <- y = norm(h) * (weight +
+    weight_offset) + bias. See add_layer_norm_ / add_rms_norm_."""
+    if _grad_enabled() and any(
+        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, residual, weight, bias, colscale)
+    ):
+        raise RuntimeError(
+            "fusedres: the in-place Add & Norm keeps nothing for a backward: call it under torch.no_grad() "
+            "or torch.inference_mode(), or use add_layer_norm / add_rms_norm with prenorm=True"
+        )
+    args = InplaceArgs(x, residual, weight, bias, _as_float(eps), rms_norm, colscale, _as_float(weight_offset))
+    check_inplace_args(*args)
+    backend = resolve_backend(x.device)
+    if backend == "reference":
+        _inplace_reference(args)
+    else:
+        _KERNELS[backend].inplace_op(*args)
+
+
+def _inplace_reference(a) -> None:
+    y, h = add_norm_reference(
+        a.x,
+        a.residual,
+        a.weight,
+        a.bias,
+        a.eps,
+        rms_norm=a.rms_norm,
+        prenorm=True,
+        colscale=a.colscale,
+        weight_offset=a.weight_offset,
+    )
+    a.residual.copy_(h)
+    a.x.copy_(y)
+
+
+def add_layer_norm_(x, residual, weight=None, bias=None, eps=1e-5, *, colscale=None, weight_offset=0.0):
+    """In place, for inference: ``residual`` becomes h = residual + x * colscale and ``x`` becomes
+    ``F.layer_norm(h, (N,), weight + weight_offset, bias, eps)``, allocating nothing (a pre-norm
+    stack threads (x, residual) from layer to layer, as vLLM's fused_add_rms_norm does).
+
+    x and residual must be contiguous, must not overlap, and must not require grad (nothing is
+    kept for a backward); h keeps residual's dtype, y x's."""
+    add_norm_(x, residual, weight, bias, eps, rms_norm=False, colscale=colscale, weight_offset=weight_offset)
+
+
+def add_rms_norm_(x, residual, weight=None, eps=1e-6, *, colscale=None, weight_offset=0.0):
+    """In place, for inference: ``residual`` becomes h = residual + x * colscale and ``x`` becomes
+    ``F.rms_norm(h, (N,), weight + weight_offset, eps)`` (vLLM's fused_add_rms_norm). See
+    add_layer_norm_."""
+    add_norm_(x, residual, weight, None, eps, rms_norm=True, colscale=colscale, weight_offset=weight_offset)

@@ -379,6 +379,14 @@ def _same_device(name: str, t, ref_name: str, ref) -> None:
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
+def _disjoint(a, b) -> bool:
+    """Whether two contiguous tensors' memory does not overlap (the C++ `disjoint` checks the same)."""
+    if a.device != b.device:
+        return True
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 + a.numel() * a.element_size() <= b0 or b0 + b.numel() * b.element_size() <= a0
+
+
 def _rows_readable(t) -> bool:
     """Whether the row kernels can read (..., N) tensor t in place: unit stride along N and leading
     dims that collapse into rows of one stride (the C++ check_anchor_rows checks the same)."""

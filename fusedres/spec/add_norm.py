@@ -112,7 +112,34 @@ BWD = Op(
     "over rows is deterministic (fixed-size partials, summed in a fixed order).",
 )
 
-FAMILY = Family("add_norm", (FWD, BWD))
+INPLACE = Op(
+    "add_norm_inplace",
+    args=(
+        Arg("x", Rows(), mutable="a", doc="(..., N), contiguous: overwritten with y"),
+        Arg("residual", Rows(like="x"), mutable="b", doc="contiguous: overwritten with h"),
+        Arg("weight", Elements("N"), optional=True),
+        Arg("bias", Elements("N"), optional=True),
+        Arg("eps", _EPS),
+        Arg("rms_norm", Flag()),
+        Arg("colscale", Elements("N"), optional=True, default=None, doc="per-column scale of x (LayerScale)"),
+        Arg("weight_offset", _FINITE, default=0.0, doc="added to weight in fp32 (Gemma's (1 + w))"),
+    ),
+    outputs=(),
+    rules=(
+        _SAME_PARAM_DTYPE,
+        _FEATURE_RULES[1],
+        Rule(
+            py="x.is_contiguous() and residual.is_contiguous() and _disjoint(x, residual)",
+            cpp="a.x.is_contiguous() && a.residual.is_contiguous() && disjoint(a.x, a.residual)",
+            message="add_norm_inplace writes x and residual: they must be contiguous and must not overlap",
+        ),
+    ),
+    doc="Add & Norm in place, for inference (vLLM's fused_add_rms_norm): h = residual + x * colscale is "
+    "written into residual, y = norm(h) * (weight + weight_offset) + bias into x (h keeps residual's "
+    "dtype); no statistics are kept.",
+)
+
+FAMILY = Family("add_norm", (FWD, BWD, INPLACE))
 
 # The residual features' argument names, in the operators' order.
 FEATURES = tuple(a.name for a in _FEATURES)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import REQUIRED, Elements, Op, Rows, _rows_readable
+from . import REQUIRED, Elements, Op, Rows, _disjoint, _rows_readable
 
 _FLOAT = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _GLOBALS = {
@@ -26,6 +26,7 @@ _GLOBALS = {
     "_F32": torch.float32,
     "_INF": math.inf,
     "_rows_readable": _rows_readable,
+    "_disjoint": _disjoint,
 }
 
 
@@ -92,7 +93,7 @@ def explain(op: Op, args: tuple, layout: bool = True) -> None:
             n = value.shape[-1]
             ctx.update(_N=n, _M=value.numel() // n, _stats=stats_dtype(value.dtype))
     for rule in op.rules:
-        if not eval(rule.py, {}, ctx):  # noqa: S307 (our own text)
+        if not eval(rule.py, _GLOBALS, ctx):  # noqa: S307 (our own text)
             raise {"TypeError": TypeError, "ValueError": ValueError}[rule.error](rule.message)
 
 
@@ -138,6 +139,8 @@ def allocate(op: Op, args: tuple, empty: Callable[..., torch.Tensor]) -> tuple:
             outputs.append(empty(((ctx[name].shape[1] - 1) // 2,), dtype, anchor))
         else:
             raise AssertionError(f"unknown output shape {out.shape!r} of {op.name}")
+    if not outputs:
+        return None  # an operator that only writes its arguments
     return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
 

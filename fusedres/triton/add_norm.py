@@ -679,5 +679,12 @@ def add_norm_bwd(*args, launch=_direct, sm_count=None):
 # Registered operators
 # ----------------------------------------------------------------------------------------------
 
+
+def add_norm_inplace(*args, launch=_direct):
+    """fusedres/spec/add_norm.py's add_norm_inplace: h into residual, y into x."""
+    raise NotImplementedError("fusedres: add_norm_inplace is not implemented by the Triton backend yet")
+
+
 add_norm_fwd_triton = register_op(spec.FWD, add_norm_fwd, check_fwd, (_add_norm_fwd_kernel,))
 add_norm_bwd_triton = register_op(spec.BWD, add_norm_bwd, check_bwd, (_add_norm_bwd_kernel, _column_sum_kernel))
+add_norm_inplace_triton = register_op(spec.INPLACE, add_norm_inplace, checker(spec.INPLACE), (_add_norm_fwd_kernel,))

@@ -41,7 +41,7 @@ def signature(op: Op) -> inspect.Signature:
         for a in op.args
     ]
     n_out = len(op.outputs)
-    result = torch.Tensor if n_out == 1 else tuple[(torch.Tensor,) * n_out]
+    result = None if n_out == 0 else torch.Tensor if n_out == 1 else tuple[(torch.Tensor,) * n_out]
     return inspect.Signature(params, return_annotation=result)
 
 
