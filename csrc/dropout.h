@@ -9,13 +9,7 @@
 
 namespace fusedres {
 
-// seed_offset's two values, as the counter layout reads them (two's complement uint64).
-struct SeedOffset {
-  uint64_t seed = 0;
-  uint64_t offset = 0;
-};
-
-// Memory-safety checks shared by every C++ backend: seed_offset is a (2,) int64 tensor, rows and
+// Memory-safety checks shared by every C++ backend: seed_offset is a contiguous (2,) int64 tensor, rows and
 // cols are >= 0 with rows * cols in int64, 0 <= p < 1. The user-facing errors (naming the
 // argument) come first, from fusedres/_rng.py.
 void check_dropout_mask_args(const Tensor& seed_offset, int64_t rows, int64_t cols, double p);

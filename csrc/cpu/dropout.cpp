@@ -17,11 +17,6 @@ namespace {
 // Philox blocks (4 elements each) per parallel task: ~20 us of work at 0.6 ns per element.
 constexpr int64_t kGrainBlocks = 8192;
 
-SeedOffset read_seed_offset(const Tensor& seed_offset) {
-  const auto* v = static_cast<const int64_t*>(seed_offset.const_data_ptr());
-  return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[seed_offset.stride(0)])};
-}
-
 Tensor dropout_mask_cpu(const Tensor& seed_offset, int64_t rows, int64_t cols, double p) {
   check_dropout_mask_args(seed_offset, rows, cols, p);
   Tensor mask = alloc_dropout_mask(seed_offset, rows, cols);
@@ -29,12 +24,14 @@ Tensor dropout_mask_cpu(const Tensor& seed_offset, int64_t rows, int64_t cols, d
   if (numel == 0) {
     return mask;
   }
-  const SeedOffset so = read_seed_offset(seed_offset);
-  const philox::Key key = philox::key_of(so.seed);
+  // The layout reads both as uint64 (two's complement).
+  const auto* so = static_cast<const int64_t*>(seed_offset.const_data_ptr());
+  const philox::Key key = philox::key_of(static_cast<uint64_t>(so[0]));
+  const uint64_t offset = static_cast<uint64_t>(so[1]);
   const uint32_t threshold = philox::threshold(p);
   bool* out = static_cast<bool*>(mask.data_ptr());
   parallel_for(0, (numel + 3) / 4, kGrainBlocks, [&](int64_t begin, int64_t end) {
-    FUSEDRES_ISA_CALL(dropout_mask_range(key, so.offset, threshold, 4 * begin, std::min(4 * end, numel), out));
+    FUSEDRES_ISA_CALL(dropout_mask_range(key, offset, threshold, 4 * begin, std::min(4 * end, numel), out));
   });
   return mask;
 }

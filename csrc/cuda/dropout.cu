@@ -20,10 +20,10 @@ using namespace fusedres::cuda;
 
 constexpr int kThreads = 256;
 
-__global__ void dropout_mask_kernel(const int64_t* __restrict__ seed_offset, int64_t offset_stride, int64_t numel,
-                                    uint32_t threshold, uint8_t* __restrict__ mask) {
+__global__ void dropout_mask_kernel(const int64_t* __restrict__ seed_offset, int64_t numel, uint32_t threshold,
+                                    uint8_t* __restrict__ mask) {
   const philox::Key key = philox::key_of(static_cast<uint64_t>(seed_offset[0]));
-  const uint64_t offset = static_cast<uint64_t>(seed_offset[offset_stride]);
+  const uint64_t offset = static_cast<uint64_t>(seed_offset[1]);
   const int64_t blocks = (numel + 3) / 4;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < blocks; q += step) {
@@ -53,8 +53,8 @@ Tensor dropout_mask_cuda(const Tensor& seed_offset, int64_t rows, int64_t cols, 
   // Enough resident threads to hide latency; the grid-stride loop covers the rest.
   const int64_t grid = std::min<int64_t>((blocks + kThreads - 1) / kThreads, 8LL * sm_count(device));
   dropout_mask_kernel<<<static_cast<unsigned int>(grid), kThreads, 0, current_stream(device)>>>(
-      static_cast<const int64_t*>(seed_offset.const_data_ptr()), seed_offset.stride(0), numel,
-      philox::threshold(p), static_cast<uint8_t*>(mask.data_ptr()));
+      static_cast<const int64_t*>(seed_offset.const_data_ptr()), numel, philox::threshold(p),
+      static_cast<uint8_t*>(mask.data_ptr()));
   check_launch("dropout_mask_kernel");
   return mask;
 }
