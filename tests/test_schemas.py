@@ -16,6 +16,7 @@ OPS = [
     "batch_norm_add_relu_fwd",
     "batch_norm_add_relu_bwd_reduce",
     "batch_norm_add_relu_bwd_input",
+    "dropout_mask",
 ]
 
 
@@ -31,6 +32,7 @@ def test_triton_schema_equals_cpp_schema(name):
     pytest.importorskip("triton")
     import fusedres.triton.add_norm  # noqa: F401  (registers the Triton operators)
     import fusedres.triton.batch_norm  # noqa: F401
+    import fusedres.triton.dropout  # noqa: F401
 
     cpp = getattr(torch.ops.fusedres, name).default
     triton = getattr(torch.ops.fusedres, f"{name}_triton").default
