@@ -370,7 +370,7 @@ def test_seed_offset_on_the_wrong_device():
 
 @pytest.mark.parametrize("shape", [(), (-1, 4), (2.0, 3), 5])
 def test_bad_shape(shape):
-    with pytest.raises((TypeError, ValueError), match="shape must be"):
+    with pytest.raises(ValueError, match="shape must be"):
         fusedres.dropout_mask(shape, 0.1, seed_offset(1, 2))
 
 

@@ -10,7 +10,6 @@ the same seed_offset. This module adds the fake kernel (torch.compile) and the p
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -42,15 +41,16 @@ if EXTENSION_LOADED:
     torch.library.register_fake("fusedres::dropout_mask")(dropout_mask_fake)
 
 
-def _rows_cols(shape) -> tuple[tuple[int, ...], int, int]:
+def _rows_cols(shape) -> tuple[tuple, int, int]:
+    """(shape as a tuple, rows, cols): the (M, N) rows of an input of that shape."""
     try:
         shape = tuple(shape)
+        ok = len(shape) > 0 and all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in shape)
     except TypeError:
-        raise TypeError(f"shape must be a sequence of ints (a torch.Size), got {type(shape).__name__}") from None
-    if not shape or not all(isinstance(s, (numbers.Integral, torch.SymInt)) and s >= 0 for s in shape):
-        raise ValueError(f"shape must be one or more sizes >= 0 (the input's shape, (..., N)), got {shape}")
-    cols = shape[-1]
-    return shape, math.prod(shape[:-1]), cols
+        ok = False
+    if not ok or any(s < 0 for s in shape):
+        raise ValueError(f"shape must be a sequence of one or more sizes >= 0 (the input's (..., N)), got {shape!r}")
+    return shape, math.prod(shape[:-1]), shape[-1]
 
 
 def dropout_mask(shape, p: float, seed_offset: torch.Tensor, *, device: torch.device | None = None) -> torch.Tensor:
@@ -81,4 +81,5 @@ def dropout_mask(shape, p: float, seed_offset: torch.Tensor, *, device: torch.de
     backend = resolve_backend(seed_offset.device)
     if backend == "reference":
         return dropout_mask_reference(shape, p, seed_offset)
-    return _OPS[backend](seed_offset, rows, cols, p).view(shape)
+    mask = _OPS[backend](seed_offset, rows, cols, p)
+    return mask if len(shape) == 2 else mask.view(shape)
