@@ -30,9 +30,12 @@
 //     picks its vector path at run time (AVX2 where the CPU has it), so it can be called from
 //     either ISA build of a kernel (cpu/isa_dispatch.h). Include this header from the .cpp,
 //     before cpu/isa_dispatch.h, not from inside a kernel header.
-//   - CUDA: a thread that owns 4 consecutive elements starting at e % 4 == 0 calls
+//   - CUDA: a thread that owns K consecutive elements from e (K % 4 == 0, e anything: a pack of a
+//     row whose start row * N is not a multiple of 4 when N is not) calls
+//       uint32_t bits[K]; philox::bits_run<K>(key, offset, e, bits);  // bits[j] = bits(e + j)
+//     (K / 4 blocks, one more when e % 4 != 0); 4 elements from e % 4 == 0:
 //       const philox::Block b = philox::block_at(key, offset + e / 4);  // b.v[lane] = bits(e + lane)
-//     once; an element on its own: philox::bits_at(key, offset, e) (a whole block for one lane).
+//     an element on its own: philox::bits_at(key, offset, e) (a whole block for one lane).
 //   - kept values: x * scale(p) in the accumulation type.
 #pragma once
 
@@ -119,6 +122,46 @@ FUSEDRES_PHILOX_HD Block block_at(Key key, uint64_t counter) {
 FUSEDRES_PHILOX_HD uint32_t bits_at(Key key, uint64_t offset, uint64_t e) {
   const Block b = block_at(key, offset + e / 4);
   return b.v[e % 4];
+}
+
+// Lane i (0..3, known only at run time) of b, by selects: a dynamic index into b.v would put the
+// block in local memory on a GPU.
+FUSEDRES_PHILOX_HD uint32_t lane_of(const Block& b, unsigned i) {
+  return i == 0 ? b.v[0] : i == 1 ? b.v[1] : i == 2 ? b.v[2] : b.v[3];
+}
+
+// bits(e + j) for j < K (K a multiple of 4) and any e: K / 4 blocks when e % 4 == 0, one more
+// otherwise. For a GPU thread that owns K consecutive elements of a row (row * N + col need not
+// be a multiple of 4 when N is not).
+template <int K>
+FUSEDRES_PHILOX_HD void bits_run(Key key, uint64_t offset, uint64_t e, uint32_t (&out)[K]) {
+  static_assert(K % 4 == 0, "bits_run fills whole blocks' worth of elements");
+  const uint64_t first = offset + e / 4;
+  const unsigned shift = static_cast<unsigned>(e % 4);
+  if (shift == 0) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int b = 0; b < K / 4; ++b) {
+      const Block blk = block_at(key, first + static_cast<uint64_t>(b));
+      for (int lane = 0; lane < 4; ++lane) {
+        out[4 * b + lane] = blk.v[lane];
+      }
+    }
+    return;
+  }
+  Block prev = block_at(key, first);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int b = 0; b < K / 4; ++b) {
+    const Block next = block_at(key, first + static_cast<uint64_t>(b + 1));
+    for (unsigned j = 0; j < 4; ++j) {
+      const unsigned lane = shift + j;  // of prev, or of next past 3
+      out[4 * b + j] = lane < 4 ? lane_of(prev, lane) : lane_of(next, lane - 4);
+    }
+    prev = next;
+  }
 }
 
 // Elements whose bits are >= threshold(p) are kept. p in [0, 1): p * 2^32 is exact in double.

@@ -160,6 +160,15 @@ def test_header_bits_match_reference(header, fn, seed, offset):
 
 
 @pytest.mark.parametrize("seed, offset", SEED_OFFSETS)
+def test_header_runs_match_reference(header, seed, offset):
+    """bits_run<8>, a GPU thread's pack of 8 elements of a row, from every start within a block."""
+    got = header([f"run8 {seed} {offset} {start} 64" for start in range(5)])
+    ref = philox_bits(seed_offset(seed, offset), 80).tolist()
+    for start, words in enumerate(got):
+        assert words == ref[start : start + 64], f"run from element {start}"
+
+
+@pytest.mark.parametrize("seed, offset", SEED_OFFSETS)
 def test_header_plain_loop_matches_reference(header, seed, offset):
     """The plain loop, which CPUs without AVX2 run for whole blocks."""
     (words,) = header([f"plain {seed} {offset} 8 512"])

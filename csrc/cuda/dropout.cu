@@ -1,7 +1,8 @@
-// Dropout mask CUDA kernel: the counter layout of csrc/philox.h, one thread per Philox block (4
-// consecutive elements, one 4-byte store). seed and offset are read from seed_offset in device
-// memory by the kernel itself: no host sync, and a captured CUDA graph reads the values that the
-// generator writes there on each replay.
+// Dropout mask CUDA kernel: the counter layout of csrc/philox.h, walked as the Add & Norm row
+// kernels walk rows: each thread owns a pack of 8 consecutive columns of a row, whose bits come
+// from philox::bits_run<8> (2 Philox blocks, 3 when the row starts mid-block because N % 4 != 0).
+// seed and offset are read from seed_offset in device memory by the kernel itself: no host sync,
+// and a captured CUDA graph reads the values that the generator writes there on each replay.
 #include "cuda/common.cuh"
 #include "dropout.h"
 #include "philox.h"
@@ -19,22 +20,25 @@ namespace {
 using namespace fusedres::cuda;
 
 constexpr int kThreads = 256;
+constexpr int kPack = 8;
 
-__global__ void dropout_mask_kernel(const int64_t* __restrict__ seed_offset, int64_t numel, uint32_t threshold,
-                                    uint8_t* __restrict__ mask) {
+__global__ void dropout_mask_kernel(const int64_t* __restrict__ seed_offset, int64_t rows, int64_t cols,
+                                    uint32_t threshold, bool* __restrict__ mask) {
   const philox::Key key = philox::key_of(static_cast<uint64_t>(seed_offset[0]));
   const uint64_t offset = static_cast<uint64_t>(seed_offset[1]);
-  const int64_t blocks = (numel + 3) / 4;
+  const int64_t packs_per_row = (cols + kPack - 1) / kPack;
+  const int64_t packs = rows * packs_per_row;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; q < blocks; q += step) {
-    const philox::Block b = philox::block_at(key, offset + static_cast<uint64_t>(q));
-    const int64_t e = 4 * q;
-    if (e + 4 <= numel) {  // the mask's allocation is 16-byte aligned, so element e is 4-byte aligned
-      reinterpret_cast<uchar4*>(mask)[q] =
-          make_uchar4(b.v[0] >= threshold, b.v[1] >= threshold, b.v[2] >= threshold, b.v[3] >= threshold);
-    } else {
-      for (int lane = 0; e + lane < numel; ++lane) {
-        mask[e + lane] = b.v[lane] >= threshold;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < packs; i += step) {
+    const int64_t row = i / packs_per_row;
+    const int64_t col = (i - row * packs_per_row) * kPack;
+    const int64_t e = row * cols + col;
+    uint32_t bits[kPack];
+    philox::bits_run<kPack>(key, offset, static_cast<uint64_t>(e), bits);
+#pragma unroll
+    for (int j = 0; j < kPack; ++j) {
+      if (col + j < cols) {
+        mask[e + j] = bits[j] >= threshold;
       }
     }
   }
@@ -49,12 +53,12 @@ Tensor dropout_mask_cuda(const Tensor& seed_offset, int64_t rows, int64_t cols, 
   if (numel == 0) {
     return mask;
   }
-  const int64_t blocks = (numel + 3) / 4;
+  const int64_t packs = rows * ((cols + kPack - 1) / kPack);
   // Enough resident threads to hide latency; the grid-stride loop covers the rest.
-  const int64_t grid = std::min<int64_t>((blocks + kThreads - 1) / kThreads, 8LL * sm_count(device));
+  const int64_t grid = std::min<int64_t>((packs + kThreads - 1) / kThreads, 8LL * sm_count(device));
   dropout_mask_kernel<<<static_cast<unsigned int>(grid), kThreads, 0, current_stream(device)>>>(
-      static_cast<const int64_t*>(seed_offset.const_data_ptr()), numel, philox::threshold(p),
-      static_cast<uint8_t*>(mask.data_ptr()));
+      static_cast<const int64_t*>(seed_offset.const_data_ptr()), rows, cols, philox::threshold(p),
+      static_cast<bool*>(mask.data_ptr()));
   check_launch("dropout_mask_kernel");
   return mask;
 }

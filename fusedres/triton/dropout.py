@@ -6,7 +6,7 @@ seed_offset's device. The kernel walks rows as a fused Add & Norm kernel would: 
 (row, block of BLOCK_N columns), the aligned Philox path when cols % 4 == 0 and the per-element
 one otherwise (ALIGNED), so the tests exercise both.
 
-Specializations: BLOCK_N (next_power_of_2(cols), 4..1024) and ALIGNED; ``threshold`` is not
+Specializations: BLOCK_N (next_power_of_2(cols), 16..1024) and ALIGNED; ``threshold`` is not
 specialized (it changes with p).
 """
 
@@ -21,7 +21,7 @@ from fusedres.reference.philox import dropout_threshold
 from fusedres.triton.add_norm import _cdiv, _direct, _register_op
 from fusedres.triton.philox import philox_bits, philox_bits_aligned, philox_key_offset
 
-_MAX_BLOCK_N = 1024
+_MIN_BLOCK_N, _MAX_BLOCK_N = 16, 1024
 
 
 @triton.jit(do_not_specialize=["threshold"])
@@ -49,7 +49,7 @@ def dropout_mask(seed_offset, rows, cols, p, launch=_direct):
     mask = _outputs(seed_offset, rows, cols, p)
     if rows == 0 or cols == 0:
         return mask
-    block_n = min(max(triton.next_power_of_2(int(cols)), 4), _MAX_BLOCK_N)
+    block_n = min(max(triton.next_power_of_2(int(cols)), _MIN_BLOCK_N), _MAX_BLOCK_N)
     launch(_dropout_mask_kernel)[(rows, _cdiv(cols, block_n))](
         seed_offset, mask, cols, dropout_threshold(p), BLOCK_N=block_n, ALIGNED=cols % 4 == 0
     )

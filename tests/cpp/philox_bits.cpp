@@ -4,7 +4,8 @@
 //   <fn> seed offset start n    bits(e) for e in [start, start + n) (seed, offset: decimal uint64)
 // with <fn> one of: at (bits_at per element), fill (fill_bits from a baseline-ISA function),
 // fill_avx2 (fill_bits from a function compiled for AVX2, as cpu/isa_dispatch.h builds kernels),
-// plain (the plain vectorizable loop alone, from an aligned start).
+// plain (the plain vectorizable loop alone, from an aligned start), run8 (bits_run<8> per 8
+// elements; n a multiple of 8).
 #include "philox.h"
 
 #include <cinttypes>
@@ -70,6 +71,12 @@ int main() {
       fill_baseline(key, offset, start, n, out.data());
     } else if (std::strcmp(fn, "fill_avx2") == 0) {
       fill_avx2_build(key, offset, start, n, out.data());
+    } else if (std::strcmp(fn, "run8") == 0 && n % 8 == 0) {
+      for (int64_t i = 0; i < n; i += 8) {
+        uint32_t run[8];
+        bits_run<8>(key, offset, static_cast<uint64_t>(start + i), run);
+        std::memcpy(out.data() + i, run, sizeof(run));
+      }
     } else if (std::strcmp(fn, "plain") == 0 && start % 4 == 0 && n % 4 == 0) {
       detail::fill_blocks_plain(key, offset + static_cast<uint64_t>(start / 4), n / 4, out.data());
     } else {
