@@ -14,6 +14,7 @@ from fusedres.convert import FuseReport, fuse, unfuse
 from fusedres.memory import cpu_pool_release, cpu_pool_stats
 from fusedres.ops import add_layer_norm, add_layer_norm_, add_rms_norm, add_rms_norm_, batch_norm_add_relu
 from fusedres.ops.add_norm import add_norm
+from fusedres.ops.dropout import dropout_mask, philox_seed_offset
 
 __all__ = [
     "EXTENSION_ERROR",
@@ -29,9 +30,11 @@ __all__ = [
     "batch_norm_add_relu",
     "cpu_pool_release",
     "cpu_pool_stats",
+    "dropout_mask",
     "fuse",
     "get_backend",
     "nn",
+    "philox_seed_offset",
     "set_backend",
     "unfuse",
     "use_backend",

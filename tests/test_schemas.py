@@ -8,10 +8,10 @@ import torch
 
 import fusedres
 from fusedres._extension import EXTENSION_LOADED
-from fusedres.spec import add_norm, batch_norm
-from fusedres.spec.cpp import checks_header, spec_header
+from fusedres.spec import add_norm, batch_norm, dropout
+from fusedres.spec.cpp import _families, checks_header, spec_header
 
-OPS = [op for family in (add_norm.FAMILY, batch_norm.FAMILY) for op in family.ops]
+OPS = [op for family in (add_norm.FAMILY, batch_norm.FAMILY, dropout.FAMILY) for op in family.ops]
 needs_extension = pytest.mark.skipif(not EXTENSION_LOADED, reason=f"fusedres._C not loaded: {fusedres.EXTENSION_ERROR}")
 
 
@@ -31,6 +31,7 @@ def test_triton_operator_has_the_spec_schema(op):
     pytest.importorskip("triton")
     import fusedres.triton.add_norm  # noqa: F401  (registers the Triton operators)
     import fusedres.triton.batch_norm  # noqa: F401
+    import fusedres.triton.dropout  # noqa: F401
 
     assert _schema(getattr(torch.ops.fusedres, f"{op.name}_triton").default) == op.schema(f"{op.name}_triton")
 
@@ -48,7 +49,7 @@ def test_every_cpp_operator_is_in_the_spec():
 def test_generated_header_declares_every_operator():
     """The generated C++ names each operator's argument struct, entry point, typed call and
     checks; an argument added to the spec reaches all of them."""
-    header = spec_header([("add_norm", add_norm.FAMILY), ("batch_norm", batch_norm.FAMILY)])
+    header = spec_header(_families())
     for op in OPS:
         assert f"struct {op.cpp_name}Args {{" in header
         assert f"{op.name}_entry(" in header and f"call_{op.name}(" in header

@@ -31,9 +31,11 @@ from typing import NamedTuple
 import torch
 
 from fusedres._extension import EXTENSION_LOADED, FASTPATH
+from fusedres._rng import philox_seed_offset
 from fusedres.backends import resolve_backend
 from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
 from fusedres.reference.add_norm import add_norm_reference
+from fusedres.reference.philox import dropout_mask_reference
 from fusedres.spec import _rows_readable
 from fusedres.spec import add_norm as spec
 from fusedres.spec.python import allocate, arguments, checker, empty_like_device
@@ -478,11 +480,6 @@ def _standin_seed_offset(device) -> torch.Tensor:
     return standin
 
 
-def draw_seed_offset(device: torch.device) -> torch.Tensor:
-    """The dropout RNG state of one call, (seed, offset), drawn from the device's default generator."""
-    return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, device=device)
-
-
 def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, features=None):
     """add_norm on checked arguments (or ones a C++ operator checks)."""
     f = features or _NO_FEATURES
@@ -513,7 +510,7 @@ def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in
     transforms_x = features is not None and _transforms_x(dropout_p, rowscale, colscale)
     colscale_grad = colscale is not None and colscale.requires_grad
     p = plan(x, residual, residual_in_fp32, prenorm, needs_grad, backend == "cpu", transforms_x, colscale_grad)
-    seed_offset = draw_seed_offset(x.device) if dropout_p > 0.0 else None
+    seed_offset = philox_seed_offset(x.device) if dropout_p > 0.0 else None
     store_mask = f.return_dropout_mask
     args = FwdArgs(
         x,
@@ -554,8 +551,10 @@ def _run_reference(x, residual, weight, bias, eps, rms_norm, prenorm, residual_i
     if weight is not None and weight.dim() != 1:  # a module's multi-dim parameters
         weight, bias = weight.reshape(-1), bias.reshape(-1) if bias is not None else None
     mask = None
-    if f.dropout_p > 0.0 or f.return_dropout_mask:
-        mask = reference_dropout_mask(x, f.dropout_p)
+    if f.dropout_p > 0.0:
+        mask = dropout_mask_reference(x.shape, f.dropout_p, philox_seed_offset(x.device))
+    elif f.return_dropout_mask:
+        mask = torch.ones(x.shape, dtype=torch.bool, device=x.device)
     rowscale = f.rowscale
     out = add_norm_reference(
         x,
@@ -575,13 +574,6 @@ def _run_reference(x, residual, weight, bias, eps, rms_norm, prenorm, residual_i
     if f.return_dropout_mask:
         return (*out, mask) if prenorm else (out, mask)
     return out
-
-
-def reference_dropout_mask(x, p):
-    """The keep-mask the kernels would draw for x with probability p (one seed per call)."""
-    if p == 0.0:
-        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    return torch.rand(x.shape, device=x.device) >= p
 
 
 def add_layer_norm(

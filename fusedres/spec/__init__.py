@@ -280,7 +280,8 @@ class Out:
     launchers; csrc/ allocates its own). shape: "like:<arg>" (that argument's shape, contiguous),
     "strided:<arg>" (its shape and strides), "rows" ((M,)), "elements:<arg>" (that argument's
     shape, contiguous; (0,) when it is None), "channels:<arg>" ((C,) of an (N, C, *) argument),
-    "combined:<arg>" ((C,) of a (W, 2C + 1) statistics table). dtype: "of:<arg>" (a tensor
+    "combined:<arg>" ((C,) of a (W, 2C + 1) statistics table), "matrix:<a>,<b>" ((a, b) of two int
+    arguments). dtype: "of:<arg>" (a tensor
     argument's dtype; the anchor's when it is None), "arg:<arg>" (a ScalarType argument),
     "stats" (fp64 for an fp64 first argument, else fp32), "bool". when: the argument (a bool, or
     an optional one: "given") under which the output is written, "not <arg>" for the reverse;

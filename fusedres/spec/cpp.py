@@ -166,9 +166,9 @@ namespace fusedres {
 
 
 def _families() -> list[tuple[str, Family]]:
-    from . import add_norm, batch_norm
+    from . import add_norm, batch_norm, dropout
 
-    return [("add_norm", add_norm.FAMILY), ("batch_norm", batch_norm.FAMILY)]
+    return [("add_norm", add_norm.FAMILY), ("batch_norm", batch_norm.FAMILY), ("dropout", dropout.FAMILY)]
 
 
 def write_headers(out_dir: str) -> list[str]:

@@ -135,6 +135,9 @@ def allocate(op: Op, args: tuple, empty: Callable[..., torch.Tensor]) -> tuple:
             outputs.append(empty((anchor.numel() // n,), dtype, anchor))
         elif kind == "channels":
             outputs.append(empty((ctx[name].shape[1],), dtype, anchor))
+        elif kind == "matrix":
+            rows, cols = name.split(",")
+            outputs.append(empty((ctx[rows], ctx[cols]), dtype, anchor))
         elif kind == "combined":
             outputs.append(empty(((ctx[name].shape[1] - 1) // 2,), dtype, anchor))
         else:
