@@ -1,20 +1,29 @@
-"""torchvision (and timm) ResNets (resnet18..152, resnext, wide_resnet): the conv-BN-ReLU pairs
-and the block tails `relu(bn(conv(x)) + identity)`, as torchvision.models.resnet writes them.
+"""torchvision (and timm) ResNets (resnet18..152, resnext, wide_resnet): the conv-BN-ReLU pairs,
+the block tails `relu(bn(conv(x)) + identity)` and the downsample branch's conv-BN, as
+torchvision.models.resnet writes them, with nn.BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d
+(torchvision's, which timm uses too: detection backbones).
 
 Each fused forward below is the torchvision forward with its BN/add/ReLU runs replaced by
-conv_bn_add_relu: the fused BN kernel in training, BN folded into the conv in eval.
+conv_bn_add_relu: the fused BN kernel with batch statistics (training), BN folded into the conv
+and one fused library call with fixed ones (eval, frozen BN).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from fusedres.convert.core import Pattern, register
-from fusedres.nn.batch_norm import SyncBatchNorm2d, conv_bn_add_relu
+from fusedres.nn.batch_norm import SyncBatchNorm2d, conv_bn_add_relu, is_frozen_bn, uses_batch_statistics
 
-# Modules whose forward(x) is exactly batch norm; bn_add_relu handles each (synchronized ones too).
+# Modules whose forward(x) is exactly batch norm; bn_add_relu handles each (synchronized ones too),
+# and conv_bn_add_relu folds each, frozen ones included.
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
+
+
+def _is_bn(module) -> bool:
+    return type(module) in _BN_TYPES or is_frozen_bn(module)
 
 
 def _check_parts(
@@ -26,24 +35,47 @@ def _check_parts(
         if type(getattr(module, name, None)) is not nn.Conv2d:
             return f"{name} is {type(getattr(module, name, None)).__name__}, not nn.Conv2d"
     for name in bns:
-        if type(getattr(module, name, None)) not in _BN_TYPES:
-            return f"{name} is {type(getattr(module, name, None)).__name__}, not a BatchNorm2d / SyncBatchNorm"
+        if not _is_bn(getattr(module, name, None)):
+            kind = type(getattr(module, name, None)).__name__
+            return f"{name} is {kind}, not a BatchNorm2d / SyncBatchNorm / FrozenBatchNorm2d"
     return None
 
 
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook (global, or on one of `modules`) could see their outputs."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The block's identity branch, and whether the block holds the only reference to it. The
+    downsample's conv-BN (nn.Sequential(Conv2d, BN), torchvision's and timm's) is fused when BN
+    uses fixed statistics and no hook watches it: its output is then made here and dead after the
+    block's add, so the tail may accumulate into it. Anything else is called as it is."""
+    ds = self.downsample
+    if ds is None:
+        return x, False
+    if type(ds) is nn.Sequential and len(ds) == 2:
+        conv, bn = ds[0], ds[1]
+        if type(conv) is nn.Conv2d and _is_bn(bn) and not uses_batch_statistics(bn) and not _hooked(ds, conv, bn):
+            return conv_bn_add_relu(conv, bn, x, relu=False), True
+    return ds(x), False
+
+
 def _basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
-    # torchvision.models.resnet.BasicBlock.forward
-    identity = self.downsample(x) if self.downsample is not None else x
+    # torchvision.models.resnet.BasicBlock.forward (the downsample in its place: after conv1..bn2)
     out = conv_bn_add_relu(self.conv1, self.bn1, x)
-    return conv_bn_add_relu(self.conv2, self.bn2, out, identity)
+    identity, own = _shortcut(self, x)
+    return conv_bn_add_relu(self.conv2, self.bn2, out, identity, consume_residual=own)
 
 
 def _bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
-    # torchvision.models.resnet.Bottleneck.forward
-    identity = self.downsample(x) if self.downsample is not None else x
+    # torchvision.models.resnet.Bottleneck.forward (the downsample in its place: after conv1..bn3)
     out = conv_bn_add_relu(self.conv1, self.bn1, x)
     out = conv_bn_add_relu(self.conv2, self.bn2, out)
-    return conv_bn_add_relu(self.conv3, self.bn3, out, identity)
+    identity, own = _shortcut(self, x)
+    return conv_bn_add_relu(self.conv3, self.bn3, out, identity, consume_residual=own)
 
 
 def _resnet_forward(self, x: torch.Tensor) -> torch.Tensor:
