@@ -273,9 +273,23 @@ def test_autocast_takes_the_folded_path():
 # --- with grad: frozen BN, training conv ---------------------------------------------------------
 
 
+def _frozen_call(path):
+    """The frozen-BN conv under autograd on one eager path: the C++ node or the Python Function."""
+    if path == "fastpath":
+        if not ce.has_fastpath():
+            pytest.skip(f"fusedres._fastpath: {fusedres._extension.FASTPATH_ERROR}")
+        return lambda x, r, cw, cb, g, b, mean, var, args, relu: ce._fastpath(
+            x, r, cw, cb, g, b, mean, var, 1e-5, *args, relu, False, False
+        )
+    return lambda x, r, cw, cb, g, b, mean, var, args, relu: ce._FrozenConvBN.apply(
+        x, r, cw, cb, g, b, (mean, var, 1e-5, args, relu)
+    )
+
+
+@pytest.mark.parametrize("path", ["fastpath", "function"])
 @pytest.mark.parametrize("tail", ["relu", "add-relu", "bn-only"])
 @pytest.mark.parametrize("conv_bias", [False, True], ids=["nobias", "bias"])
-def test_frozen_function_gradcheck_float64(tail, conv_bias):
+def test_frozen_gradcheck_float64(tail, conv_bias, path):
     has_residual, relu, _ = TAILS[tail]
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
@@ -285,22 +299,33 @@ def test_frozen_function_gradcheck_float64(tail, conv_bias):
     gamma = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
     beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
     mean, var = torch.randn(6, dtype=torch.float64) * 0.1, torch.rand(6, dtype=torch.float64) + 0.5
-    call = (mean, var, 1e-5, ([1, 1], [1, 1], [1, 1], 2), relu)
-    fn = lambda x, r, cw, cb, g, b: ce._FrozenConvBN.apply(x, r, cw, cb, g, b, call)  # noqa: E731
+    call = _frozen_call(path)
+    fn = lambda x, r, cw, cb, g, b: call(x, r, cw, cb, g, b, mean, var, ([1, 1], [1, 1], [1, 1], 2), relu)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, r, cw, cb, gamma, beta), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference-mask"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_mask_and_sum_matches_torch(backend, layout):
+    """The frozen backward's first pass: the grad masked by the ReLU (out > 0) and its per-channel
+    sum, by the BatchNorm backward kernel or by torch ops."""
+    fmt = LAYOUTS[layout]
+    out = torch.relu(torch.randn(3, 5, 4, 6)).contiguous(memory_format=fmt)
+    grad = torch.randn(3, 5, 4, 6)  # NCHW whatever out's layout
+    with fusedres.use_backend(backend):
+        g, total = ce._mask_and_sum(grad, out, True)
+    want = torch.where(out > 0, grad, 0)
+    torch.testing.assert_close(g, want, rtol=0, atol=0)
+    torch.testing.assert_close(total, want.sum((0, 2, 3)), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_frozen_grads_match_eager(dtype, layout, backend, monkeypatch):
+def test_frozen_grads_match_eager(dtype, layout, autograd_path):
     """The fused forward and the custom backward against eager autograd, both judged by their
     distance to float64: input, residual, conv weight and bias, BN's gamma and beta."""
-    if backend == "reference-mask":  # the mask and sum in torch ops, not the BatchNorm kernel
-        monkeypatch.setattr(ce, "resolve_backend", lambda device: "reference")
     spec, fmt = CONVS["7x7-s2-bias"], LAYOUTS[layout]
     conv, bn = make_pair(spec)
-    bn.weight.requires_grad_(True)
     x, r = inputs(spec, TAILS["add-relu"], dtype, fmt)
     grad = torch.randn(r.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     results = []
@@ -308,6 +333,8 @@ def test_frozen_grads_match_eager(dtype, layout, backend, monkeypatch):
         c, b = (copy.deepcopy(m).to(torch.float64 if which == "ref" else dtype) for m in (conv, bn))
         xi, ri = (t.detach().to(c.weight.dtype).requires_grad_() for t in (x, r))
         out = conv_bn_add_relu(c, b, xi, ri) if which == "ours" else eager(c, b, xi, ri, True)
+        if which == "ours":
+            assert out.is_contiguous(memory_format=fmt), "the output lost the input's memory format"
         params = [xi, ri, c.weight, c.bias, b.weight, b.bias]
         results.append((out, *torch.autograd.grad(out, params, grad.to(out.dtype))))
     names = ("out", "dx", "dresidual", "dconv_weight", "dconv_bias", "dgamma", "dbeta")
@@ -349,7 +376,7 @@ def test_frozen_resnet50_is_fused_every_block_with_parity():
 
 @pytest.mark.parametrize("block", [resnet.BasicBlock, resnet.Bottleneck], ids=["basic", "bottleneck"])
 @pytest.mark.parametrize("norm", ["frozen", "bn-eval"])
-def test_fine_tuning_steps_match_the_original(block, norm):
+def test_fine_tuning_steps_match_the_original(block, norm, autograd_path):
     """A detection-style fine-tuning step: FrozenBatchNorm2d (or BatchNorm2d in eval with its
     affine parameters training) under training convs. Float64: outputs, every grad and the
     parameters after two SGD steps agree with the unfused model to 1e-9."""
@@ -374,7 +401,7 @@ def test_fine_tuning_steps_match_the_original(block, norm):
             opt.step()
 
 
-def test_fine_tuning_step_fp32_is_within_the_rule():
+def test_fine_tuning_step_fp32_is_within_the_rule(autograd_path):
     """The same step in fp32 (oneDNN's forward, the custom backward) against a float64 copy."""
     original = frozen_resnet(resnet.Bottleneck).to(memory_format=torch.channels_last).train()
     fused, reference = fusedres.fuse(copy.deepcopy(original)), copy.deepcopy(original).double()

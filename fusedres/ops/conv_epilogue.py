@@ -56,9 +56,10 @@ import torch
 import torch.nn.functional as F
 
 from fusedres._checks import stats_dtype
+from fusedres._extension import FASTPATH
 from fusedres.backends import resolve_backend
 from fusedres.ops import batch_norm as _bn
-from fusedres.ops._eager import below_autograd, plain
+from fusedres.ops._eager import below_autograd, plain, plain_tensors
 
 _aten = torch.ops.aten
 _CL = torch.channels_last
@@ -318,7 +319,9 @@ def _run(plan: _Plan, conv, x, residual, relu: bool, consume_residual: bool):
 
 def _run_onednn(plan: _Plan, x, residual, relu: bool, consume_residual: bool):
     dtype, compute, packed = x.dtype, plan.compute, plan.kind == _ONEDNN_PACKED
-    fmt = _CL if packed else torch.contiguous_format
+    # A packed weight was reordered for channels_last input; with a dense one oneDNN follows x.
+    channels_last = packed or (not x.is_contiguous() and x.is_contiguous(memory_format=_CL))
+    fmt = _CL if channels_last else torch.contiguous_format
     if dtype != compute:
         x = x.to(compute)
     if not x.is_contiguous(memory_format=fmt):
@@ -459,6 +462,46 @@ def _requires_grad(t) -> bool:
     return t is not None and t.requires_grad
 
 
+# _FrozenConvBN's formula as one crossing into a C++ autograd node (csrc/fastpath/conv_epilogue.cpp),
+# where fusedres._fastpath loaded (built for this torch and CPython).
+_fastpath = getattr(FASTPATH, "frozen_conv_bn", None)
+_SELF_CHECKING = frozenset(("cpu", "cuda"))
+
+
+def has_fastpath() -> bool:
+    """Whether frozen-BN convs under autograd take fusedres._fastpath (else _FrozenConvBN)."""
+    return _fastpath is not None
+
+
+@contextlib.contextmanager
+def without_fastpath():
+    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
+    tests and the bench compare it with; a process-wide switch, not thread-safe)."""
+    global _fastpath
+    saved, _fastpath = _fastpath, None
+    try:
+        yield
+    finally:
+        _fastpath = saved
+
+
+def _frozen_with_grad(conv, bn, tensors, backend, x, residual, relu):
+    cw, cb, bw, bb, mean, var = tensors
+    args = _conv_args(conv) if x.dim() == 4 else None
+    if args is None or _autocast(x.device.type) or cw.dtype != x.dtype or not _residual_fits(residual, x):
+        return _folded_eager(conv, tensors, bn.eps, x, residual, relu)
+    onednn_compute = _onednn_compute_dtype(x.dtype) if x.device.type == "cpu" and ONEDNN is not None else None
+    if (
+        _fastpath is not None
+        and backend in _SELF_CHECKING
+        and plain_tensors(x, residual, cw, cb)
+        and plain_tensors(bw, bb, mean, var)
+    ):
+        fp32 = onednn_compute == torch.float32 and x.dtype != torch.float32
+        return _fastpath(x, residual, cw, cb, bw, bb, mean, var, bn.eps, *args, relu, onednn_compute is not None, fp32)
+    return _FrozenConvBN.apply(x, residual, cw, cb, bw, bb, (mean, var, bn.eps, args, relu))
+
+
 # --- public --------------------------------------------------------------------------------------
 
 
@@ -485,7 +528,8 @@ def conv_frozen_bn(conv, bn, x, residual=None, *, relu: bool = True, consume_res
         out = out if residual is None else out + residual
         return torch.relu(out) if relu else out
     tensors = _bn_state(conv, bn)
-    if resolve_backend(x.device) == "reference":  # fusedres's kernels are off: eager all the way
+    backend = resolve_backend(x.device)
+    if backend == "reference":  # fusedres's kernels are off: eager all the way
         return _folded_eager(conv, tensors, bn.eps, x, residual, relu)
     cw, cb, bw, bb = tensors[:4]
     if _grad_enabled() and (
@@ -496,11 +540,7 @@ def conv_frozen_bn(conv, bn, x, residual=None, *, relu: bool = True, consume_res
         or _requires_grad(bw)
         or _requires_grad(bb)
     ):
-        args = _conv_args(conv) if x.dim() == 4 else None
-        if args is None or _autocast(x.device.type) or cw.dtype != x.dtype or not _residual_fits(residual, x):
-            return _folded_eager(conv, tensors, bn.eps, x, residual, relu)
-        call = (tensors[4], tensors[5], bn.eps, args, relu)
-        return _FrozenConvBN.apply(x, residual, cw, cb, bw, bb, call)
+        return _frozen_with_grad(conv, bn, tensors, backend, x, residual, relu)
     plan = _plan(conv, bn, tensors, x)
     if (
         residual is not None
