@@ -217,4 +217,6 @@ def test_eval_rows_time_eager_fused_and_compile_with_freezing(tmp_path, monkeypa
     for r in rows:
         assert r["mode"] == "inference" and r["median_ms"] > 0 and r["baseline"] == "original"
         assert (r["compile_s"] is not None and r["compile_s"] > 0) == (r["variant"] == "compiled freezing")
-    assert "compiled freezing" in (tmp_path / "models.md").read_text()
+        assert r["err_vs_fp64"] >= 0 and r["within_rule"], r  # against a float64 copy, the tests' rule
+    md = (tmp_path / "models.md").read_text()
+    assert "compiled freezing" in md and "max |out - float64 copy|" in md

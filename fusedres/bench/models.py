@@ -322,10 +322,19 @@ def eval_cases(device: torch.device) -> dict[str, ModelCase]:
 
 
 def bench_eval(
-    case: ModelCase, device: torch.device, dtype: torch.dtype, reps: int, timeout_s: float | None = None
+    case: ModelCase,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    timeout_s: float | None = None,
+    notes: list[str] | None = None,
 ) -> list[dict]:
-    """Rows for eager, fused and torch.compile(freezing=True) inference of `case` in `dtype`."""
+    """Rows for eager, fused and torch.compile(freezing=True) inference of `case` in `dtype`, each
+    with its output's largest distance to a float64 copy of the model (`err_vs_fp64`) and whether
+    that is within the tests' rule (2x eager's distance + atol), also written to `notes`."""
     import torch._inductor.config as inductor_config
+
+    from fusedres.testing import max_abs_error, parity_bound, ref_scale
 
     torch.manual_seed(0)
     original = case.build().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
@@ -346,6 +355,13 @@ def bench_eval(
             compile_s[name] = time.perf_counter() - start if name.startswith("compiled") else None
     timings = {name: quantiles(t) for name, t in alternating_times(fns, device, reps).items()}
     label = f"{case.name} {str(dtype).removeprefix('torch.')}"
+    with torch.no_grad():
+        ref = copy.deepcopy(original).double()(batch.double())
+        errors = {name: max_abs_error(fn().double(), ref) for name, fn in fns.items()}
+    bound = parity_bound(errors["original"], dtype, ref_scale(ref))
+    if notes is not None:
+        listed = ", ".join(f"{name} {err:.3g}" for name, err in errors.items())
+        notes.append(f"{label}: max |out - float64 copy|: {listed}; the rule's bound {bound:.3g}")
     return [
         {
             "model": label,
@@ -361,6 +377,8 @@ def bench_eval(
             "speedup": timings["original"].median_ms / t.median_ms,
             "baseline": "original",
             "compile_s": compile_s[name],
+            "err_vs_fp64": errors[name],
+            "within_rule": errors[name] <= bound,
         }
         for name, t in timings.items()
     ]
@@ -370,7 +388,7 @@ def _eval_rows(case: ModelCase, device: torch.device, reps: int, timeout_s: floa
     rows = []
     for dtype in EVAL_DTYPES:
         try:
-            rows += bench_eval(case, device, dtype, reps, timeout_s)
+            rows += bench_eval(case, device, dtype, reps, timeout_s, notes)
         except CompileTimeout as e:
             torch._dynamo.reset()
             notes.append(f"{case.name} {dtype}: left out: {e}")
