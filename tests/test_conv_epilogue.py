@@ -352,8 +352,12 @@ def frozen_resnet(block=resnet.BasicBlock, layers=(1, 1, 1, 1), **kwargs) -> res
 
 
 def tiny_resnet() -> resnet.ResNet:
+    return tiny_resnet_layers((1, 1, 1, 1))
+
+
+def tiny_resnet_layers(layers) -> resnet.ResNet:
     torch.manual_seed(0)
-    model = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], num_classes=7)
+    model = resnet.ResNet(resnet.BasicBlock, list(layers), num_classes=7)
     for i, m in enumerate(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
         randomize_bn(m, i)
     return model
@@ -442,6 +446,54 @@ def test_hooked_downsample_output_is_never_written_over():
         outs = [fused(x), original(x)]
     torch.testing.assert_close(*outs, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(seen["fused"], seen["original"], rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_loop_accumulates_into_dead_block_inputs(monkeypatch):
+    """The fused ResNet runs its blocks itself in inference: each block's input is dead after it, so
+    every block tail accumulates in place, into the downsample's output or into the block's input
+    (as Inductor does); blocks called by anyone else leave their input alone."""
+    if not ce.has_onednn():
+        pytest.skip(f"no oneDNN: {ce.ONEDNN_ERROR}")
+    in_place = []
+    binary_ = ce.ONEDNN.binary_
+    monkeypatch.setattr(ce, "ONEDNN", ce.ONEDNN._replace(binary_=lambda *a: in_place.append(1) or binary_(*a)))
+    original = tiny_resnet_layers((2, 2, 2, 2)).eval().to(memory_format=torch.channels_last)
+    fused = fusedres.fuse(copy.deepcopy(original))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)  # layer4 2x2: channels_last
+    with torch.no_grad():
+        want = original(x)
+        torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+        assert len(in_place) == 8  # every block's tail
+        h = fused.maxpool(fused.relu(fused.bn1(fused.conv1(x))))
+        kept = h.clone()
+        in_place.clear()
+        fused.layer1(h)  # called by the user: h is theirs
+        assert torch.equal(h, kept) and in_place == []
+
+
+@pytest.mark.parametrize("where", ["block", "layer", "maxpool", "global"])
+def test_a_hook_anywhere_on_the_chain_keeps_block_inputs_intact(where):
+    """A forward hook may keep an activation: then the blocks run through their modules and no
+    block input is written over."""
+    original = tiny_resnet_layers((2, 2, 2, 2)).eval().to(memory_format=torch.channels_last)
+    fused = fusedres.fuse(copy.deepcopy(original))
+    kept = []
+    hook = lambda module, inputs: kept.append((inputs[0], inputs[0].clone()))  # noqa: E731
+    target = {"block": fused.layer1[1], "layer": fused.layer2, "maxpool": fused.maxpool}.get(where)
+    handle = (
+        target.register_forward_pre_hook(hook)
+        if target is not None
+        else torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda m, i: hook(m, i) if isinstance(m, resnet.BasicBlock) else None
+        )
+    )
+    try:
+        x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), original(x), rtol=1e-4, atol=1e-4)
+    finally:
+        handle.remove()
+    assert kept and all(torch.equal(t, copy_) for t, copy_ in kept), "a hooked activation was written over"
 
 
 def test_feature_extractor_outputs_match():
