@@ -319,18 +319,21 @@ def test_mask_and_sum_matches_torch(backend, layout):
     torch.testing.assert_close(total, want.sum((0, 2, 3)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_frozen_grads_match_eager(dtype, layout, autograd_path):
+def test_frozen_grads_match_eager(dtype, layout, device, autograd_path):
     """The fused forward and the custom backward against eager autograd, both judged by their
     distance to float64: input, residual, conv weight and bias, BN's gamma and beta."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     spec, fmt = CONVS["7x7-s2-bias"], LAYOUTS[layout]
     conv, bn = make_pair(spec)
-    x, r = inputs(spec, TAILS["add-relu"], dtype, fmt)
-    grad = torch.randn(r.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x, r = (t.to(device) for t in inputs(spec, TAILS["add-relu"], dtype, fmt))
+    grad = torch.randn(r.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     results = []
     for which in ("ours", "eager", "ref"):
-        c, b = (copy.deepcopy(m).to(torch.float64 if which == "ref" else dtype) for m in (conv, bn))
+        c, b = (copy.deepcopy(m).to(device, torch.float64 if which == "ref" else dtype) for m in (conv, bn))
         xi, ri = (t.detach().to(c.weight.dtype).requires_grad_() for t in (x, r))
         out = conv_bn_add_relu(c, b, xi, ri) if which == "ours" else eager(c, b, xi, ri, True)
         if which == "ours":

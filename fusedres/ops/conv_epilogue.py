@@ -42,6 +42,9 @@ the conv's weight and bias and to BN's gamma and beta:
     dw = dw' * scale;  dconv_bias = db' * scale;  dbeta = db'
     dgamma = invstd * (sum_{i,kh,kw} dw' * w + (conv_bias - running_mean) * db')
 
+Where fusedres._fastpath loaded (built for this torch and CPython) the same formula runs as one
+C++ autograd node (csrc/fastpath/conv_epilogue.cpp); the tests run both.
+
 Under torch.compile, torch.export and torch.jit.trace the plain aten ops run instead (conv,
 F.batch_norm, add, ReLU): the compiler folds and fuses them itself, and a trace stays portable.
 """
