@@ -57,7 +57,8 @@ Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTe
       torch::autograd::increment_version(*running_var);
     }
   }
-  f.out = bn_fwd(input, residual, weight, bias, f.mean, f.var, eps, relu, training, f.count);
+  f.out = bn_fwd({.input = input, .residual = residual, .weight = weight, .bias = bias, .mean = f.mean, .var = f.var,
+      .eps = eps, .relu = relu, .training = training, .count = f.count});
   return f;
 }
 
@@ -100,7 +101,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool write_g = needs_residual && relu;
     Tensor sum_dy, sum_dy_xhat, g, grad_weight, grad_bias;
     if ((needs_input && training) || needs_weight || needs_bias || write_g) {
-      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_g);
+      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce({.grad_out = grad_out, .out = out, .input = input, .mean = mean,
+          .var = var, .eps = eps, .relu = relu, .write_grad_residual = write_g});
       if (needs_weight) {
         grad_weight = sum_dy_xhat.scalar_type() == weight->scalar_type() ? sum_dy_xhat
                                                                           : sum_dy_xhat.to(weight->scalar_type());
@@ -112,10 +114,11 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     }
     Tensor grad_input;
     if (needs_input) {
-      grad_input = write_g ? bn_bwd_input(g, std::nullopt, input, mean, var, eps, weight, defined_or_none(sum_dy),
-                                 defined_or_none(sum_dy_xhat), count, training, relu)
-                           : bn_bwd_input(grad_out, out, input, mean, var, eps, weight, defined_or_none(sum_dy),
-                                 defined_or_none(sum_dy_xhat), count, training, relu);
+      // With g written, it is the already-masked grad and out is not read again.
+      const OptTensor masked_by = write_g ? std::nullopt : OptTensor(out);
+      grad_input = bn_bwd_input({.grad = write_g ? g : grad_out, .out = masked_by, .input = input, .mean = mean,
+          .var = var, .eps = eps, .weight = weight, .sum_dy = defined_or_none(sum_dy),
+          .sum_dy_xhat = defined_or_none(sum_dy_xhat), .count = count, .training = training, .relu = relu});
     }
     const Tensor none;
     const Tensor grad_residual = needs_residual ? (write_g ? g : grad_out) : none;

@@ -1,7 +1,8 @@
-// The BatchNorm operators of csrc/ops.cpp as fusedres._fastpath calls them, and the layout rules
+// The BatchNorm operators as fusedres._fastpath calls them, and the layout rules
 // its callers share (csrc/fastpath/batch_norm.cpp, csrc/fastpath/conv_epilogue.cpp).
 #pragma once
 
+#include <fusedres/spec.h>
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -13,7 +14,8 @@ using OptTensor = std::optional<Tensor>;
 using TensorPair = std::tuple<Tensor, Tensor>;
 using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
 
-// The operators of csrc/ops.cpp, called below Autograd: dispatch modes and subclasses below it
+// The operators (fusedres/spec/batch_norm.py; their C++ signatures and typed calls come from the
+// generated fusedres/spec.h), called below Autograd: dispatch modes and subclasses below it
 // (FakeTensorMode, op counters) still see them.
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> find_op(const char* name) {
@@ -22,36 +24,28 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 
 inline TensorPair bn_stats(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
     double momentum) {
-  static const auto op = find_op<TensorPair(const Tensor&, const OptTensor&, const OptTensor&, double)>(
-      "fusedres::batch_norm_stats");
+  static const auto op = find_op<BatchNormStatsSignature<Tensor>>("fusedres::batch_norm_stats");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, running_mean, running_var, momentum);
+  return call_batch_norm_stats(op, BatchNormStatsArgs<Tensor>{input, running_mean, running_var, momentum});
 }
 
-inline Tensor bn_fwd(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& mean, const OptTensor& var, double eps, bool relu, bool training, int64_t count) {
-  static const auto op = find_op<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&, double, bool, bool, int64_t)>("fusedres::batch_norm_add_relu_fwd");
+inline Tensor bn_fwd(const BatchNormAddReluFwdArgs<Tensor>& a) {
+  static const auto op = find_op<BatchNormAddReluFwdSignature<Tensor>>("fusedres::batch_norm_add_relu_fwd");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(input, residual, weight, bias, mean, var, eps, relu, training, count);
+  return call_batch_norm_add_relu_fwd(op, a);
 }
 
-inline TensorTriple bn_bwd_reduce(const Tensor& grad_out, const Tensor& out, const Tensor& input, const OptTensor& mean,
-    const OptTensor& var, double eps, bool relu, bool write_grad_residual) {
-  static const auto op = find_op<TensorTriple(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-      const OptTensor&, double, bool, bool)>("fusedres::batch_norm_add_relu_bwd_reduce");
+inline TensorTriple bn_bwd_reduce(const BatchNormAddReluBwdReduceArgs<Tensor>& a) {
+  static const auto op =
+      find_op<BatchNormAddReluBwdReduceSignature<Tensor>>("fusedres::batch_norm_add_relu_bwd_reduce");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad_out, out, input, mean, var, eps, relu, write_grad_residual);
+  return call_batch_norm_add_relu_bwd_reduce(op, a);
 }
 
-inline Tensor bn_bwd_input(const Tensor& grad, const OptTensor& out, const Tensor& input, const OptTensor& mean,
-    const OptTensor& var, double eps, const OptTensor& weight, const OptTensor& sum_dy,
-    const OptTensor& sum_dy_xhat, int64_t count, bool training, bool relu) {
-  static const auto op = find_op<Tensor(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-      const OptTensor&, double, const OptTensor&, const OptTensor&, const OptTensor&, int64_t, bool, bool)>(
-      "fusedres::batch_norm_add_relu_bwd_input");
+inline Tensor bn_bwd_input(const BatchNormAddReluBwdInputArgs<Tensor>& a) {
+  static const auto op = find_op<BatchNormAddReluBwdInputSignature<Tensor>>("fusedres::batch_norm_add_relu_bwd_input");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu);
+  return call_batch_norm_add_relu_bwd_input(op, a);
 }
 
 // Whether the kernels read t in place: dense in NCHW or channels_last order (as

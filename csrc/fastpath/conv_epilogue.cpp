@@ -80,7 +80,9 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     } else {
       const Tensor y = at::convolution(xc, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
       const OptTensor r = rc.has_value() ? OptTensor(like_input(*rc, y)) : std::nullopt;
-      out = bn_fwd(y, r, std::nullopt, b, std::nullopt, std::nullopt, 1.0, relu, false, 1);  // bias + add + ReLU
+      // bias + add + ReLU: mean/var absent, xhat is the conv's output
+      out = bn_fwd({.input = y, .residual = r, .weight = std::nullopt, .bias = b, .mean = std::nullopt,
+          .var = std::nullopt, .eps = 1.0, .relu = relu, .training = false, .count = 1});
     }
     if (out.scalar_type() != x.scalar_type()) {
       out = out.to(x.scalar_type());
@@ -117,8 +119,8 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     Tensor g, db;
     if (relu) {
       // mean/var None: the kernel's xhat is its `input` argument, here `out` (read for the mask anyway).
-      std::tie(db, std::ignore, g) =
-          bn_bwd_reduce(like_input(grads[0], out), out, out, std::nullopt, std::nullopt, 1.0, true, true);
+      std::tie(db, std::ignore, g) = bn_bwd_reduce({.grad_out = like_input(grads[0], out), .out = out, .input = out,
+          .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = true, .write_grad_residual = true});
     } else {
       g = grads[0];
       db = g.sum({0, 2, 3}, false, out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
