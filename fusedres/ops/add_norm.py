@@ -25,6 +25,7 @@ the other backends (see _add_norm).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple
 
@@ -103,13 +104,26 @@ def plan(x, residual, residual_in_fp32, prenorm, needs_grad, recompute_h, transf
     reads it unless `recompute_h` (the CPU: a fresh output page costs a CPU far more than
     re-reading x and residual; memory-neutral, as x and residual are kept in place of h) or h is
     x itself (no residual, x untransformed: x.to(h_dtype) only widens x)."""
-    residual_dtype = None if residual is None else residual.dtype
-    h_dtype = residual_dtype or x.dtype
+    return _plan(
+        x.dtype,
+        None if residual is None else residual.dtype,
+        residual_in_fp32,
+        prenorm,
+        needs_grad,
+        recompute_h,
+        transforms_x,
+        colscale_grad,
+    )
+
+
+@functools.cache  # a few dozen keys per process: the decisions cost a dict lookup per call
+def _plan(x_dtype, residual_dtype, residual_in_fp32, prenorm, needs_grad, recompute_h, transforms_x, colscale_grad):
+    h_dtype = residual_dtype or x_dtype
     if residual_in_fp32:
         h_dtype = _promote(h_dtype, _F32)
     h_is_x = residual_dtype is None and not transforms_x
     store_h = prenorm or (needs_grad and not (h_is_x or recompute_h))
-    return _with_backward(h_dtype, store_h, x.dtype, residual_dtype, transforms_x, colscale_grad and needs_grad)
+    return _with_backward(h_dtype, store_h, x_dtype, residual_dtype, transforms_x, colscale_grad and needs_grad)
 
 
 def plan_of(args: FwdArgs) -> Plan:
@@ -519,39 +533,54 @@ def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
-    rowscale, colscale = f.rowscale, f.colscale
-    if rowscale is not None and not rowscale.is_contiguous():
-        rowscale = rowscale.contiguous()
-    if colscale is not None and not colscale.is_contiguous():
-        colscale = colscale.contiguous()
     needs_grad = _grad_enabled() and (
         (weight is not None and weight.requires_grad)  # first: true in training
         or x.requires_grad
         or (residual is not None and residual.requires_grad)
         or (bias is not None and bias.requires_grad)
-        or (colscale is not None and colscale.requires_grad)
     )
+    if features is None:  # the common call: no feature tensor to look at, no RNG
+        p = _plan(
+            x.dtype,
+            None if residual is None else residual.dtype,
+            residual_in_fp32,
+            prenorm,
+            needs_grad,
+            backend == "cpu",
+            False,
+            False,
+        )
+        rowscale = colscale = seed_offset = None
+    else:
+        rowscale, colscale = f.rowscale, f.colscale
+        if rowscale is not None and not rowscale.is_contiguous():
+            rowscale = rowscale.contiguous()
+        if colscale is not None and not colscale.is_contiguous():
+            colscale = colscale.contiguous()
+        colscale_grad = colscale is not None and colscale.requires_grad
+        needs_grad = needs_grad or (_grad_enabled() and colscale_grad)
+        transforms_x = _transforms_x(f.dropout_p, rowscale, colscale)
+        p = plan(x, residual, residual_in_fp32, prenorm, needs_grad, backend == "cpu", transforms_x, colscale_grad)
+        seed_offset = philox_seed_offset(x.device) if f.dropout_p > 0.0 else None
     dropout_p = f.dropout_p
-    transforms_x = features is not None and _transforms_x(dropout_p, rowscale, colscale)
-    colscale_grad = colscale is not None and colscale.requires_grad
-    p = plan(x, residual, residual_in_fp32, prenorm, needs_grad, backend == "cpu", transforms_x, colscale_grad)
-    seed_offset = philox_seed_offset(x.device) if dropout_p > 0.0 else None
     store_mask = f.return_dropout_mask
-    args = FwdArgs(
-        x,
-        residual,
-        weight,
-        bias,
-        eps,
-        rms_norm,
-        p.h_dtype,
-        p.store_h,
-        dropout_p,
-        seed_offset,
-        rowscale,
-        colscale,
-        f.weight_offset,
-        store_mask,
+    args = _fwd_args(
+        (
+            x,
+            residual,
+            weight,
+            bias,
+            eps,
+            rms_norm,
+            p.h_dtype,
+            p.store_h,
+            dropout_p,
+            seed_offset,
+            rowscale,
+            colscale,
+            f.weight_offset,
+            store_mask,
+        )
     )
     if _is_compiling():  # the registered operator, with its autograd formula
         y, h, _mean, _rstd, mask = kernels.fwd_op(*args)
@@ -570,6 +599,8 @@ def _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in
 
 
 _NO_FEATURES = Features()
+# FwdArgs from a tuple without the namedtuple's Python-level __new__ (half a microsecond a call)
+_fwd_args = functools.partial(tuple.__new__, FwdArgs)
 
 
 def _run_reference(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, f: Features):
