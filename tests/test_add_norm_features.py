@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("autograd_path")
 
 # The backends whose kernels implement the residual features; a backend listed here that still
 # refuses them fails its tests, one missing from it that implements them XPASSes (strict).
-IMPLEMENTED = {"reference"}
+IMPLEMENTED = {"reference", "triton"}
 
 FEATURES = {
     "dropout": dict(dropout_p=0.3),
