@@ -34,8 +34,9 @@ ahead-of-time compiler can enumerate every specialization ("interpreted": the in
 * ``add_norm_fwd_config(N, dtype) -> RowConfig(block_n, single_block, num_warps)``: one row per
   program. SINGLE_BLOCK when next_power_of_2(N) <= min(64 KiB / itemsize, 16384): the row stays
   in registers; else rows loop over blocks of 4096. num_warps = BLOCK_N / 512, clamped to 4..16.
-* ``add_norm_bwd_config(N, dtype) -> RowConfig``: as the forward with a limit of 8192 elements
-  (4096 for float64: wider float64 blocks spill registers on sm_90), and BLOCK_N / 256 warps.
+* ``add_norm_bwd_config(N, dtype, transformed) -> RowConfig``: as the forward with a limit of
+  8192 elements (4096 with x's branch transformed, 2048 for float64: wider blocks spill registers
+  on sm_80 / sm_90), and BLOCK_N / 256 warps.
 * ``add_norm_bwd_grid(M, block_n, sm_count) -> (programs, rows_per_program)``: programs share
   the rows (4, 2 or 1 waves of SMs for blocks <= 1024, <= 4096, wider); each writes one row of
   the (programs, N) dweight / dbias partials.
@@ -664,11 +665,13 @@ def _column_sum(PART, OUT, P, N, cols, cmask, BLOCK_P: tl.constexpr, BLOCK_N: tl
 # of x's (dy's) dtype, as in flash-attention / Liger, and in the element limits below: beyond
 # those, ptxas (sm_80/sm_90, num_warps <= 16) spills registers (the backward also keeps the
 # dweight/dbias accumulators live; in float64, with a separate residual grad to write, it spills at
-# 4096 on sm_90). Wider rows loop over blocks. A float64 element takes two registers: float64 rows
-# get twice the warps per column.
+# 4096 on sm_90; with x's branch transformed, the keep bits, colscale and the dcolscale
+# accumulator too: it spills at 8192 on sm_80 and sm_90). Wider rows loop over blocks. A float64
+# element takes two registers: float64 rows get twice the warps per column.
 _MAX_FUSED_BYTES = 65536
 _MAX_FUSED_N_FWD = 16384
 _MAX_FUSED_N_BWD = 8192
+_MAX_FUSED_N_BWD_TRANSFORMED = 4096
 _MAX_FUSED_N_BWD_FP64 = 2048
 _LOOP_BLOCK_N = 4096
 # Smallest block: keeps tiny rows (N = 1, 7) on well-trodden layouts on GPU; masked anyway.
@@ -710,11 +713,13 @@ def add_norm_fwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -
 
 
 @functools.cache
-def add_norm_bwd_config(n: int, dtype: torch.dtype, interpreted: bool = False) -> RowConfig:
-    """Backward launch configuration for rows of n elements of dy's dtype (see the module doc)."""
+def add_norm_bwd_config(n: int, dtype: torch.dtype, interpreted: bool = False, transformed: bool = False) -> RowConfig:
+    """Backward launch configuration for rows of n elements of dy's dtype (see the module doc);
+    transformed: x's branch is (dropout, rowscale or colscale)."""
     if dtype == torch.float64:
         return _row_config(n, dtype.itemsize, _MAX_FUSED_N_BWD_FP64, 128, interpreted)
-    return _row_config(n, dtype.itemsize, _MAX_FUSED_N_BWD, 256, interpreted)
+    limit = _MAX_FUSED_N_BWD_TRANSFORMED if transformed else _MAX_FUSED_N_BWD
+    return _row_config(n, dtype.itemsize, limit, 256, interpreted)
 
 
 def add_norm_bwd_grid(m: int, block_n: int, sm_count: int, interpreted: bool = False) -> tuple[int, int]:
@@ -857,13 +862,14 @@ def add_norm_bwd(*args, launch=_direct, sm_count=None):
     dx, dresidual, dweight, dbias, dcolscale = outputs = allocate(spec.BWD, args, _empty)
     dy, weight, bias, rstd = a.dy, a.weight, a.bias, a.rstd
     dropout = a.dropout_p > 0.0
+    transformed = dropout or a.rowscale is not None or a.colscale is not None
     # The normalized h: the stored one, or formed again from x (and residual) as the forward did.
     formed = a.h is None
     x = a.x if formed or a.colscale_grad else None
     residual = a.residual if formed else None
     n = dy.shape[-1]
     m = rstd.shape[0]
-    cfg = add_norm_bwd_config(int(n), dy.dtype, _INTERPRETED)
+    cfg = add_norm_bwd_config(int(n), dy.dtype, _INTERPRETED, transformed)
     sms = sm_count or _sm_count(dy.device)
     programs, rows_per_program = add_norm_bwd_grid(_hint(m), cfg.block_n, sms, _INTERPRETED)
     programs = _cdiv(m, rows_per_program)  # the sizes' own value when symbolic
@@ -875,7 +881,6 @@ def add_norm_bwd(*args, launch=_direct, sm_count=None):
     dw_part, db_part, dcs_part = partials(weight is not None), partials(bias is not None), partials(a.colscale_grad)
     if m > 0:
         # h = x (no residual, x's branch untransformed) needs no rounding: h_dtype holds x's values.
-        transformed = dropout or a.rowscale is not None or a.colscale is not None
         h_code = _DTYPE_CODE[a.h_dtype] if formed and (residual is not None or transformed) else _KEEP
         launch(_add_norm_bwd_kernel)[(programs,)](
             dy,
