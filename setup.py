@@ -9,7 +9,8 @@ Environment switches:
                            found; 0: CPU kernels only; 1: fail if the CUDA kernels cannot be built.
   FUSEDRES_NO_EXTENSION=1  build no C++ extension at all (Triton and reference backends only).
   FUSEDRES_FASTPATH=0|1    0: skip fusedres._fastpath; 1 (default): build it. It is the eager
-                           add_norm call as a C++ autograd node (csrc/fastpath/add_norm.cpp), built
+                           add_norm, batch_norm_add_relu and frozen-BN conv calls as C++ autograd
+                           nodes (csrc/fastpath/*.cpp), built
                            against torch's C++ and Python APIs, which have no stable ABI: it loads
                            only under the torch and CPython of the build (elsewhere fusedres runs
                            the same formula in Python).

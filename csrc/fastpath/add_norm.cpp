@@ -185,8 +185,10 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
       const OptTensor& weight, const OptTensor& bias, const OptTensor& colscale, const OptTensor& rowscale,
       const OptTensor& seed_offset, const Call& call, bool store_mask) {
     const Plan& p = call.plan;
-    auto [y, h, mean, rstd, mask] = add_norm_fwd(FwdArgs{x, residual, weight, bias, call.eps, call.rms_norm,
-        p.h_dtype, p.store_h, call.dropout_p, seed_offset, rowscale, colscale, call.weight_offset, store_mask});
+    auto [y, h, mean, rstd, mask] = add_norm_fwd({.x = x, .residual = residual, .weight = weight, .bias = bias,
+        .eps = call.eps, .rms_norm = call.rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
+        .dropout_p = call.dropout_p, .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale,
+        .weight_offset = call.weight_offset, .store_mask = store_mask});
     const Tensor none;
     ctx->save_for_backward({p.saves_h ? h : none, p.saves_x ? x : none, p.saves_h ? none : or_undefined(residual),
         or_undefined(weight), or_undefined(bias), call.rms_norm ? none : mean, rstd, or_undefined(seed_offset),
@@ -227,9 +229,11 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     const OptTensor bias = needs_bias ? defined_or_none(saved[4]) : std::nullopt, mean = defined_or_none(saved[5]);
     const OptTensor seed_offset = defined_or_none(saved[7]), rowscale = defined_or_none(saved[8]),
                     colscale = defined_or_none(saved[9]);
-    auto [dx, dresidual, dweight, dbias, dcolscale] = add_norm_bwd(BwdArgs{dy, dh, h, x, residual, p.h_dtype,
-        weight, bias, mean, saved[6], call.rms_norm, dresidual_dtype, call.dropout_p, seed_offset, rowscale, colscale,
-        call.weight_offset, p.colscale_grad && needs_colscale});
+    auto [dx, dresidual, dweight, dbias, dcolscale] = add_norm_bwd({.dy = dy, .dh = dh, .h = h, .x = x,
+        .residual = residual, .h_dtype = p.h_dtype, .weight = weight, .bias = bias, .mean = mean, .rstd = saved[6],
+        .rms_norm = call.rms_norm, .dresidual_dtype = dresidual_dtype, .dropout_p = call.dropout_p,
+        .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale, .weight_offset = call.weight_offset,
+        .colscale_grad = p.colscale_grad && needs_colscale});
     // x and residual get the same grad (dL/dh) unless x's branch is transformed or the dtypes
     // differ. The other inputs get none.
     const Tensor none;
@@ -270,8 +274,10 @@ py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor&
         mask = std::move(out.back());
       }
     } else {
-      std::tie(y, h, std::ignore, std::ignore, mask) = add_norm_fwd(FwdArgs{rows, residual_rows, w, b, eps, rms_norm,
-          p.h_dtype, p.store_h, dropout_p, seed_offset, rs, cs, weight_offset, return_mask});
+      std::tie(y, h, std::ignore, std::ignore, mask) = add_norm_fwd({.x = rows, .residual = residual_rows, .weight = w,
+          .bias = b, .eps = eps, .rms_norm = rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
+          .dropout_p = dropout_p, .seed_offset = seed_offset, .rowscale = rs, .colscale = cs,
+          .weight_offset = weight_offset, .store_mask = return_mask});
     }
   }
   if (!prenorm && !return_mask) {

@@ -19,32 +19,21 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
 class _AddNorm(nn.Module):
     rms_norm: bool
 
-    def __init__(
-        self,
-        normalized_shape,
-        eps,
-        elementwise_affine,
-        bias,
-        prenorm,
-        residual_in_fp32,
-        dropout_p,
-        weight_offset,
-        device,
-        dtype,
-    ):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, options: dict, factory: dict):
+        """options: the subclass's prenorm, residual_in_fp32, dropout_p and weight_offset."""
         super().__init__()
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.prenorm = prenorm
-        self.residual_in_fp32 = residual_in_fp32
+        self.prenorm = options["prenorm"]
+        self.residual_in_fp32 = options["residual_in_fp32"]
+        dropout_p, weight_offset = options["dropout_p"], options["weight_offset"]
         if not (isinstance(dropout_p, int | float) and 0.0 <= dropout_p < 1.0):
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
         if weight_offset and not elementwise_affine:
             raise ValueError("weight_offset needs a weight (elementwise_affine=True)")
         self.dropout_p = float(dropout_p)
         self.weight_offset = float(weight_offset)
-        factory = {"device": device, "dtype": dtype}
         ones = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
         zeros = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
         # As in nn.LayerNorm, absent parameters are registered as None.
@@ -143,18 +132,9 @@ class AddLayerNorm(_AddNorm):
         device=None,
         dtype=None,
     ):
-        super().__init__(
-            normalized_shape,
-            eps,
-            elementwise_affine,
-            bias,
-            prenorm,
-            residual_in_fp32,
-            dropout_p,
-            weight_offset,
-            device,
-            dtype,
-        )
+        options = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32, dropout_p=dropout_p)
+        options.update(weight_offset=weight_offset)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, options, dict(device=device, dtype=dtype))
 
     @classmethod
     def from_module(
@@ -214,18 +194,9 @@ class AddRMSNorm(_AddNorm):
         device=None,
         dtype=None,
     ):
-        super().__init__(
-            normalized_shape,
-            eps,
-            elementwise_affine,
-            False,
-            prenorm,
-            residual_in_fp32,
-            dropout_p,
-            weight_offset,
-            device,
-            dtype,
-        )
+        options = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32, dropout_p=dropout_p)
+        options.update(weight_offset=weight_offset)
+        super().__init__(normalized_shape, eps, elementwise_affine, False, options, dict(device=device, dtype=dtype))
         del self._parameters["bias"]  # nn.RMSNorm has no bias parameter at all
         self.bias = None
 

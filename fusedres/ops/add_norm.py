@@ -359,7 +359,7 @@ def add_norm(
 def _features(dropout_p, rowscale, colscale, weight_offset, return_dropout_mask) -> Features | None:
     if dropout_p == 0.0 and rowscale is None and colscale is None and weight_offset == 0.0 and not return_dropout_mask:
         return None
-    return Features(dropout_p, rowscale, colscale, weight_offset, return_dropout_mask)
+    return Features(_as_float(dropout_p), rowscale, colscale, _as_float(weight_offset), return_dropout_mask)
 
 
 # The C++ operators check every tensor argument themselves (shape, dtype, device, layout: what
@@ -403,14 +403,28 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
             and param_shape is None
             and (weight is None or weight.dim() == 1)
             and (bias is None or bias.dim() == 1)
+            and (features is None or _public_shapes_ok(x, features))
         ):
-            if (
-                features is None
-                and _fastpath is not None
-                and not _is_compiling()
-                and plain_tensors(x, residual, weight, bias)
-            ):
-                return _fastpath(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
+            if _fastpath is not None and not _is_compiling() and plain_tensors(x, residual, weight, bias):
+                if features is None:
+                    return _fastpath(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32)
+                f = features
+                return _fastpath(
+                    x,
+                    residual,
+                    weight,
+                    bias,
+                    eps,
+                    rms_norm,
+                    prenorm,
+                    residual_in_fp32,
+                    f.dropout_p,
+                    f.rowscale,
+                    f.colscale,
+                    f.weight_offset,
+                    f.return_dropout_mask,
+                    philox_seed_offset(x.device) if f.dropout_p > 0.0 else None,
+                )
             return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, features)
     except (RuntimeError, AttributeError, TypeError, IndexError) as error:
         failure = error
@@ -419,6 +433,17 @@ def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp3
         return _run(backend, x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, features)
     check_call(x, residual, weight, bias, eps, rms_norm, residual_in_fp32, features, param_shape)  # names it
     raise failure
+
+
+def _public_shapes_ok(x, f: Features) -> bool:
+    """What the operators cannot tell (they take any M / N contiguous elements): rowscale has
+    x.shape[:-1], colscale is a vector; the dropout probability a float (pybind would take a bool)."""
+    return (
+        (f.rowscale is None or f.rowscale.shape == x.shape[:-1])
+        and (f.colscale is None or f.colscale.dim() == 1)
+        and type(f.dropout_p) is float
+        and type(f.weight_offset) is float
+    )
 
 
 def check_call(x, residual, weight, bias, eps, rms_norm, residual_in_fp32, features, param_shape=None) -> float:

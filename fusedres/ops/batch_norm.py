@@ -12,11 +12,15 @@ inside its kernel) and `batch_norm_add_relu_fwd` (normalize + add + ReLU); backw
 (invstd is formed inside the kernel). As for Add & Norm, eager calls the kernels from
 `_BatchNormFunction`, torch.compile the registered operators, both with the same formula;
 synchronized BatchNorm takes the eager path with an all-gather of the statistics and an
-all-reduce of the backward's sums.
+all-reduce of the backward's sums. Where fusedres._fastpath loaded (built for this torch and
+CPython), eager calls on the C++ backends take it instead of `_BatchNormFunction`: one call into
+C++, which runs the same formula as a C++ autograd node (csrc/fastpath/batch_norm.cpp; the tests
+run both).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -32,9 +36,9 @@ from fusedres._checks import (
     check_bn_stats_op,
     like_input,
 )
-from fusedres._extension import EXTENSION_LOADED
+from fusedres._extension import EXTENSION_LOADED, FASTPATH
 from fusedres.backends import resolve_backend
-from fusedres.ops._eager import below_autograd, direct, plain
+from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
 from fusedres.reference.batch_norm import batch_norm_add_relu_reference
 from fusedres.spec import batch_norm as spec
 from fusedres.spec.python import allocate, empty_like_device
@@ -239,6 +243,42 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
         return _forward(registered, input, residual, weight, bias, *rest)[0]
 
 
+# The eager call as one crossing into a C++ autograd node (csrc/fastpath/batch_norm.cpp), where
+# fusedres._fastpath loaded (built for this torch and CPython); else _run's Python Function.
+_fastpath = getattr(FASTPATH, "batch_norm_add_relu", None)
+_SELF_CHECKING = frozenset(("cpu", "cuda"))
+
+
+def has_fastpath() -> bool:
+    """Whether eager calls take fusedres._fastpath (else the Python autograd Function)."""
+    return _fastpath is not None
+
+
+@contextlib.contextmanager
+def without_fastpath():
+    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
+    bench measures it against; not thread-safe: a process-wide switch)."""
+    global _fastpath
+    saved, _fastpath = _fastpath, None
+    try:
+        yield
+    finally:
+        _fastpath = saved
+
+
+def _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training):
+    """The fused op on checked arguments, on a kernel backend, without a process group."""
+    if (
+        _fastpath is not None
+        and backend in _SELF_CHECKING
+        and not _is_compiling()
+        and plain_tensors(input, residual, weight, bias)
+    ):
+        return _fastpath(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    kernels = _KERNELS[backend]
+    return _run(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, None)
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -293,20 +333,8 @@ def batch_norm_add_relu(
         return batch_norm_add_relu_reference(
             input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu=relu
         )
-    return _run(
-        _KERNELS[backend],
-        input,
-        residual,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        float(momentum),
-        eps,
-        relu,
-        training,
-        None,
-    )
+    momentum = float(momentum)
+    return _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training)
 
 
 def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, relu: bool = True):
@@ -325,7 +353,7 @@ def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tenso
         out = input + bias.reshape(1, -1, *([1] * (input.dim() - 2))).to(input.dtype)
         out = out + residual if residual is not None else out
         return torch.relu(out) if relu else out
-    return _run(_KERNELS[backend], input, residual, None, bias, None, None, 0.0, 1.0, relu, False, None)
+    return _call(backend, input, residual, None, bias, None, None, 0.0, 1.0, relu, False)
 
 
 def sync_batch_norm_add_relu(

@@ -381,8 +381,11 @@ def _same_device(name: str, t, ref_name: str, ref) -> None:
 
 
 def _disjoint(a, b) -> bool:
-    """Whether two contiguous tensors' memory does not overlap (the C++ `disjoint` checks the same)."""
-    if a.device != b.device:
+    """Whether two contiguous tensors' memory does not overlap (the C++ `disjoint` checks the same;
+    fake and meta tensors have no memory to compare: the real call is checked)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if a.device != b.device or a.device.type == "meta" or is_fake(a) or is_fake(b):
         return True
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 + a.numel() * a.element_size() <= b0 or b0 + b.numel() * b.element_size() <= a0
