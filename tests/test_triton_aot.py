@@ -191,6 +191,8 @@ SMALL_CASES = [
     ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=True, prenorm=True)),
     ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=True, prenorm=True, residual_in_fp32=True)),
     ("add_norm", NormCase(8, 64, torch.float16, rms_norm=False, prenorm=True, residual_in_fp32=True)),
+    ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=False, dropout_p=0.1)),  # the bench's feature cases
+    ("add_norm", NormCase(8, 64, torch.float32, rms_norm=False, prenorm=True, scales=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.float32, channels_last=False, training=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.bfloat16, channels_last=True, training=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.float64, channels_last=False, training=False)),
@@ -235,7 +237,7 @@ def ops_calls(monkeypatch, family: str, case, variant: str) -> list:
     inputs = [t.requires_grad_() if t is not None else None for t in case.make_inputs(DEVICE, small=True)]
     with fusedres.use_backend("triton"):
         if variant == "features":
-            x, residual, weight, bias = inputs
+            x, residual, weight, bias, *_ = inputs
             rowscale, colscale = aot.feature_scales(x, weight)
             params = (weight,) if case.rms_norm else (weight, bias)
             fn = fusedres.add_rms_norm if case.rms_norm else fusedres.add_layer_norm
@@ -245,7 +247,7 @@ def ops_calls(monkeypatch, family: str, case, variant: str) -> list:
             )  # fmt: skip
             torch.autograd.backward(out, [torch.randn_like(o) for o in out])
         elif variant == "inplace":
-            x, residual, weight, bias = inputs
+            x, residual, weight, bias, *_ = inputs
             _, colscale = aot.feature_scales(x, weight)
             with torch.no_grad():
                 ops_add_norm.add_norm_(

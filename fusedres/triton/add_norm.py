@@ -55,8 +55,11 @@ integer arguments on == 1 and on divisibility by 16, except those in ``do_not_sp
   colscale, dweight / dbias / dcolscale partials.
 * ``_column_sum_kernel``: BLOCK_P, BLOCK_N; optional dweight / dbias / dcolscale partials.
 
-The dropout probability and weight_offset are not specialized: threshold(p) and scale(p) reach
-the kernels as ints of one type whatever p (see _dropout_args), weight_offset as a float.
+The dropout probability is not specialized: threshold(p) and scale(p) reach the kernels as ints
+of one type whatever p (see _dropout_args); weight_offset reaches them as two floats, or as None
+when it is 0. With every feature off (no seed_offset, rowscale, colscale, mask, weight_offset) the
+kernels are the ones without the features: the same instructions for sm_90 (the register
+allocation aside).
 """
 
 from __future__ import annotations
@@ -281,11 +284,24 @@ def _fwd_h_again(X, R, H, CS, SO, c, mask, e0, threshold, scale, rs, H_CODE, ALI
 
 
 @triton.jit
+def _weight_offset(offset_hi, offset_lo, acc_ty: tl.constexpr):
+    # weight_offset in the accumulation dtype; None (no add at all) when the launcher passes
+    # none, as it does for weight_offset == 0.
+    w_offset = None
+    if offset_hi is not None:
+        w_offset = _f64_arg(offset_hi, offset_lo, acc_ty)
+    return w_offset
+
+
+@triton.jit
 def _store_y(Y, W, B, c, mask, xhat, w_offset):
     # y = xhat * (w + weight_offset) + b, rounded once to y's dtype. Y points at the row.
     y = xhat
     if W is not None:
-        y = y * (tl.load(W + c, mask=mask, other=0.0).to(xhat.dtype) + w_offset)
+        w = tl.load(W + c, mask=mask, other=0.0).to(xhat.dtype)
+        if w_offset is not None:
+            w = w + w_offset
+        y = y * w
     if B is not None:
         y = y + tl.load(B + c, mask=mask, other=0.0).to(xhat.dtype)
     tl.store(Y + c, _round_to(y, Y.dtype.element_ty), mask=mask)
@@ -312,7 +328,7 @@ def _add_norm_fwd_kernel(
     eps_lo,
     threshold,  # dropout's threshold(p), its uint32 bits as an int32
     scale_bits,  # dropout's scale 1 / (1 - p), the bits of the double as an int64
-    offset_hi,  # weight_offset as hi + lo
+    offset_hi,  # weight_offset as hi + lo; None for 0 (no add)
     offset_lo,
     H_CODE: tl.constexpr,  # h's dtype (_DTYPE_CODE)
     IS_RMS: tl.constexpr,
@@ -338,7 +354,7 @@ def _add_norm_fwd_kernel(
     e_row = row * N  # the row's first element in the counter layout
     eps = _f64_arg(eps_hi, eps_lo, acc_ty)
     scale = _f64_bits_arg(scale_bits, acc_ty)
-    w_offset = _f64_arg(offset_hi, offset_lo, acc_ty)
+    w_offset = _weight_offset(offset_hi, offset_lo, acc_ty)
     rs = None
     if RS is not None:
         rs = tl.load(RS + row).to(acc_ty)
@@ -452,11 +468,13 @@ def _bwd_terms(DY, h, c, mask, w, mean, rstd, IS_RMS: tl.constexpr):
 
 
 @triton.jit
-def _weight(W, c, mask, w_offset):
+def _weight(W, c, mask, w_offset, acc_ty: tl.constexpr):
     # w' = w + weight_offset at columns c (1.0 without weight: weight_offset needs one).
     w = 1.0
     if W is not None:
-        w = tl.load(W + c, mask=mask, other=0.0).to(w_offset.dtype) + w_offset
+        w = tl.load(W + c, mask=mask, other=0.0).to(acc_ty)
+        if w_offset is not None:
+            w = w + w_offset
     return w
 
 
@@ -530,11 +548,11 @@ def _add_norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     part = pid.to(tl.int64) * N  # this program's row of the partials
     scale = _f64_bits_arg(scale_bits, acc_ty)
-    w_offset = _f64_arg(offset_hi, offset_lo, acc_ty)
+    w_offset = _weight_offset(offset_hi, offset_lo, acc_ty)
 
     if SINGLE_BLOCK:
         mask = cols < N
-        w = _weight(W, cols, mask, w_offset)
+        w = _weight(W, cols, mask, w_offset, acc_ty)
         cs = None
         if CS is not None:
             cs = tl.load(CS + cols, mask=mask, other=0.0).to(acc_ty)
@@ -588,7 +606,7 @@ def _add_norm_bwd_kernel(
                     if CS is not None:
                         cs = tl.load(CS + c, mask=mask, other=0.0).to(acc_ty)
                 h = _bwd_h(h_row, x_row, r_row, c, mask, keep, scale, rs, cs, H_CODE)
-                xhat, _, gw = _bwd_terms(dy_row, h, c, mask, _weight(W, c, mask, w_offset), mean, rstd, IS_RMS)
+                xhat, _, gw = _bwd_terms(dy_row, h, c, mask, _weight(W, c, mask, w_offset, acc_ty), mean, rstd, IS_RMS)
                 s1 += xhat * gw
                 s2 += gw
             c1 = tl.sum(s1, axis=0) / N
@@ -603,7 +621,7 @@ def _add_norm_bwd_kernel(
                 if CS is not None:
                     cs = tl.load(CS + c, mask=mask, other=0.0).to(acc_ty)
                 h = _bwd_h(h_row, x_row, r_row, c, mask, keep, scale, rs, cs, H_CODE)
-                xhat, dy, gw = _bwd_terms(dy_row, h, c, mask, _weight(W, c, mask, w_offset), mean, rstd, IS_RMS)
+                xhat, dy, gw = _bwd_terms(dy_row, h, c, mask, _weight(W, c, mask, w_offset, acc_ty), mean, rstd, IS_RMS)
                 g = _grad_h(dh_row, c, mask, xhat, gw, c1, c2, rstd, IS_RMS)
                 _store_grads(dx_row, dres_row, c, mask, g, keep, scale, rs, cs)
                 seen = mask & (i > 0)  # the first row writes the partials, later rows add
@@ -637,24 +655,34 @@ def _column_sum_kernel(
 ):
     # One program per block of columns: sums the P partials in a fixed order (each lane its
     # rows in order, then a fixed tree over the lanes) and rounds once to the parameter dtype.
-    # P == 0 (no rows) writes zeros.
+    # P == 0 (no rows) writes zeros. One loop loads every partial that is given.
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
-    _column_sum(DWP, DW, P, N, cols, cmask, BLOCK_P, BLOCK_N)
-    _column_sum(DBP, DB, P, N, cols, cmask, BLOCK_P, BLOCK_N)
-    _column_sum(DCP, DC, P, N, cols, cmask, BLOCK_P, BLOCK_N)
-
-
-@triton.jit
-def _column_sum(PART, OUT, P, N, cols, cmask, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    # OUT[cols] = the sum over P of the partials PART[:, cols]; nothing when PART is None.
-    if PART is not None:
-        rp = tl.arange(0, BLOCK_P)[:, None]
-        acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=PART.dtype.element_ty)
-        for p0 in range(0, P, BLOCK_P):
-            m = (p0 + rp < P) & cmask[None, :]
-            acc += tl.load(PART + (p0 + rp).to(tl.int64) * N + cols[None, :], mask=m, other=0.0)
-        tl.store(OUT + cols, _round_to(tl.sum(acc, axis=0), OUT.dtype.element_ty), mask=cmask)
+    rp = tl.arange(0, BLOCK_P)[:, None]
+    if DWP is not None:
+        acc_ty = DWP.dtype.element_ty
+    elif DBP is not None:
+        acc_ty = DBP.dtype.element_ty
+    else:
+        acc_ty = DCP.dtype.element_ty
+    aw = tl.zeros([BLOCK_P, BLOCK_N], dtype=acc_ty)
+    ab = tl.zeros([BLOCK_P, BLOCK_N], dtype=acc_ty)
+    ac = tl.zeros([BLOCK_P, BLOCK_N], dtype=acc_ty)
+    for p0 in range(0, P, BLOCK_P):
+        m = (p0 + rp < P) & cmask[None, :]
+        off = (p0 + rp).to(tl.int64) * N + cols[None, :]
+        if DWP is not None:
+            aw += tl.load(DWP + off, mask=m, other=0.0)
+        if DBP is not None:
+            ab += tl.load(DBP + off, mask=m, other=0.0)
+        if DCP is not None:
+            ac += tl.load(DCP + off, mask=m, other=0.0)
+    if DWP is not None:
+        tl.store(DW + cols, _round_to(tl.sum(aw, axis=0), DW.dtype.element_ty), mask=cmask)
+    if DBP is not None:
+        tl.store(DB + cols, _round_to(tl.sum(ab, axis=0), DB.dtype.element_ty), mask=cmask)
+    if DCP is not None:
+        tl.store(DC + cols, _round_to(tl.sum(ac, axis=0), DC.dtype.element_ty), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -770,6 +798,12 @@ def _split_float(v: float) -> tuple[float, float]:
     return hi, (lo if math.isfinite(lo) else 0.0)
 
 
+def _offset_args(weight_offset: float) -> tuple:
+    """weight_offset as the kernels take it: hi + lo, or None (a constant to Triton: the kernel
+    without the add, the plain one) for 0."""
+    return _split_float(weight_offset) if weight_offset != 0.0 else (None, None)
+
+
 def _row_stride(t: torch.Tensor) -> int:
     """The row stride of a (..., N) tensor whose leading dims collapse into rows of one stride (as
     row_stride in csrc/add_norm.cpp): the stride of the innermost leading dim of size > 1."""
@@ -843,7 +877,7 @@ def add_norm_fwd(*args, launch=_direct):
         n,
         *_split_float(a.eps),
         *_dropout_args(a.dropout_p),
-        *_split_float(a.weight_offset),
+        *_offset_args(a.weight_offset),
         H_CODE=_DTYPE_CODE[a.h_dtype],
         IS_RMS=a.rms_norm,
         SINGLE_BLOCK=cfg.single_block,
@@ -908,7 +942,7 @@ def add_norm_bwd(*args, launch=_direct, sm_count=None):
             n,
             rows_per_program,
             *_dropout_args(a.dropout_p),
-            *_split_float(a.weight_offset),
+            *_offset_args(a.weight_offset),
             H_CODE=h_code,
             IS_RMS=a.rms_norm,
             SINGLE_BLOCK=cfg.single_block,
@@ -954,7 +988,7 @@ def add_norm_inplace(*args, launch=_direct):
         n,
         *_split_float(a.eps),
         *_dropout_args(0.0),
-        *_split_float(a.weight_offset),
+        *_offset_args(a.weight_offset),
         H_CODE=_DTYPE_CODE[residual.dtype],
         IS_RMS=a.rms_norm,
         SINGLE_BLOCK=cfg.single_block,

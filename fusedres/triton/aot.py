@@ -97,7 +97,7 @@ _USES_SM_COUNT = {"add_norm_bwd", "batch_norm_stats", "batch_norm_add_relu_bwd_r
 
 # The residual features as the "features" and "inplace" variants of every Add & Norm case use
 # them (tests/test_triton_aot.py makes the same calls through the public functions): all at once,
-# the dropout mask asked for, colscale with grad when the case's inputs have one.
+# the dropout mask asked for, colscale with grad.
 FEATURES = dict(dropout_p=0.1, weight_offset=1.0, return_dropout_mask=True)
 
 
@@ -109,23 +109,24 @@ def feature_scales(x, weight) -> tuple:
 
 def add_norm_calls(call, case, inputs, grad: bool, features: bool = False) -> None:
     """fusedres/ops/add_norm.py: plan, _run, _save, _backward_with (a GPU backend: h is stored
-    for the backward rather than recomputed); with features, every residual feature on (FEATURES,
-    feature_scales)."""
+    for the backward rather than recomputed), with the case's own features (dropout; drop path's
+    rowscale and LayerScale's colscale, an input); with features, every residual feature on
+    (FEATURES, feature_scales)."""
     from fusedres.ops.add_norm import BwdArgs, FwdArgs, plan
 
-    x, residual, weight, bias = inputs
-    f = {}
+    x, residual, weight, bias, *case_colscale = inputs
+    rowscale = feature_scales(x, weight)[0] if case.scales else None  # the bench's is x.shape[:-1] of x's dtype
+    colscale = case_colscale[0] if case_colscale else None
+    dropout_p, weight_offset = case.dropout_p, 0.0
     if features:
         rowscale, colscale = feature_scales(x, weight)
-        seed_offset = torch.empty(2, dtype=torch.int64, device=x.device)
-        f = dict(
-            dropout_p=FEATURES["dropout_p"],
-            seed_offset=seed_offset,
-            rowscale=rowscale,
-            colscale=colscale,
-            weight_offset=FEATURES["weight_offset"],
-        )
-    p = plan(x, residual, case.residual_in_fp32, case.prenorm, grad, False, features, features and grad)
+        dropout_p, weight_offset = FEATURES["dropout_p"], FEATURES["weight_offset"]
+    seed_offset = torch.empty(2, dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
+    f = dict(
+        dropout_p=dropout_p, seed_offset=seed_offset, rowscale=rowscale, colscale=colscale, weight_offset=weight_offset
+    )
+    transforms_x = dropout_p > 0.0 or rowscale is not None or colscale is not None
+    p = plan(x, residual, case.residual_in_fp32, case.prenorm, grad, False, transforms_x, colscale is not None)
     fwd = FwdArgs(x, residual, weight, bias, case.eps, case.rms_norm, p.h_dtype, p.store_h, **f, store_mask=features)
     y, h, mean, rstd, _mask = call("add_norm_fwd", *fwd)
     if not grad:
@@ -157,7 +158,7 @@ def add_norm_inplace_calls(call, case, inputs) -> None:
     weight_offset."""
     from fusedres.ops.add_norm import InplaceArgs
 
-    x, residual, weight, bias = inputs
+    x, residual, weight, bias, *_ = inputs
     _, colscale = feature_scales(x, weight)
     args = InplaceArgs(x, residual, weight, bias, case.eps, case.rms_norm, colscale, FEATURES["weight_offset"])
     call("add_norm_inplace", *args)
