@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("autograd_path")
 
 # The backends whose kernels implement the residual features; a backend listed here that still
 # refuses them fails its tests, one missing from it that implements them XPASSes (strict).
-IMPLEMENTED = {"reference", "cpu"}
+IMPLEMENTED = {"reference", "cpu", "triton"}
 
 FEATURES = {
     "dropout": dict(dropout_p=0.3),
@@ -182,9 +182,12 @@ def test_dropout_is_reproducible_and_fresh(device, backend):
     assert not torch.equal(first[1], second[1])
 
 
-def test_every_backend_draws_the_same_mask():
-    """One generator state, one mask: every backend on this machine against the reference."""
-    x = torch.randn(7, 33)
+@pytest.mark.parametrize("n", [33, 36], ids=["per-element", "aligned"])
+def test_every_backend_draws_the_same_mask(n):
+    """One generator state, one mask: every backend on this machine (the CPU kernels, Triton's
+    under the interpreter) against the reference, on rows whose kernels draw one Philox block per
+    element (N % 4 != 0) or per 4 elements."""
+    x = torch.randn(7, n)
     masks = {}
     for backend in fusedres.available_backends("cpu"):
         if backend not in IMPLEMENTED:
@@ -192,7 +195,7 @@ def test_every_backend_draws_the_same_mask():
         torch.manual_seed(7)
         with fusedres.use_backend(backend), torch.no_grad():
             masks[backend] = fusedres.add_rms_norm(x, x, dropout_p=0.4, return_dropout_mask=True)[1]
-    assert "reference" in masks
+    assert "reference" in masks and "cpu" in masks and "triton" in masks
     for backend, mask in masks.items():
         assert torch.equal(mask, masks["reference"]), backend
 
@@ -293,13 +296,20 @@ def test_in_place_matches_the_out_of_place_op(device, backend, rms, dtype):
     assert torch.equal(x_, y) and torch.equal(r_, h)
 
 
-needs_cpu_kernels = pytest.mark.skipif(
-    "cpu" not in fusedres.available_backends("cpu") or "cpu" not in IMPLEMENTED, reason="no CPU kernels here"
-)
+def kernel_backends():
+    """The backends usable on CPU here whose own operators implement the residual features (the
+    Triton kernels run under the interpreter)."""
+    usable = fusedres.available_backends("cpu")
+    return [pytest.param(b, id=b) for b in ("cpu", "triton") if b in usable and b in IMPLEMENTED]
 
 
-@needs_cpu_kernels
-def test_opcheck_with_features():
+def operator(backend: str, name: str):
+    """The backend's operator: fusedres::add_norm_* for the CPU kernels, fusedres::add_norm_*_triton."""
+    return getattr(torch.ops.fusedres, name if backend == "cpu" else f"{name}_{backend}")
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck_with_features(backend):
     from fusedres.ops.add_norm import BwdArgs, FwdArgs, InplaceArgs
 
     args = make((5, 3, 12), torch.float32, "cpu", "all")
@@ -308,23 +318,23 @@ def test_opcheck_with_features():
     fwd = FwdArgs(x, r, w, b, 1e-5, False, torch.float32, True, 0.2, so, rs, cs, 0.5, True)
     grads = {0, 1, 2, 3, 11}  # x, residual, weight, bias, colscale
     torch.library.opcheck(
-        torch.ops.fusedres.add_norm_fwd,
+        operator(backend, "add_norm_fwd"),
         tuple(a.detach().requires_grad_() if i in grads else a for i, a in enumerate(fwd)),
     )
-    y, h, mean, rstd, _mask = torch.ops.fusedres.add_norm_fwd(*fwd)
+    y, h, mean, rstd, _mask = operator(backend, "add_norm_fwd")(*fwd)
     for stored in (True, False):
         bwd = BwdArgs(
             torch.randn_like(y), torch.randn_like(h), h if stored else None, x, None if stored else r,
             torch.float32, w, b, mean, rstd, False, torch.float32, 0.2, so, rs, cs, 0.5, True,
         )  # fmt: skip
-        torch.library.opcheck(torch.ops.fusedres.add_norm_bwd, bwd)
+        torch.library.opcheck(operator(backend, "add_norm_bwd"), bwd)
     inplace = InplaceArgs(x.clone(), r.clone(), w, b, 1e-5, False, cs, 0.5)
-    torch.library.opcheck(torch.ops.fusedres.add_norm_inplace, inplace)
+    torch.library.opcheck(operator(backend, "add_norm_inplace"), inplace)
 
 
-@needs_cpu_kernels
+@pytest.mark.parametrize("backend", kernel_backends())
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_torch_compile_fullgraph_with_dropout(rms):
+def test_torch_compile_fullgraph_with_dropout(backend, rms):
     """Compiled, the seed is drawn by the compiler's own RNG (as for F.dropout): the outputs and
     grads are checked against the reference fed the compiled call's mask."""
     torch._dynamo.reset()
@@ -334,7 +344,7 @@ def test_torch_compile_fullgraph_with_dropout(rms):
     def fn(**a):
         return call(a, rms, True, return_dropout_mask=True)
 
-    with fusedres.use_backend("cpu"):
+    with fusedres.use_backend(backend):
         y, h, mask = torch.compile(fn, fullgraph=True)(**ours_in)
     ref_in = leaves(base, torch.float64)
     ref = reference(ref_in, mask, rms, True)

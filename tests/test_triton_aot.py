@@ -129,7 +129,14 @@ def test_full_enumeration_is_nonempty_deduplicated_and_from_the_config_functions
     for arch in ARCHS:
         for direction in ("fwd", "bwd"):
             config = getattr(triton_add_norm, f"add_norm_{direction}_config")
-            want = {(c.num_warps, c.single_block, c.block_n) for n in hidden for c in (config(n, d) for d in dtypes)}
+            flags = [()] if direction == "fwd" else [(), (False, True)]  # the backward's x transformed or not
+            want = {
+                (c.num_warps, c.single_block, c.block_n)
+                for n in hidden
+                for d in dtypes
+                for f in flags
+                for c in [config(n, d, *f)]
+            }
             assert configs(rows, f"_add_norm_{direction}_kernel", arch, "SINGLE_BLOCK", "BLOCK_N") == want
         sms = aot.SM_COUNTS[arch]
         for kernel, config in (
@@ -184,6 +191,8 @@ SMALL_CASES = [
     ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=True, prenorm=True)),
     ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=True, prenorm=True, residual_in_fp32=True)),
     ("add_norm", NormCase(8, 64, torch.float16, rms_norm=False, prenorm=True, residual_in_fp32=True)),
+    ("add_norm", NormCase(8, 64, torch.bfloat16, rms_norm=False, dropout_p=0.1)),  # the bench's feature cases
+    ("add_norm", NormCase(8, 64, torch.float32, rms_norm=False, prenorm=True, scales=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.float32, channels_last=False, training=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.bfloat16, channels_last=True, training=True)),
     ("batch_norm", BNCase((2, 8, 4, 4), torch.float64, channels_last=False, training=False)),
@@ -219,6 +228,7 @@ def ops_calls(monkeypatch, family: str, case, variant: str) -> list:
     if family == "add_norm":
         kernels = ops_add_norm._KERNELS["triton"]
         spies = {f: recording(calls, f"add_norm_{f}", getattr(kernels, f)) for f in ("fwd", "bwd")}
+        spies["inplace_op"] = recording(calls, "add_norm_inplace", kernels.inplace_op)
         monkeypatch.setitem(ops_add_norm._KERNELS, "triton", kernels._replace(**spies))
     else:
         direct, registered = ops_batch_norm._KERNELS["triton"]
@@ -226,7 +236,25 @@ def ops_calls(monkeypatch, family: str, case, variant: str) -> list:
         monkeypatch.setitem(ops_batch_norm._KERNELS, "triton", (direct._replace(**spies), registered))
     inputs = [t.requires_grad_() if t is not None else None for t in case.make_inputs(DEVICE, small=True)]
     with fusedres.use_backend("triton"):
-        if variant == "grad":
+        if variant == "features":
+            x, residual, weight, bias, *_ = inputs
+            rowscale, colscale = aot.feature_scales(x, weight)
+            params = (weight,) if case.rms_norm else (weight, bias)
+            fn = fusedres.add_rms_norm if case.rms_norm else fusedres.add_layer_norm
+            *out, _mask = fn(
+                x, residual, *params, case.eps, prenorm=case.prenorm, residual_in_fp32=case.residual_in_fp32,
+                rowscale=rowscale, colscale=colscale.requires_grad_(), **aot.FEATURES,
+            )  # fmt: skip
+            torch.autograd.backward(out, [torch.randn_like(o) for o in out])
+        elif variant == "inplace":
+            x, residual, weight, bias, *_ = inputs
+            _, colscale = aot.feature_scales(x, weight)
+            with torch.no_grad():
+                ops_add_norm.add_norm_(
+                    x, residual, weight, bias, case.eps, rms_norm=case.rms_norm, colscale=colscale,
+                    weight_offset=aot.FEATURES["weight_offset"],
+                )  # fmt: skip
+        elif variant == "grad":
             make_run(case.fused(), inputs, "bwd")()  # the forward, then the backward
         elif variant == "folded":
             with torch.no_grad():
@@ -242,10 +270,12 @@ def ops_calls(monkeypatch, family: str, case, variant: str) -> list:
 @pytest.mark.parametrize("family, case", SMALL_CASES, ids=[case.label for _, case in SMALL_CASES])
 def test_launcher_calls_are_those_of_fusedres_ops(monkeypatch, family, case):
     """Each variant the tool plans (but SyncBatchNorm's, which needs torch.distributed) calls the
-    launchers as fusedres/ops does for the bench's calls: the same launchers in the same order,
-    None where it passes None, tensors of the same dtypes, shapes and strides, the same flags."""
+    launchers as fusedres/ops does for the bench's calls (for Add & Norm's residual features and in
+    place, for the public functions' calls with aot.FEATURES): the same launchers in the same
+    order, None where it passes None, tensors of the same dtypes, shapes and strides, the same
+    flags."""
     variants = dict(aot.case_variants(family, case))
-    extra = set() if family == "add_norm" else {"sync" if case.training else "folded"}
+    extra = {"features", "inplace"} if family == "add_norm" else {"sync" if case.training else "folded"}
     assert set(variants) == {"grad", "no_grad", *extra}
     variants.pop("sync", None)
     for variant, calls_of in variants.items():

@@ -16,11 +16,12 @@ from helpers import assert_close_to_ref, assert_within_rule
 
 from fusedres import available_backends
 from fusedres.reference import add_norm_reference, batch_norm_add_relu_reference
+from fusedres.reference.philox import dropout_mask_reference
 
 triton_add_norm = pytest.importorskip("fusedres.triton.add_norm")
 from fusedres.triton import batch_norm as triton_batch_norm  # noqa: E402
 
-FwdArgs, BwdArgs = triton_add_norm.FwdArgs, triton_add_norm.BwdArgs
+FwdArgs, BwdArgs, InplaceArgs = triton_add_norm.FwdArgs, triton_add_norm.BwdArgs, triton_add_norm.InplaceArgs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE), reason=f"triton cannot run on {DEVICE}")
@@ -154,11 +155,15 @@ def test_add_norm_wide_rows(dtype, n):
 
 def test_add_norm_fp64_backward_block_is_capped():
     """float64 rows of 4096 and more would spill registers as one block (sm_90, with a residual
-    grad to write; fusedres.triton.aot checks it): they take the loop."""
-    assert triton_add_norm.add_norm_bwd_config(8192, torch.float64).single_block is False
-    assert triton_add_norm.add_norm_bwd_config(4096, torch.float64).single_block is False
-    assert triton_add_norm.add_norm_bwd_config(2048, torch.float64).single_block is True
-    assert triton_add_norm.add_norm_bwd_config(8192, torch.float32).single_block is True
+    grad to write; fusedres.triton.aot checks it): they take the loop; so do rows of 8192 with x's
+    branch transformed (dropout, scales: more live registers)."""
+    config = triton_add_norm.add_norm_bwd_config
+    assert config(8192, torch.float64).single_block is False
+    assert config(4096, torch.float64).single_block is False
+    assert config(2048, torch.float64).single_block is True
+    assert config(8192, torch.float32).single_block is True
+    assert config(8192, torch.bfloat16, False, True).single_block is False
+    assert config(4096, torch.bfloat16, False, True).single_block is True
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -250,6 +255,166 @@ def test_add_norm_opcheck():
     bf = fwd_samples[2].x
     torch.library.opcheck(bwd, BwdArgs(y, h, h, None, None, torch.float32, w, b, mean, rstd, False, torch.float32))
     torch.library.opcheck(bwd, BwdArgs(y, None, None, bf, r, torch.float32, w, None, mean, rstd, False, None))
+
+
+# --- Add & Norm's residual features and the in-place operator --------------------------------
+
+# Any int64 bits: the seed's high word and the offset's sign bit are read too.
+SEED_OFFSET = (0x1234_5678_9ABC_DEF0, -7)
+
+
+def feature_args(m, n, dtype, rms, *, gen, p=0.3, residual_dtype=None):
+    """Forward arguments with every feature on (dropout, rowscale, colscale, weight_offset) and
+    the mask asked for; h stored in the residual's dtype."""
+    param = param_dtype(dtype)
+    x = randn(m, n, dtype=dtype, gen=gen, shift=0.5)
+    r = randn(m, n, dtype=residual_dtype or dtype, gen=gen)
+    w = randn(n, dtype=param, gen=gen, scale=0.3, shift=1.0)
+    b = None if rms else randn(n, dtype=param, gen=gen, scale=0.3)
+    seed_offset = torch.tensor(SEED_OFFSET, dtype=torch.int64, device=DEVICE)
+    rowscale = randn(m, dtype=dtype, gen=gen, scale=0.2, shift=1.0)
+    colscale = randn(n, dtype=param, gen=gen, scale=0.2, shift=1.0)
+    return FwdArgs(x, r, w, b, EPS, rms, r.dtype, True, p, seed_offset, rowscale, colscale, 0.5, True)
+
+
+def features_case(args, *, gen):
+    """The forward and backward launchers with the features on, against the reference fed the mask
+    that the counter layout gives for args.seed_offset (fusedres/reference/philox.py): the mask
+    bitwise, h bitwise eager's, the rest by the tolerance rule; the backward with h formed again
+    from x and residual bitwise the one given the stored h."""
+    y, h, mean, rstd, mask = triton_add_norm.add_norm_fwd(*args)
+    a = args
+    expected_mask = dropout_mask_reference(a.x.shape, a.dropout_p, a.seed_offset)
+    assert torch.equal(mask, expected_mask.to(mask.device))
+
+    def reference(*tensors):
+        x, r, w, b, rs, cs = tensors
+        return add_norm_reference(
+            x, r, w, b, EPS, rms_norm=a.rms_norm, prenorm=True, dropout_p=a.dropout_p, dropout_mask=mask,
+            rowscale=rs, colscale=cs, weight_offset=a.weight_offset,
+        )  # fmt: skip
+
+    names = ("x", "residual", "weight", "bias", "rowscale", "colscale")
+    given = [getattr(a, k) for k in names]
+    inputs = [t if t is None else t.detach().requires_grad_(k != "rowscale") for k, t in zip(names, given)]
+    inputs64 = [t if t is None else t.detach().double().requires_grad_(k != "rowscale") for k, t in zip(names, given)]
+    (y_eager, h_eager), (y_ref, h_ref) = reference(*inputs), reference(*inputs64)
+    assert torch.equal(h, h_eager), "h is not bitwise eager's"
+    assert_close_to_ref("y", y, y_eager, y_ref, y.dtype)
+
+    dy, dh = randn(*y.shape, dtype=y.dtype, gen=gen), randn(*h.shape, dtype=h.dtype, gen=gen)
+    common = dict(dy=dy, dh=dh, h_dtype=a.h_dtype, weight=a.weight, bias=a.bias, mean=None if a.rms_norm else mean)
+    common.update(rstd=rstd, rms_norm=a.rms_norm, dresidual_dtype=a.residual.dtype, dropout_p=a.dropout_p)
+    common.update(seed_offset=a.seed_offset, rowscale=a.rowscale, colscale=a.colscale, weight_offset=a.weight_offset)
+    stored = triton_add_norm.add_norm_bwd(*BwdArgs(h=h, x=a.x, residual=None, colscale_grad=True, **common))
+    formed = triton_add_norm.add_norm_bwd(*BwdArgs(h=None, x=a.x, residual=a.residual, colscale_grad=True, **common))
+    for name, s, f in zip(("dx", "dresidual", "dweight", "dbias", "dcolscale"), stored, formed):
+        assert torch.equal(s, f), f"{name}: h formed again differs from h stored"
+    wanted = [k for k, t in zip(names, inputs) if t is not None and k != "rowscale"]
+    grads = dict(zip(("x", "residual", "weight", "bias", "colscale"), stored))
+    eager = torch.autograd.grad((y_eager, h_eager), [inputs[names.index(k)] for k in wanted], (dy, dh))
+    ref = torch.autograd.grad((y_ref, h_ref), [inputs64[names.index(k)] for k in wanted], (dy.double(), dh.double()))
+    for k, e, r in zip(wanted, eager, ref):
+        assert grads[k].dtype == e.dtype and grads[k].shape == e.shape, k
+        assert_close_to_ref(f"d{k}", grads[k], e, r, e.dtype)
+    return y, h, mask, stored
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("n", [37, 40], ids=["n37", "n40-aligned"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_add_norm_features_match_reference(dtype, n, rms):
+    """Every feature at once, on Philox's per-element path (N = 37) and its aligned one (N % 4 == 0)."""
+    gen = torch.Generator().manual_seed(n)
+    features_case(feature_args(5, n, dtype, rms, gen=gen), gen=gen)
+
+
+def loop_config(n, dtype, *flags):
+    """Blocks of 16 columns: the wide-row (looping) kernel paths on rows of a few dozen elements."""
+    return triton_add_norm.RowConfig(16, False, 1)
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("n", [37, 40], ids=["n37", "n40-aligned"])
+def test_add_norm_features_on_the_loop_path(monkeypatch, n, rms):
+    """The looping kernels (forced: blocks of 16, the last one partial) draw the same mask and
+    form the same h as the single-block ones, mixed dtypes (fp32 residual stream)."""
+    gen = torch.Generator().manual_seed(n)
+    args = feature_args(4, n, torch.bfloat16, rms, gen=gen, residual_dtype=torch.float32)
+    _, h_single, mask_single, _ = features_case(args, gen=gen)
+    monkeypatch.setattr(triton_add_norm, "add_norm_fwd_config", loop_config)
+    monkeypatch.setattr(triton_add_norm, "add_norm_bwd_config", loop_config)
+    y, h, mask, _ = features_case(args, gen=gen)
+    assert torch.equal(mask, mask_single) and torch.equal(h, h_single)
+    # h not written: each pass forms it again, the same values as those read back
+    y_formed, h, _, _, mask = triton_add_norm.add_norm_fwd(*args._replace(store_h=False))
+    assert h.shape == (0,) and torch.equal(mask, mask_single) and torch.equal(y_formed, y)
+
+
+def test_add_norm_features_at_their_defaults_change_nothing():
+    """p == 0 draws nothing (every element kept, the mask all True); the scales at 1 and the
+    offset at 0 give the plain op's results bitwise."""
+    gen = torch.Generator().manual_seed(3)
+    a = feature_args(3, 24, torch.float32, False, gen=gen, p=0.0)
+    ones_m, ones_n = torch.ones(3, device=DEVICE), torch.ones(24, device=DEVICE)
+    y, h, mean, rstd, mask = triton_add_norm.add_norm_fwd(
+        *a._replace(rowscale=ones_m, colscale=ones_n, weight_offset=0.0)
+    )
+    plain = triton_add_norm.add_norm_fwd(*FwdArgs(a.x, a.residual, a.weight, a.bias, EPS, False, a.h_dtype, True))
+    assert mask.dtype == torch.bool and mask.all()
+    for ours, theirs in zip((y, h, mean, rstd), plain):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("loop", [False, True], ids=["single-block", "loop"])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32,) * 2, (torch.bfloat16, torch.float32)], ids=["fp32", "bf16-fp32res"]
+)
+def test_add_norm_inplace_is_the_out_of_place_op(monkeypatch, dtypes, rms, loop):
+    """add_norm_inplace writes the forward's h into residual and its y into x, bitwise, also on the
+    looping path (forced), whose later passes must read back the h written over residual."""
+    if loop:
+        monkeypatch.setattr(triton_add_norm, "add_norm_fwd_config", loop_config)
+    gen = torch.Generator().manual_seed(4)
+    a = feature_args(3, 37, dtypes[0], rms, gen=gen, residual_dtype=dtypes[1])
+    y, h, *_ = triton_add_norm.add_norm_fwd(*a._replace(dropout_p=0.0, seed_offset=None, rowscale=None))
+    x, r = a.x.clone(), a.residual.clone()
+    assert triton_add_norm.add_norm_inplace(*InplaceArgs(x, r, a.weight, a.bias, EPS, rms, a.colscale, 0.5)) is None
+    assert torch.equal(r, h) and torch.equal(x, y)
+
+
+def test_add_norm_inplace_wide_rows():
+    """Rows beyond the forward's single-block limit (float64: 8192 elements), in place."""
+    n = 9000
+    assert not triton_add_norm.add_norm_fwd_config(n, torch.float64, True).single_block
+    gen = torch.Generator().manual_seed(5)
+    x, r = randn(2, n, dtype=torch.float64, gen=gen), randn(2, n, dtype=torch.float64, gen=gen, shift=3.0)
+    w = randn(n, dtype=torch.float64, gen=gen)
+    y, h, *_ = triton_add_norm.add_norm_fwd(*FwdArgs(x, r, w, None, EPS, True, torch.float64, True, weight_offset=1.0))
+    x_, r_ = x.clone(), r.clone()
+    triton_add_norm.add_norm_inplace(*InplaceArgs(x_, r_, w, None, EPS, True, None, 1.0))
+    assert torch.equal(r_, h) and torch.equal(x_, y)
+    torch.testing.assert_close(h, x + r, rtol=0, atol=0)
+
+
+def test_add_norm_features_opcheck():
+    gen = torch.Generator().manual_seed(6)
+    a = feature_args(4, 24, torch.float32, False, gen=gen)
+    fwd, bwd = torch.ops.fusedres.add_norm_fwd_triton, torch.ops.fusedres.add_norm_bwd_triton
+    torch.library.opcheck(fwd, a)
+    y, h, mean, rstd, _ = fwd(*a)
+    torch.library.opcheck(
+        bwd,
+        BwdArgs(
+            y, h, None, a.x, a.residual, a.h_dtype, a.weight, a.bias, mean, rstd, False, torch.float32,
+            a.dropout_p, a.seed_offset, a.rowscale, a.colscale, a.weight_offset, True,
+        ),
+    )  # fmt: skip
+    inplace = torch.ops.fusedres.add_norm_inplace_triton
+    torch.library.opcheck(
+        inplace, InplaceArgs(a.x.clone(), a.residual.clone(), a.weight, a.bias, EPS, False, a.colscale)
+    )
 
 
 # --- BatchNorm + add + ReLU ---------------------------------------------------------------------

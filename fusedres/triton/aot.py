@@ -9,8 +9,11 @@ float32, bfloat16, float16 and float64; --quick/--smoke/--ops/--dtypes/--shapes 
 the bench's own flags do), each at its timing shape and at the parity check's small shape, as
 the bench runs them. For each case the launchers of fusedres/triton are called as fusedres/ops
 calls them for ``case.fused()``: the forward with grad then the backward (every input needing
-grad, as in the bench), and the forward under ``torch.no_grad()``; BatchNorm training also as
-SyncBatchNorm (8 processes), BatchNorm eval also folded into its conv (``bias_add_relu``). They
+grad, as in the bench), and the forward under ``torch.no_grad()``; Add & Norm also with every
+residual feature on (dropout with its mask returned, rowscale, colscale with grad, weight_offset;
+forward and backward) and in place (``add_norm_``, with colscale and weight_offset); BatchNorm
+training also as SyncBatchNorm (8 processes), BatchNorm eval also folded into its conv
+(``bias_add_relu``). They
 run on meta tensors, with a ``launch`` that records each kernel launch instead of running it and
 with the SM count of the target (108 for an A100, sm_80; 132 for an H100 / H200, sm_90), so every
 launch configuration comes from the launchers' own config functions.
@@ -77,7 +80,7 @@ SYNC_WORLD_SIZE = 8
 KNOWN_SPILLS: dict[tuple[str, str], str] = {}
 
 # The launchers by name (the Triton launchers have the names of fusedres/ops's kernels).
-_LAUNCHERS = {name: getattr(_add_norm, name) for name in ("add_norm_fwd", "add_norm_bwd")}
+_LAUNCHERS = {name: getattr(_add_norm, name) for name in ("add_norm_fwd", "add_norm_bwd", "add_norm_inplace")}
 _LAUNCHERS.update((name, getattr(_batch_norm, name)) for name in BN_OP_NAMES)
 _USES_SM_COUNT = {"add_norm_bwd", "batch_norm_stats", "batch_norm_add_relu_bwd_reduce"}
 
@@ -92,14 +95,39 @@ _USES_SM_COUNT = {"add_norm_bwd", "batch_norm_stats", "batch_norm_add_relu_bwd_r
 # that the calls are the ones fusedres/ops makes.
 
 
-def add_norm_calls(call, case, inputs, grad: bool) -> None:
+# The residual features as the "features" and "inplace" variants of every Add & Norm case use
+# them (tests/test_triton_aot.py makes the same calls through the public functions): all at once,
+# the dropout mask asked for, colscale with grad.
+FEATURES = dict(dropout_p=0.1, weight_offset=1.0, return_dropout_mask=True)
+
+
+def feature_scales(x, weight) -> tuple:
+    """rowscale (x's rows, x's dtype) and colscale (N, weight's dtype) for a case's inputs."""
+    rowscale = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+    return rowscale, torch.ones(x.shape[-1:], dtype=weight.dtype, device=x.device)
+
+
+def add_norm_calls(call, case, inputs, grad: bool, features: bool = False) -> None:
     """fusedres/ops/add_norm.py: plan, _run, _save, _backward_with (a GPU backend: h is stored
-    for the backward rather than recomputed)."""
+    for the backward rather than recomputed), with the case's own features (dropout; drop path's
+    rowscale and LayerScale's colscale, an input); with features, every residual feature on
+    (FEATURES, feature_scales)."""
     from fusedres.ops.add_norm import BwdArgs, FwdArgs, plan
 
-    x, residual, weight, bias = inputs
-    p = plan(x, residual, case.residual_in_fp32, case.prenorm, grad, False, False, False)
-    fwd = FwdArgs(x, residual, weight, bias, case.eps, case.rms_norm, p.h_dtype, p.store_h)
+    x, residual, weight, bias, *case_colscale = inputs
+    rowscale = feature_scales(x, weight)[0] if case.scales else None  # the bench's is x.shape[:-1] of x's dtype
+    colscale = case_colscale[0] if case_colscale else None
+    dropout_p, weight_offset = case.dropout_p, 0.0
+    if features:
+        rowscale, colscale = feature_scales(x, weight)
+        dropout_p, weight_offset = FEATURES["dropout_p"], FEATURES["weight_offset"]
+    seed_offset = torch.empty(2, dtype=torch.int64, device=x.device) if dropout_p > 0.0 else None
+    f = dict(
+        dropout_p=dropout_p, seed_offset=seed_offset, rowscale=rowscale, colscale=colscale, weight_offset=weight_offset
+    )
+    transforms_x = dropout_p > 0.0 or rowscale is not None or colscale is not None
+    p = plan(x, residual, case.residual_in_fp32, case.prenorm, grad, False, transforms_x, colscale is not None)
+    fwd = FwdArgs(x, residual, weight, bias, case.eps, case.rms_norm, p.h_dtype, p.store_h, **f, store_mask=features)
     y, h, mean, rstd, _mask = call("add_norm_fwd", *fwd)
     if not grad:
         return
@@ -119,8 +147,21 @@ def add_norm_calls(call, case, inputs, grad: bool) -> None:
             rstd,
             case.rms_norm,
             p.dresidual_dtype,
+            **f,
+            colscale_grad=p.colscale_grad,
         ),
     )
+
+
+def add_norm_inplace_calls(call, case, inputs) -> None:
+    """fusedres/ops/add_norm.py's add_norm_ (add_layer_norm_ / add_rms_norm_) with colscale and
+    weight_offset."""
+    from fusedres.ops.add_norm import InplaceArgs
+
+    x, residual, weight, bias, *_ = inputs
+    _, colscale = feature_scales(x, weight)
+    args = InplaceArgs(x, residual, weight, bias, case.eps, case.rms_norm, colscale, FEATURES["weight_offset"])
+    call("add_norm_inplace", *args)
 
 
 def batch_norm_calls(call, case, inputs, grad: bool, sync: bool = False, folded: bool = False) -> None:
@@ -174,6 +215,8 @@ def case_variants(family: str, case) -> list[tuple[str, object]]:
         return [
             ("grad", functools.partial(add_norm_calls, case=case, grad=True)),
             ("no_grad", functools.partial(add_norm_calls, case=case, grad=False)),
+            ("features", functools.partial(add_norm_calls, case=case, grad=True, features=True)),
+            ("inplace", functools.partial(add_norm_inplace_calls, case=case)),
         ]
     variants = [
         ("grad", functools.partial(batch_norm_calls, case=case, grad=True)),
