@@ -205,7 +205,7 @@ class _BatchNormFunction(torch.autograd.Function):
         kernels, rest = call
         direct, registered = kernels
         rowscale = rest[0]
-        plain_rowscale = _plain(rowscale)
+        plain_rowscale = rowscale is None or plain_tensors(rowscale)
         if plain(input, residual, weight, bias) and plain_rowscale:
             out, mean, var, count = _forward(direct, input, residual, weight, bias, *rest)
         else:
@@ -233,11 +233,6 @@ class _BatchNormFunction(torch.autograd.Function):
             return (*_backward_with(direct, ctx, needs, grad_out), None)
         with below_autograd():
             return (*_backward_with(registered, ctx, needs, grad_out), None)
-
-
-def _plain(rowscale) -> bool:
-    """Whether rowscale allows the direct kernel calls (plain_tensors' rule; None is fine)."""
-    return rowscale is None or plain_tensors(rowscale)
 
 
 def _run(
@@ -270,7 +265,7 @@ def _run(
     rest = (rowscale, running_mean, running_var, momentum, eps, relu, training, group)
     if needs_grad:
         return _BatchNormFunction.apply(input, residual, weight, bias, (kernels, rest))
-    if plain(input, residual, weight, bias) and _plain(rowscale):
+    if plain(input, residual, weight, bias) and (rowscale is None or plain_tensors(rowscale)):
         return _forward(direct, input, residual, weight, bias, *rest)[0]
     with below_autograd():
         return _forward(registered, input, residual, weight, bias, *rest)[0]
@@ -306,7 +301,7 @@ def _call(backend, input, residual, weight, bias, running_mean, running_var, mom
         and backend in _SELF_CHECKING
         and not _is_compiling()
         and plain_tensors(input, residual, weight, bias)
-        and _plain(rowscale)
+        and (rowscale is None or plain_tensors(rowscale))
     ):
         return _fastpath(
             input, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, rowscale
