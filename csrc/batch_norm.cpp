@@ -55,6 +55,18 @@ void check_bn_channel_vector(const std::optional<Tensor>& t, const char* name, c
   STD_TORCH_CHECK(t->device() == input.device(), "fusedres: ", name, " must be on input's device");
 }
 
+void check_bn_rowscale(const std::optional<Tensor>& rowscale, const Tensor& input) {
+  if (!rowscale.has_value()) {
+    return;
+  }
+  const int64_t n = input.size(0);
+  STD_TORCH_CHECK(rowscale->numel() == n && (n <= 1 || rowscale->is_contiguous()), "fusedres: rowscale must have ",
+                  n, " contiguous elements (one per sample of input)");
+  STD_TORCH_CHECK(is_supported_float(rowscale->scalar_type()),
+                  "fusedres: rowscale must be float32, float64, float16 or bfloat16");
+  STD_TORCH_CHECK(rowscale->device() == input.device(), "fusedres: rowscale must be on input's device");
+}
+
 namespace {
 
 void check_mean_var(const std::optional<Tensor>& mean, const std::optional<Tensor>& var, const Tensor& input,
@@ -98,13 +110,15 @@ int64_t check_bn_combine_args(const Tensor& stats, const std::optional<Tensor>& 
 }
 
 ChannelsView check_bn_fwd_args(const Tensor& input, const std::optional<Tensor>& residual,
-                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                               const std::optional<Tensor>& mean, const std::optional<Tensor>& var) {
+                               const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
+                               const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
+                               const std::optional<Tensor>& var) {
   const ChannelsView v = check_bn_activation(input, "input");
   if (residual.has_value()) {
     check_bn_same_layout(*residual, "residual", input);
     STD_TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "fusedres: residual must have input's dtype");
   }
+  check_bn_rowscale(rowscale, input);
   check_bn_channel_vector(weight, "weight", input, v.channels);
   check_bn_channel_vector(bias, "bias", input, v.channels);
   check_mean_var(mean, var, input, v.channels);
@@ -112,13 +126,14 @@ ChannelsView check_bn_fwd_args(const Tensor& input, const std::optional<Tensor>&
 }
 
 ChannelsView check_bn_bwd_args(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                               const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
-                               const std::optional<Tensor>& weight) {
+                               const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+                               const std::optional<Tensor>& var, const std::optional<Tensor>& weight) {
   const ChannelsView v = check_bn_activation(input, "input");
   check_bn_same_layout(grad, "grad", input);
   if (out.has_value()) {
     check_bn_same_layout(*out, "out", input);
   }
+  check_bn_rowscale(rowscale, input);
   check_mean_var(mean, var, input, v.channels);
   check_bn_channel_vector(weight, "weight", input, v.channels);
   STD_TORCH_CHECK(grad.scalar_type() == input.scalar_type() &&

@@ -23,6 +23,8 @@ struct ChannelsView {
 ChannelsView check_bn_activation(const Tensor& t, const char* name);
 void check_bn_same_layout(const Tensor& t, const char* name, const Tensor& input);
 void check_bn_channel_vector(const std::optional<Tensor>& t, const char* name, const Tensor& input, int64_t c);
+// rowscale: N (input's batch) contiguous float elements on input's device, or none.
+void check_bn_rowscale(const std::optional<Tensor>& rowscale, const Tensor& input);
 
 // The statistics dtype: fp64 for fp64 input, else fp32.
 inline ScalarType bn_stats_dtype(const Tensor& input) {
@@ -36,11 +38,12 @@ ChannelsView check_bn_stats_args(const Tensor& input, const std::optional<Tensor
 int64_t check_bn_combine_args(const Tensor& stats, const std::optional<Tensor>& running_mean,
                               const std::optional<Tensor>& running_var);
 ChannelsView check_bn_fwd_args(const Tensor& input, const std::optional<Tensor>& residual,
-                               const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                               const std::optional<Tensor>& mean, const std::optional<Tensor>& var);
+                               const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
+                               const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
+                               const std::optional<Tensor>& var);
 ChannelsView check_bn_bwd_args(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                               const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
-                               const std::optional<Tensor>& weight);
+                               const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+                               const std::optional<Tensor>& var, const std::optional<Tensor>& weight);
 // sum_dy / sum_dy_xhat of bwd_input: the stats dtype; required in training.
 void check_bn_sums(const std::optional<Tensor>& sum_dy, const std::optional<Tensor>& sum_dy_xhat,
                    const Tensor& input, int64_t c, bool training, int64_t count);

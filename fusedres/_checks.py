@@ -20,6 +20,7 @@ from fusedres.spec.python import stats_dtype
 
 FLOAT_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _TENSOR = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 
 
 def check_float_tensor(name: str, t, *, optional: bool = False) -> None:
@@ -61,7 +62,9 @@ def _eps_ok(eps) -> bool:
 # --- BatchNorm + add + ReLU -------------------------------------------------------------------
 
 
-def check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
+def check_batch_norm_args(
+    input, residual, running_mean, running_var, weight, bias, training, eps, rowscale=None
+) -> float:
     """Validates batch_norm_add_relu's arguments and returns eps as a float."""
     try:  # the common case in one expression, written out (each helper call costs ~0.1 us here)
         shape = input.shape
@@ -91,15 +94,24 @@ def check_batch_norm_args(input, residual, running_mean, running_var, weight, bi
                 )
             )
             and (not training or input.numel() > c[0])
+            and (
+                rowscale is None
+                or (
+                    rowscale.shape == shape[:1]
+                    and rowscale.dtype in FLOAT_DTYPES
+                    and rowscale.device == device
+                    and not (rowscale.requires_grad and _grad_enabled())
+                )
+            )
         )
     except (AttributeError, IndexError, TypeError):
         fast = False
-    return (
-        eps if fast else _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps)
-    )
+    if fast:
+        return eps
+    return _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps, rowscale)
 
 
-def _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps) -> float:
+def _check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps, rowscale) -> float:
     check_float_tensor("input", input)
     if input.dim() < 2:
         raise ValueError(f"input must have at least 2 dims (N, C, ...), got shape {tuple(input.shape)}")
@@ -125,6 +137,10 @@ def _check_batch_norm_args(input, residual, running_mean, running_var, weight, b
         raise ValueError("running_mean and running_var are required when training=False")
     if training and input.numel() <= c:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(input.shape)}")
+    if rowscale is not None:
+        _check_vector("rowscale", rowscale, input.shape[0], "(one scale per sample of input)", ("input", input))
+        if rowscale.requires_grad and _grad_enabled():
+            raise ValueError("rowscale gets no gradient: pass a tensor that does not require grad (detach it)")
     return eps
 
 
@@ -235,18 +251,28 @@ def check_bn_combine_op(stats, running_mean, running_var, momentum) -> None:
         _check_elements(name, t, (stats.shape[1] - 1) // 2, stats.device)
 
 
-def check_bn_fwd_op(input, residual, weight, bias, mean, var, eps, relu, training, count) -> None:
+def _check_rowscale(rowscale, input) -> None:
+    """rowscale is None or N (input's batch) contiguous float elements on input's device."""
+    _check_elements("rowscale", rowscale, input.shape[0], input.device)
+
+
+def check_bn_fwd_op(input, residual, rowscale, weight, bias, mean, var, eps, relu, training, count) -> None:
     stats = (("mean", mean), ("var", var))
     _check_bn(input, eps, [("residual", residual)], (("weight", weight), ("bias", bias), *stats), pair=stats)
+    _check_rowscale(rowscale, input)
 
 
-def check_bn_bwd_reduce_op(grad_out, out, input, mean, var, eps, relu, write_grad_residual) -> None:
+def check_bn_bwd_reduce_op(grad_out, out, input, rowscale, mean, var, eps, relu, write_grad_residual) -> None:
     stats = (("mean", mean), ("var", var))
     _check_bn(input, eps, [("grad_out", grad_out), ("out", out)], stats, pair=stats)
+    _check_rowscale(rowscale, input)
 
 
-def check_bn_bwd_input_op(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu) -> None:
+def check_bn_bwd_input_op(
+    grad, out, input, rowscale, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu
+) -> None:
     stats, sums = (("mean", mean), ("var", var)), (("sum_dy", sum_dy), ("sum_dy_xhat", sum_dy_xhat))
     _check_bn(input, eps, [("grad", grad), ("out", out)], (("weight", weight), *stats), sums, pair=stats)
+    _check_rowscale(rowscale, input)
     if training and (sum_dy is None or sum_dy_xhat is None or count <= 0):
         raise ValueError("training needs sum_dy, sum_dy_xhat and a positive count")

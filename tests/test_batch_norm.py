@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +24,7 @@ class Case:
     training: bool = True
     running: bool = True  # running stats given (track_running_stats)
     momentum: float = 0.1
+    rowscale: bool = False  # a drop path's per-sample scale of the normalized branch
 
     def __str__(self):
         flags = ["cl" if self.channels_last else "nchw", "train" if self.training else "eval"]
@@ -30,6 +32,7 @@ class Case:
         flags += [] if self.relu else ["norelu"]
         flags += [] if self.affine else ["noaffine"]
         flags += [] if self.running else ["norunning"]
+        flags += ["rowscale"] if self.rowscale else []
         return f"{list(self.shape)}-" + "-".join(flags)
 
 
@@ -52,6 +55,13 @@ CASES = [
     # C over the CPU rows kernels' channel block (512), not a multiple of it or of a vector
     Case((2, 1100, 2, 3), channels_last=True),
     Case((2, 1100, 2, 3), channels_last=True, training=False),
+    # rowscale: per-sample pieces of the CPU kernels' planes / row chunks, a sample split between chunks
+    Case((4, 16, 7, 7), rowscale=True),
+    Case((4, 16, 7, 7), channels_last=True, rowscale=True),
+    Case((3, 8, 6, 6), channels_last=True, training=False, rowscale=True),
+    Case((3, 8, 6, 6), residual=False, relu=False, rowscale=True),
+    Case((6, 10), rowscale=True),
+    Case((2, 1100, 2, 3), channels_last=True, rowscale=True),
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -78,9 +88,22 @@ def make_inputs(case: Case, dtype, device, seed=0):
     return x, residual, weight, bias, running_mean, running_var
 
 
-def eager(x, residual, rm, rv, weight, bias, training, momentum, eps, relu):
-    """Plain PyTorch in the input dtype (the baseline whose error ours is judged against)."""
+def make_rowscale(case: Case, dtype, device, seed=2):
+    """None, or (N,) in the input's dtype (timm's drop path mask is): sample 0 dropped, the others
+    kept at various scales (1 / keep_prob in timm; any value is the op's contract)."""
+    if not case.rowscale:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    rs = torch.rand(case.shape[0], generator=gen, dtype=torch.float64) + 0.5
+    rs[0] = 0.0
+    return rs.to(device=device, dtype=dtype)
+
+
+def eager(x, residual, rm, rv, weight, bias, training, momentum, eps, relu, rowscale=None):
+    """Plain PyTorch in the input dtype (the baseline whose error ours is judged against); the
+    rowscale as timm's drop path applies it."""
     y = F.batch_norm(x, rm, rv, weight, bias, training, momentum, eps)
+    y = y * rowscale.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1))) if rowscale is not None else y
     y = y + residual if residual is not None else y
     return F.relu(y) if relu else y
 
@@ -100,8 +123,10 @@ def run(fn, case, tensors, upstream, steps):
     return out, [next(grads) if t is not None else None for t in leaves], (rm, rv)
 
 
-def reference(x, residual, rm, rv, weight, bias, training, momentum, eps, relu):
-    return batch_norm_add_relu_reference(x, residual, rm, rv, weight, bias, training, momentum, eps, relu=relu)
+def reference(x, residual, rm, rv, weight, bias, training, momentum, eps, relu, rowscale=None):
+    return batch_norm_add_relu_reference(
+        x, residual, rm, rv, weight, bias, training, momentum, eps, relu=relu, rowscale=rowscale
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,18 +137,22 @@ def test_matches_fp64_reference(device, backend, case, dtype, autograd_path):
     if backend == "triton" and device == "cpu" and case.shape[1] > 512:
         pytest.skip("the wide-C cases are for the CPU kernels' channel blocks; minutes under the Triton interpreter")
     base = make_inputs(case, dtype, device)
+    rs = make_rowscale(case, dtype, device)
     upstream = torch.randn(case.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     upstream = upstream.to(dtype).double()
     steps = 3 if case.training else 1
 
     def ours(x, r, rm, rv, w, b, training, momentum, eps, relu):
         with fusedres.use_backend(backend):
-            return fusedres.batch_norm_add_relu(x, r, rm, rv, w, b, training, momentum, eps, relu=relu)
+            return fusedres.batch_norm_add_relu(x, r, rm, rv, w, b, training, momentum, eps, relu=relu, rowscale=rs)
 
     out, grads, running = run(ours, case, [clone(t) for t in base], upstream, steps)
     # Plain PyTorch wants every tensor in the input's dtype.
-    e_out, e_grads, e_running = run(eager, case, [clone(t, dtype) for t in base], upstream, steps)
-    r_out, r_grads, r_running = run(reference, case, [clone(t, torch.float64) for t in base], upstream, steps)
+    e_out, e_grads, e_running = run(
+        functools.partial(eager, rowscale=rs), case, [clone(t, dtype) for t in base], upstream, steps
+    )
+    r_in = [clone(t, torch.float64) for t in base]
+    r_out, r_grads, r_running = run(functools.partial(reference, rowscale=clone(rs)), case, r_in, upstream, steps)
 
     assert out.dtype == dtype and out.shape == base[0].shape
     if case.channels_last:
@@ -141,7 +170,10 @@ def test_matches_fp64_reference(device, backend, case, dtype, autograd_path):
 
 
 # Activations over 4 MiB take the CPU kernels' huge-page path (csrc/cpu/huge_pages.h).
-@pytest.mark.parametrize("case", [Case((8, 64, 48, 48)), Case((8, 64, 48, 48), channels_last=True)], ids=str)
+LARGE = [Case((8, 64, 48, 48)), Case((8, 64, 48, 48), channels_last=True), Case((8, 64, 48, 48), rowscale=True)]
+
+
+@pytest.mark.parametrize("case", LARGE, ids=str)
 def test_large_cpu_activations_match_fp64_reference(case, autograd_path):
     test_matches_fp64_reference("cpu", "cpu", case, torch.float32, autograd_path)
 
@@ -185,10 +217,11 @@ def test_backward_is_deterministic(device, backend, channels_last, autograd_path
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("rowscale", [False, True], ids=["", "rowscale"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_gradcheck_float64(device, backend, channels_last, training, autograd_path):
+def test_gradcheck_float64(device, backend, channels_last, training, rowscale, autograd_path):
     skip_if_unusable(device, backend)
     torch.manual_seed(0)
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, device=device)
@@ -199,10 +232,11 @@ def test_gradcheck_float64(device, backend, channels_last, training, autograd_pa
     weight = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     bias = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
     rm, rv = torch.randn(4, dtype=torch.float64, device=device), torch.rand(4, dtype=torch.float64, device=device) + 1
+    rs = torch.tensor([1.5, 0.0, 0.7], dtype=torch.float64, device=device) if rowscale else None
 
     def fn(x, residual, weight, bias):
         # Fresh running stats each call: gradcheck calls fn many times.
-        return fusedres.batch_norm_add_relu(x, residual, rm.clone(), rv.clone(), weight, bias, training)
+        return fusedres.batch_norm_add_relu(x, residual, rm.clone(), rv.clone(), weight, bias, training, rowscale=rs)
 
     with fusedres.use_backend(backend):
         assert torch.autograd.gradcheck(fn, (x, residual, weight, bias), eps=1e-6, atol=1e-6)
@@ -219,6 +253,10 @@ BAD = [
     ("input", lambda: torch.ones(2, 4, 3, 3, dtype=torch.int64), TypeError, "input must be float32"),
     ("eps", lambda: 0.0, ValueError, "eps must be a positive finite number"),
     ("eps", lambda: -1.0, ValueError, "eps must be a positive finite number"),
+    ("rowscale", lambda: torch.ones(3), ValueError, r"rowscale must have shape \(2,\)"),
+    ("rowscale", lambda: torch.ones(2, 1), ValueError, r"rowscale must have shape \(2,\)"),
+    ("rowscale", lambda: torch.ones(2, dtype=torch.int32), TypeError, "rowscale must be float32"),
+    ("rowscale", lambda: torch.ones(2, requires_grad=True), ValueError, "rowscale gets no gradient"),
 ]
 
 
@@ -259,6 +297,10 @@ def test_one_value_per_channel_in_training_is_an_error(shape):
 def test_device_mismatch_is_named():
     with pytest.raises(ValueError, match="running_var is on meta but input is on cpu"):
         fusedres.batch_norm_add_relu(torch.randn(2, 4, 3, 3), None, torch.zeros(4), torch.ones(4, device="meta"))
+    with pytest.raises(ValueError, match="rowscale is on meta but input is on cpu"):
+        fusedres.batch_norm_add_relu(
+            torch.randn(2, 4, 3, 3), None, None, None, training=True, rowscale=torch.ones(2, device="meta")
+        )
 
 
 def test_cpp_ops_reject_bad_layouts_directly():
@@ -268,11 +310,15 @@ def test_cpp_ops_reject_bad_layouts_directly():
     mean, var = torch.zeros(4), torch.ones(4)
     fwd = torch.ops.fusedres.batch_norm_add_relu_fwd
     with pytest.raises(RuntimeError, match="dense in NCHW or channels_last"):
-        fwd(x.transpose(0, 2), None, None, None, mean, var, 1e-5, True, True, 18)
+        fwd(x.transpose(0, 2), None, None, None, None, mean, var, 1e-5, True, True, 18)
     with pytest.raises(RuntimeError, match="mean must have shape"):
-        fwd(x, None, None, None, torch.zeros(3), var, 1e-5, True, True, 18)
+        fwd(x, None, None, None, None, torch.zeros(3), var, 1e-5, True, True, 18)
     with pytest.raises(RuntimeError, match="residual must have input's shape"):
-        fwd(x, torch.randn(2, 4, 8), None, None, mean, var, 1e-5, True, True, 18)
+        fwd(x, torch.randn(2, 4, 8), None, None, None, mean, var, 1e-5, True, True, 18)
+    with pytest.raises(RuntimeError, match="rowscale must have 2 contiguous elements"):
+        fwd(x, None, torch.ones(3), None, None, mean, var, 1e-5, True, True, 18)
+    with pytest.raises(RuntimeError, match="rowscale must be float32"):
+        fwd(x, None, torch.ones(2, dtype=torch.int32), None, None, mean, var, 1e-5, True, True, 18)
 
 
 @pytest.mark.parametrize("device,backend", device_backends())

@@ -27,6 +27,8 @@ def samples(device, ops):
             r = torch.randn_like(x)
             w, b = torch.randn(5, device=device), torch.randn(5, device=device)
             rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+            # a drop path's rowscale (a dropped sample, kept ones rescaled), fp64 to show any dtype goes
+            rs = torch.tensor([0.0, 1.25, 0.8], device=device, dtype=torch.float64)
             out.append((stats_op, (x, rm.clone(), rv.clone(), 0.1)))
             out.append((stats_op, (x, None, None, 0.0)))
             mean, var = stats_op(x, None, None, 0.0)
@@ -35,19 +37,24 @@ def samples(device, ops):
             out.append((combine_op, (gathered, None, None, 0.0)))
             for training in (True, False):
                 m, v = (mean, var) if training else (rm, rv)
-                args = (x, r, w, b, m, v, 1e-5, True, training, 36)
-                out.append((fwd_op, tuple(t.detach().requires_grad_() if i < 4 else t for i, t in enumerate(args))))
-            out.append((fwd_op, (x, None, None, None, mean, var, 1e-5, False, True, 36)))
-            out.append((fwd_op, (x, r, None, b, None, None, 1e-5, True, False, 36)))  # folded-conv tail
-            y = fwd_op(x, r, w, b, mean, var, 1e-5, True, True, 36)
-            dy = torch.randn_like(y)
-            out.append((reduce_op, (dy, y, x, mean, var, 1e-5, True, True)))
-            out.append((reduce_op, (dy, y, x, mean, var, 1e-5, False, False)))
-            out.append((reduce_op, (dy, y, x, None, None, 1e-5, True, False)))
-            sdy, sdx, g = reduce_op(dy, y, x, mean, var, 1e-5, True, True)
-            out.append((input_op, (g, None, x, mean, var, 1e-5, w, sdy, sdx, 36, True, True)))
-            out.append((input_op, (dy, y, x, mean, var, 1e-5, None, sdy, sdx, 36, False, True)))
-            out.append((input_op, (dy, y, x, rm, rv, 1e-5, w, None, None, 36, False, True)))
+                for s in (None, rs):
+                    args = (x, r, s, w, b, m, v, 1e-5, True, training, 36)
+                    grads = (0, 1, 3, 4)  # input, residual, weight, bias (rowscale gets none)
+                    out.append(
+                        (fwd_op, tuple(t.detach().requires_grad_() if i in grads else t for i, t in enumerate(args)))
+                    )
+            out.append((fwd_op, (x, None, None, None, None, mean, var, 1e-5, False, True, 36)))
+            out.append((fwd_op, (x, r, None, None, b, None, None, 1e-5, True, False, 36)))  # folded-conv tail
+            for s in (None, rs):
+                y = fwd_op(x, r, s, w, b, mean, var, 1e-5, True, True, 36)
+                dy = torch.randn_like(y)
+                out.append((reduce_op, (dy, y, x, s, mean, var, 1e-5, True, True)))
+                out.append((reduce_op, (dy, y, x, s, mean, var, 1e-5, False, False)))
+                out.append((reduce_op, (dy, y, x, s, None, None, 1e-5, True, False)))
+                sdy, sdx, g = reduce_op(dy, y, x, s, mean, var, 1e-5, True, True)
+                out.append((input_op, (g, None, x, s, mean, var, 1e-5, w, sdy, sdx, 36, True, True)))
+                out.append((input_op, (dy, y, x, s, mean, var, 1e-5, None, sdy, sdx, 36, False, True)))
+                out.append((input_op, (dy, y, x, s, rm, rv, 1e-5, w, None, None, 36, False, True)))
     return out
 
 

@@ -203,8 +203,8 @@ def test_compiles_fullgraph(training):
 
 @pytest.mark.parametrize("arch,blocks", [("resnet18", 8), ("resnet26d", 8), ("seresnet18", 0)])
 def test_timm_resnets(arch, blocks):
-    """timm's blocks are fused when their extras (SE, DropBlock, anti-aliasing, drop path) are
-    off; others are skipped with the reason. Float64, with random (not zero-init) BN weights."""
+    """timm's blocks are fused when their extras (SE, DropBlock, anti-aliasing) are off; others
+    are skipped with the reason. Float64, with random (not zero-init) BN weights."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     original = timm.create_model(arch, pretrained=False, num_classes=5).double()
@@ -225,6 +225,52 @@ def test_timm_resnets(arch, blocks):
         for out in outs:
             (out * g).sum().backward()
         assert_models_close(fused, original)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet26d"], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["bn", "frozen-bn"])
+def test_timm_drop_path_is_the_rowscale(arch, frozen):
+    """drop_path_rate > 0: every block is fused, the drop path's per-sample mask is drawn as timm
+    draws it, so with the same seed both models drop the same samples: fp64 outputs, grads and
+    running stats match over two training steps; eval is the plain tail. A frozen BN (fixed
+    statistics in training) keeps the drop path unfused after the folded conv-BN. state_dict
+    keys are unchanged, and unfuse restores the original."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    original = timm.create_model(arch, pretrained=False, num_classes=5, drop_path_rate=0.5).double()
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    if frozen:
+        original = timm.layers.freeze_batch_norm_2d(original)
+    keys = list(original.state_dict())
+    fused, report = fusedres.fuse(copy.deepcopy(original), report=True)
+    assert len(report.replaced) == 8 and not report.skipped, str(report)
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    g = torch.randn(8, 5, dtype=torch.float64)
+    for step in range(2):
+        outs = []
+        for m in (fused, original):
+            torch.manual_seed(10 + step)  # the same masks in both models
+            outs.append(m.train()(x))
+        torch.testing.assert_close(*outs, rtol=1e-9, atol=1e-9)
+        for out in outs:
+            (out * g).sum().backward()
+        assert_models_close(fused, original)
+    others = []
+    for m in (fused, original):  # other masks, another output: the drop path is at work
+        torch.manual_seed(99)
+        others.append(m(x))
+    torch.testing.assert_close(*others, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(others[0], outs[0])
+    evals = [m.eval()(x) for m in (fused, original)]
+    torch.testing.assert_close(*evals, rtol=1e-9, atol=1e-9)
+    fusedres.unfuse(fused)
+    assert [type(m) for m in fused.modules()] == [type(m) for m in original.modules()]
+    torch.testing.assert_close(fused(x), evals[1], rtol=1e-12, atol=1e-12)
 
 
 def test_report_is_logged_and_printable(caplog):

@@ -430,7 +430,9 @@ def to_layout(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.transpose(1, -1).contiguous().transpose(1, -1)  # (N, C, L) with C innermost
 
 
-def batch_norm_case(x, residual, weight, bias, *, relu=True, gen, running_dtype=torch.float32, momentum=0.1):
+def batch_norm_case(
+    x, residual, weight, bias, *, relu=True, gen, running_dtype=torch.float32, momentum=0.1, rowscale=None
+):
     """Training: stats (running stats updated) -> forward -> backward, against the reference."""
     c = x.shape[1]
     rm0, rv0 = randn(c, dtype=torch.float64, gen=gen), randn(c, dtype=torch.float64, gen=gen).abs() + 0.5
@@ -455,12 +457,16 @@ def batch_norm_case(x, residual, weight, bias, *, relu=True, gen, running_dtype=
     assert_within_rule("running_var", rv.float(), rv_e.to(running_dtype).float(), rv_r, 1e-5)
 
     count = x.numel() // c
-    out = triton_batch_norm.batch_norm_add_relu_fwd(x, residual, weight, bias, mean, var, EPS, relu, True, count)
+    out = triton_batch_norm.batch_norm_add_relu_fwd(
+        x, residual, rowscale, weight, bias, mean, var, EPS, relu, True, count
+    )
     assert out.shape == x.shape and out.stride() == x.stride() and out.dtype == x.dtype
 
     def reference(dtype, *tensors):
         x_, r_, w_, b_ = (t if t is None or dtype is None else t.to(dtype) for t in tensors)
-        return batch_norm_add_relu_reference(x_, r_, None, None, w_, b_, True, momentum, EPS, relu=relu)
+        return batch_norm_add_relu_reference(
+            x_, r_, None, None, w_, b_, True, momentum, EPS, relu=relu, rowscale=rowscale
+        )
 
     inputs = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
     inputs64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
@@ -470,11 +476,11 @@ def batch_norm_case(x, residual, weight, bias, *, relu=True, gen, running_dtype=
     grad_out = to_layout(randn(*x.shape, dtype=x.dtype, gen=gen), not x.is_contiguous())
     write = residual is not None
     sum_dy, sum_dy_xhat, grad_residual = triton_batch_norm.batch_norm_add_relu_bwd_reduce(
-        grad_out, out, x, mean, var, EPS, relu, write
+        grad_out, out, x, rowscale, mean, var, EPS, relu, write
     )
     grad = grad_residual if write else grad_out
     grad_input = triton_batch_norm.batch_norm_add_relu_bwd_input(
-        grad, None if write else out, x, mean, var, EPS, weight, sum_dy, sum_dy_xhat, count, True, relu
+        grad, None if write else out, x, rowscale, mean, var, EPS, weight, sum_dy, sum_dy_xhat, count, True, relu
     )
     assert grad_input.stride() == x.stride()
     names = ("x", "residual", "weight", "bias")
@@ -526,6 +532,25 @@ def test_batch_norm_variants():
     batch_norm_case(randn(4, 3, 5, 5, gen=gen, shift=1e4), None, w, b, gen=gen)
 
 
+@pytest.mark.parametrize(
+    "shape, channels_last, dtype",
+    [((3, 4, 5, 6), False, torch.float32), ((3, 4, 5, 6), True, torch.bfloat16), ((5, 3, 7), True, torch.float32)],
+    ids=["nchw-fp32", "cl-bf16", "3d-cl-fp32"],
+)
+def test_batch_norm_rowscale(shape, channels_last, dtype):
+    """A per-sample rowscale (a dropped sample, kept ones at other scales; fp64 here to show any
+    float dtype goes) scales the normalized branch in the forward and its grads, not the residual's."""
+    gen = torch.Generator().manual_seed(11)
+    x = to_layout(randn(*shape, dtype=dtype, gen=gen, scale=2.0, shift=1.0), channels_last)
+    residual = torch.empty_like(x).copy_(randn(*shape, dtype=dtype, gen=gen))
+    rowscale = randn(shape[0], dtype=torch.float64, gen=gen).abs() + 0.5
+    rowscale[1] = 0.0
+    p = param_dtype(dtype)
+    w, b = randn(shape[1], dtype=p, gen=gen), randn(shape[1], dtype=p, gen=gen)
+    batch_norm_case(x, residual, w, b, gen=gen, rowscale=rowscale)
+    batch_norm_case(x, None, w, b, relu=False, gen=gen, rowscale=rowscale.to(dtype))
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_batch_norm_eval_and_folded(channels_last):
     """Eval: running stats (any float dtype) as the statistics, input not read by the input grad;
@@ -537,7 +562,7 @@ def test_batch_norm_eval_and_folded(channels_last):
     rm, rv = randn(4, dtype=torch.float64, gen=gen), randn(4, dtype=torch.float64, gen=gen).abs() + 0.5
     count = x.numel() // 4
     for mean, var in ((rm, rv), (None, None)):
-        out = triton_batch_norm.batch_norm_add_relu_fwd(x, r, w, b, mean, var, EPS, True, False, count)
+        out = triton_batch_norm.batch_norm_add_relu_fwd(x, r, None, w, b, mean, var, EPS, True, False, count)
         xs = [t.detach().requires_grad_() for t in (x, r)]
         x64 = [t.detach().double().requires_grad_() for t in (x, r)]
 
@@ -553,10 +578,10 @@ def test_batch_norm_eval_and_folded(channels_last):
         assert_close_to_ref("out", out, eager, ref, x.dtype)
         grad_out = torch.empty_like(x).copy_(randn(2, 4, 3, 5, gen=gen))
         sum_dy, sum_dy_xhat, _ = triton_batch_norm.batch_norm_add_relu_bwd_reduce(
-            grad_out, out, x, mean, var, EPS, True, False
+            grad_out, out, x, None, mean, var, EPS, True, False
         )
         grad_input = triton_batch_norm.batch_norm_add_relu_bwd_input(
-            grad_out, out, x, mean, var, EPS, w, None, None, count, False, True
+            grad_out, out, x, None, mean, var, EPS, w, None, None, count, False, True
         )
         gx_e, gr_e = torch.autograd.grad(eager, xs, grad_out)
         gx_r, gr_r = torch.autograd.grad(ref, x64, grad_out.double())
@@ -575,9 +600,9 @@ def test_batch_norm_empty_batch():
     mean, var = triton_batch_norm.batch_norm_stats(x, rm, rv, 0.1)
     assert mean.isnan().all() and var.isnan().all()
     assert torch.equal(rm, torch.zeros(3, device=DEVICE)) and torch.equal(rv, torch.ones(3, device=DEVICE))
-    out = triton_batch_norm.batch_norm_add_relu_fwd(x, x, None, None, rm, rv, EPS, True, False, 0)
+    out = triton_batch_norm.batch_norm_add_relu_fwd(x, x, None, None, None, rm, rv, EPS, True, False, 0)
     assert out.shape == x.shape
-    sum_dy, sum_dy_xhat, gr = triton_batch_norm.batch_norm_add_relu_bwd_reduce(x, x, x, rm, rv, EPS, True, True)
+    sum_dy, sum_dy_xhat, gr = triton_batch_norm.batch_norm_add_relu_bwd_reduce(x, x, x, None, rm, rv, EPS, True, True)
     assert torch.equal(sum_dy, torch.zeros(3, device=DEVICE)) and torch.equal(sum_dy_xhat, sum_dy)
     assert gr.shape == x.shape
 
@@ -621,11 +646,17 @@ def test_batch_norm_registered_ops_check_their_arguments():
         torch.ops.fusedres.batch_norm_stats_triton(x, torch.zeros(3, device=DEVICE), None, 0.1)
     with pytest.raises(ValueError, match="memory format"):
         torch.ops.fusedres.batch_norm_add_relu_fwd_triton(
-            x, x.contiguous(memory_format=torch.channels_last), None, None, None, None, EPS, True, False, 0
+            x, x.contiguous(memory_format=torch.channels_last), None, None, None, None, None, EPS, True, False, 0
         )
     with pytest.raises(TypeError, match="statistics dtype"):
         c = torch.zeros(3, dtype=torch.float64, device=DEVICE)
-        torch.ops.fusedres.batch_norm_add_relu_bwd_input_triton(x, None, x, None, None, EPS, None, c, c, 32, True, True)
+        torch.ops.fusedres.batch_norm_add_relu_bwd_input_triton(
+            x, None, x, None, None, None, EPS, None, c, c, 32, True, True
+        )
+    with pytest.raises(ValueError, match="rowscale"):
+        torch.ops.fusedres.batch_norm_add_relu_fwd_triton(
+            x, None, torch.ones(3, device=DEVICE), None, None, None, None, EPS, True, False, 0
+        )
     with pytest.raises(ValueError, match=r"\(W, 2C \+ 1\)"):
         torch.ops.fusedres.batch_norm_combine_stats_triton(torch.zeros(2, 4, device=DEVICE), None, None, 0.1)
 
@@ -641,16 +672,19 @@ def test_batch_norm_opcheck():
     stats = torch.tensor([[1.0, 2.0, 0.5, 1.0, 10.0], [3.0, 4.0, 2.0, 3.0, 30.0]], device=DEVICE)
     torch.library.opcheck(ops.batch_norm_combine_stats_triton, (stats, rm[:2].clone(), rv[:2].clone(), 0.1))
     mean, var = ops.batch_norm_stats_triton(x, None, None, 0.1)
-    torch.library.opcheck(ops.batch_norm_add_relu_fwd_triton, (xc, xc, w, b, mean, var, EPS, True, True, 40))
-    torch.library.opcheck(ops.batch_norm_add_relu_fwd_triton, (x, None, None, b, None, None, EPS, False, False, 40))
-    out = ops.batch_norm_add_relu_fwd_triton(x, x, w, b, mean, var, EPS, True, True, 40)
-    torch.library.opcheck(ops.batch_norm_add_relu_bwd_reduce_triton, (x, out, x, mean, var, EPS, True, True))
-    sums = ops.batch_norm_add_relu_bwd_reduce_triton(x, out, x, mean, var, EPS, True, False)[:2]
+    rs = torch.tensor([0.0, 1.5], device=DEVICE, dtype=torch.bfloat16)  # a drop path's rowscale
+    torch.library.opcheck(ops.batch_norm_add_relu_fwd_triton, (xc, xc, None, w, b, mean, var, EPS, True, True, 40))
+    torch.library.opcheck(ops.batch_norm_add_relu_fwd_triton, (xc, xc, rs, w, b, mean, var, EPS, True, True, 40))
+    fwd_folded = (x, None, None, None, b, None, None, EPS, False, False, 40)
+    torch.library.opcheck(ops.batch_norm_add_relu_fwd_triton, fwd_folded)
+    out = ops.batch_norm_add_relu_fwd_triton(x, x, rs, w, b, mean, var, EPS, True, True, 40)
+    torch.library.opcheck(ops.batch_norm_add_relu_bwd_reduce_triton, (x, out, x, rs, mean, var, EPS, True, True))
+    sums = ops.batch_norm_add_relu_bwd_reduce_triton(x, out, x, rs, mean, var, EPS, True, False)[:2]
     torch.library.opcheck(
-        ops.batch_norm_add_relu_bwd_input_triton, (x, out, x, mean, var, EPS, w, *sums, 40, True, True)
+        ops.batch_norm_add_relu_bwd_input_triton, (x, out, x, rs, mean, var, EPS, w, *sums, 40, True, True)
     )
     torch.library.opcheck(
-        ops.batch_norm_add_relu_bwd_input_triton, (x, None, x, rm, rv, EPS, w, None, None, 40, False, False)
+        ops.batch_norm_add_relu_bwd_input_triton, (x, None, x, None, rm, rv, EPS, w, None, None, 40, False, False)
     )
 
 
@@ -718,10 +752,12 @@ def compile_for_sm90() -> None:
             x = to_layout(torch.randn(4, 64, 14, 14, dtype=dtype), channels_last)
             p = torch.ones(64, dtype=param_dtype(dtype))
             mean, var = bn.batch_norm_stats(x, p, p.clone(), 0.1, launch=compile_instead)
-            out = bn.batch_norm_add_relu_fwd(x, x, p, p, mean, var, EPS, True, True, 4, launch=compile_instead)
-            sums = bn.batch_norm_add_relu_bwd_reduce(x, out, x, mean, var, EPS, True, True, launch=compile_instead)[:2]
+            out = bn.batch_norm_add_relu_fwd(x, x, None, p, p, mean, var, EPS, True, True, 4, launch=compile_instead)
+            sums = bn.batch_norm_add_relu_bwd_reduce(
+                x, out, x, None, mean, var, EPS, True, True, launch=compile_instead
+            )[:2]
             bn.batch_norm_add_relu_bwd_input(
-                x, None, x, mean, var, EPS, p, *sums, 4, True, True, launch=compile_instead
+                x, None, x, None, mean, var, EPS, p, *sums, 4, True, True, launch=compile_instead
             )
     bn.batch_norm_combine_stats(torch.ones(2, 129), None, None, 0.1, launch=compile_instead)
     print(len(seen), "specializations compiled")

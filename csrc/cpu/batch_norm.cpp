@@ -4,6 +4,13 @@
 // Memory passes: training forward = stats (read x) + apply (read x, residual; write out);
 // backward = reduce (read dy, out, x; write g = grad_residual when there is a residual) + input
 // grad (read g or dy and out, x; write dx). Per-channel work between passes is O(C).
+//
+// rowscale (a per-sample scale of the normalized branch, drop path) is applied here, by the
+// drivers, and the loops do not see it: rowscale[n] is constant over sample n's planes (NCHW) or
+// rows (channels_last), so the work is cut at sample boundaries and each piece runs the plain
+// loop with its sample's coefficients (forward: scale and bias times rowscale[n]; input grad: a
+// times rowscale[n]), and the backward sums of a piece are scaled by rowscale[n] once, after
+// its loop. O(C) extra work per piece.
 #include "batch_norm.h"
 #include "cpu/float_rows.h"
 #include "cpu/huge_pages.h"
@@ -14,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #define FUSEDRES_CPU_KERNELS "cpu/batch_norm_kernel.h"
@@ -32,6 +40,39 @@ int64_t plane_grain(const ChannelsView& v) {
 // so the partials and their fixed-order sum never depend on the thread count.
 int64_t chunk_rows(const ChannelsView& v) {
   return std::max<int64_t>(1, kGrainElements / v.channels);
+}
+
+// Planes (NCHW) or rows (channels_last) per sample: the units the loops walk.
+int64_t units_per_sample(const ChannelsView& v) {
+  return v.channels_last ? v.spatial : v.channels;
+}
+
+// Calls piece(lo, hi, n) for the pieces of units [begin, end) that belong to one sample n each.
+template <typename F>
+void for_each_sample(int64_t begin, int64_t end, int64_t per_sample, F&& piece) {
+  for (int64_t lo = begin; lo < end;) {
+    const int64_t n = lo / per_sample;
+    const int64_t hi = std::min(end, (n + 1) * per_sample);
+    piece(lo, hi, n);
+    lo = hi;
+  }
+}
+
+// The channels a piece of units [lo, hi) of one sample touches: NCHW planes lo..hi-1 are the
+// consecutive channels from lo % C; channels_last rows hold every channel.
+std::pair<int64_t, int64_t> piece_channels(const ChannelsView& v, int64_t lo, int64_t hi) {
+  if (v.channels_last) {
+    return {0, v.channels};
+  }
+  return {lo % v.channels, lo % v.channels + (hi - lo)};
+}
+
+// dst[c] = src[c] * r over channels [c0, c1): a sample's copy of per-channel coefficients.
+template <typename acc_t>
+void scale_channels(const std::vector<acc_t>& src, acc_t r, std::pair<int64_t, int64_t> cs, std::vector<acc_t>& dst) {
+  for (int64_t c = cs.first; c < cs.second; ++c) {
+    dst[c] = src[c] * r;
+  }
 }
 
 template <typename F>
@@ -173,25 +214,40 @@ std::vector<double> invstd_of(const std::optional<Tensor>& var, double eps, int6
   return out;
 }
 
+// rowscale: per sample, or empty (none).
 template <typename T, typename acc_t>
 void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& out, const ChannelsView& v,
-           const std::vector<acc_t>& mean, const std::vector<acc_t>& scale, const std::vector<acc_t>& bias, bool relu) {
+           const std::vector<acc_t>& mean, const std::vector<acc_t>& scale, const std::vector<acc_t>& bias, bool relu,
+           const std::vector<acc_t>& rowscale) {
   const T* x = static_cast<const T*>(input.const_data_ptr());
   const T* res = residual.has_value() ? static_cast<const T*>(residual->const_data_ptr()) : nullptr;
   T* o = static_cast<T*>(out.mutable_data_ptr());
   auto run = [&](auto has_res, auto has_relu) {
     constexpr bool kRes = decltype(has_res)::value, kRelu = decltype(has_relu)::value;
-    if (!v.channels_last) {
-      parallel_for(0, v.batch * v.channels, plane_grain(v), [&](int64_t b, int64_t e) {
-        FUSEDRES_ISA_CALL(bn_apply_planes<kRes, kRelu, T, acc_t>(x, res, o, v.channels, v.spatial, mean.data(),
-                                                                 scale.data(), bias.data(), b, e));
+    // Units [b, e) with the coefficients sc, bi.
+    auto loop = [&](const acc_t* sc, const acc_t* bi, int64_t b, int64_t e) {
+      if (!v.channels_last) {
+        FUSEDRES_ISA_CALL(
+            bn_apply_planes<kRes, kRelu, T, acc_t>(x, res, o, v.channels, v.spatial, mean.data(), sc, bi, b, e));
+      } else {
+        FUSEDRES_ISA_CALL(bn_apply_rows<kRes, kRelu, T, acc_t>(x, res, o, v.channels, mean.data(), sc, bi, b, e));
+      }
+    };
+    const int64_t units = v.channels_last ? v.per_channel() : v.batch * v.channels;
+    parallel_for(0, units, v.channels_last ? chunk_rows(v) : plane_grain(v), [&](int64_t b, int64_t e) {
+      if (rowscale.empty()) {
+        loop(scale.data(), bias.data(), b, e);
+        return;
+      }
+      // (x - mean) * scale * r + bias * r: the sample's coefficients.
+      std::vector<acc_t> sc(v.channels), bi(v.channels);
+      for_each_sample(b, e, units_per_sample(v), [&](int64_t lo, int64_t hi, int64_t n) {
+        const auto cs = piece_channels(v, lo, hi);
+        scale_channels(scale, rowscale[n], cs, sc);
+        scale_channels(bias, rowscale[n], cs, bi);
+        loop(sc.data(), bi.data(), lo, hi);
       });
-    } else {
-      parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t b, int64_t e) {
-        FUSEDRES_ISA_CALL(bn_apply_rows<kRes, kRelu, T, acc_t>(x, res, o, v.channels, mean.data(), scale.data(),
-                                                               bias.data(), b, e));
-      });
-    }
+    });
   };
   using Yes = std::true_type;
   using No = std::false_type;
@@ -202,11 +258,18 @@ void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& o
   }
 }
 
+// The rowscale as accumulators (one per sample), or empty.
+template <typename acc_t>
+std::vector<acc_t> rowscale_vector(const std::optional<Tensor>& rowscale, const ChannelsView& v) {
+  return rowscale.has_value() ? to_acc_vector<acc_t>(rowscale, v.batch, acc_t(1)) : std::vector<acc_t>();
+}
+
 Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tensor>& residual,
-                                   const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                                   const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps,
-                                   bool relu, bool /*training*/, int64_t /*count*/) {
-  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, var);
+                                   const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
+                                   const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
+                                   const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
+                                   int64_t /*count*/) {
+  const ChannelsView v = check_bn_fwd_args(input, residual, rowscale, weight, bias, mean, var);
   const int64_t c_total = v.channels;
   Tensor out = empty_strided_like(input, input.scalar_type());
   advise_huge_pages(out);
@@ -220,17 +283,19 @@ Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tens
     for (int64_t c = 0; c < c_total; ++c) {
       scale[c] = static_cast<acc_t>(invstd[c] * w[c]);
     }
-    apply<T, acc_t>(input, residual, out, v, m, scale, to_acc_vector<acc_t>(bias, c_total, acc_t(0)), relu);
+    apply<T, acc_t>(input, residual, out, v, m, scale, to_acc_vector<acc_t>(bias, c_total, acc_t(0)), relu,
+                    rowscale_vector<acc_t>(rowscale, v));
   });
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& out,
                                                                       const Tensor& input,
+                                                                      const std::optional<Tensor>& rowscale,
                                                                       const std::optional<Tensor>& mean,
                                                                       const std::optional<Tensor>& var, double eps,
                                                                       bool relu, bool write_grad_residual) {
-  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, var, std::nullopt);
+  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, rowscale, mean, var, std::nullopt);
   const int64_t c_total = v.channels;
   Tensor g = write_grad_residual ? empty_strided_like(input, input.scalar_type())
                                  : empty_on(input, {0}, input.scalar_type());
@@ -244,6 +309,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
     const T* x = static_cast<const T*>(input.const_data_ptr());
     T* gp = write_grad_residual ? static_cast<T*>(g.mutable_data_ptr()) : nullptr;
     const std::vector<acc_t> m = to_acc_vector<acc_t>(mean, c_total, acc_t(0));
+    const std::vector<acc_t> rs = rowscale_vector<acc_t>(rowscale, v);
     auto run = [&](auto mask, auto write) {
       constexpr bool kMask = decltype(mask)::value, kWrite = decltype(write)::value;
       if (!v.channels_last) {
@@ -254,17 +320,38 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
                                                                           p1.data(), p2.data(), b, e));
         });
         for (int64_t p = 0; p < planes; ++p) {
-          sum_dy[p % c_total] += p1[p];
-          sum_dy_xmu[p % c_total] += p2[p];
+          // A plane is one sample's: its sums scale by that sample's rowscale.
+          const double r = rs.empty() ? 1.0 : static_cast<double>(rs[p / c_total]);
+          sum_dy[p % c_total] += r * p1[p];
+          sum_dy_xmu[p % c_total] += r * p2[p];
         }
       } else {
         const int64_t rows = v.per_channel(), per_chunk = chunk_rows(v), chunks = (rows + per_chunk - 1) / per_chunk;
         std::vector<acc_t> p1(chunks * c_total, acc_t(0)), p2(chunks * c_total, acc_t(0));
+        auto loop = [&](acc_t* s1, acc_t* s2, int64_t r0, int64_t r1) {
+          FUSEDRES_ISA_CALL(
+              bn_bwd_reduce_rows<kMask, kWrite, T, acc_t>(dy, o, x, gp, c_total, m.data(), s1, s2, r0, r1));
+        };
         parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+          std::vector<acc_t> t1(rs.empty() ? 0 : c_total), t2(t1.size());
           for (int64_t k = b; k < e; ++k) {
+            acc_t* s1 = p1.data() + k * c_total;
+            acc_t* s2 = p2.data() + k * c_total;
             const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
-            FUSEDRES_ISA_CALL(bn_bwd_reduce_rows<kMask, kWrite, T, acc_t>(
-                dy, o, x, gp, c_total, m.data(), p1.data() + k * c_total, p2.data() + k * c_total, r0, r1));
+            if (rs.empty()) {
+              loop(s1, s2, r0, r1);
+              continue;
+            }
+            // Each sample's rows summed apart, then scaled into the chunk's partial.
+            for_each_sample(r0, r1, v.spatial, [&](int64_t lo, int64_t hi, int64_t n) {
+              std::fill(t1.begin(), t1.end(), acc_t(0));
+              std::fill(t2.begin(), t2.end(), acc_t(0));
+              loop(t1.data(), t2.data(), lo, hi);
+              for (int64_t c = 0; c < c_total; ++c) {
+                s1[c] += rs[n] * t1[c];
+                s2[c] += rs[n] * t2[c];
+              }
+            });
           }
         });
         for (int64_t k = 0; k < chunks; ++k) {
@@ -292,11 +379,12 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
 }
 
 Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                         const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
-                                         double eps, const std::optional<Tensor>& weight,
-                                         const std::optional<Tensor>& sum_dy, const std::optional<Tensor>& sum_dy_xhat,
-                                         int64_t count, bool training, bool relu) {
-  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, var, weight);
+                                         const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+                                         const std::optional<Tensor>& var, double eps,
+                                         const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
+                                         const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training,
+                                         bool relu) {
+  const ChannelsView v = check_bn_bwd_args(grad, out, input, rowscale, mean, var, weight);
   const int64_t c_total = v.channels;
   check_bn_sums(sum_dy, sum_dy_xhat, input, c_total, training, count);
   Tensor dx = empty_strided_like(input, input.scalar_type());
@@ -327,19 +415,31 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
     const T* o = out.has_value() ? static_cast<const T*>(out->const_data_ptr()) : nullptr;
     const T* x = static_cast<const T*>(input.const_data_ptr());
     T* d = static_cast<T*>(dx.mutable_data_ptr());
+    const std::vector<acc_t> rs = rowscale_vector<acc_t>(rowscale, v);
     auto run = [&](auto mask) {
       constexpr bool kMask = decltype(mask)::value;
-      if (!v.channels_last) {
-        parallel_for(0, v.batch * c_total, plane_grain(v), [&](int64_t lo, int64_t hi) {
-          FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(gp, o, x, d, c_total, v.spatial, m.data(), a.data(),
+      // Units [lo, hi) with the coefficient a_ (a, or a sample's a * rowscale[n]).
+      auto loop = [&](const acc_t* a_, int64_t lo, int64_t hi) {
+        if (!v.channels_last) {
+          FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(gp, o, x, d, c_total, v.spatial, m.data(), a_,
                                                                  k.data(), b.data(), lo, hi));
-        });
-      } else {
-        parallel_for(0, v.per_channel(), chunk_rows(v), [&](int64_t lo, int64_t hi) {
+        } else {
           FUSEDRES_ISA_CALL(
-              bn_bwd_input_rows<kMask, T, acc_t>(gp, o, x, d, c_total, m.data(), a.data(), k.data(), b.data(), lo, hi));
+              bn_bwd_input_rows<kMask, T, acc_t>(gp, o, x, d, c_total, m.data(), a_, k.data(), b.data(), lo, hi));
+        }
+      };
+      const int64_t units = v.channels_last ? v.per_channel() : v.batch * c_total;
+      parallel_for(0, units, v.channels_last ? chunk_rows(v) : plane_grain(v), [&](int64_t lo, int64_t hi) {
+        if (rs.empty()) {
+          loop(a.data(), lo, hi);
+          return;
+        }
+        std::vector<acc_t> an(c_total);
+        for_each_sample(lo, hi, units_per_sample(v), [&](int64_t p0, int64_t p1, int64_t n) {
+          scale_channels(a, rs[n], piece_channels(v, p0, p1), an);
+          loop(an.data(), p0, p1);
         });
-      }
+      });
     };
     (relu && o != nullptr) ? run(std::true_type{}) : run(std::false_type{});
   });

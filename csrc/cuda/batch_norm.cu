@@ -1,6 +1,7 @@
 // BatchNorm (+ residual) (+ ReLU) CUDA kernels: batch statistics, the fused forward
-// out = relu(xhat * weight + bias + residual), and the two backward passes. Schemas and exact
-// semantics: fusedres/spec/batch_norm.py. Eager spec: fusedres/reference/batch_norm.py.
+// out = relu((xhat * weight + bias) * rowscale[n] + residual), and the two backward passes.
+// Schemas and exact semantics: fusedres/spec/batch_norm.py. Eager spec:
+// fusedres/reference/batch_norm.py.
 //
 // Every op is memory bound (a few flops per element), so each pass reads its inputs from HBM
 // once and writes its output once; per-channel work (combining partials, the coefficients of
@@ -243,6 +244,22 @@ __device__ __forceinline__ bool relu_blocks(A out) {
 __device__ __forceinline__ float recip(float n) { return __frcp_rn(n); }
 __device__ __forceinline__ double recip(double n) { return __drcp_rn(n); }
 
+// The per-sample scale of the normalized branch (rowscale, a drop path's kept-and-rescaled
+// mask), of any float dtype. Sample n's elements are [n * C * S, (n + 1) * C * S) in both
+// layouts, and a vector never straddles a row or a plane, so one value (one division of the
+// element offset, one load, L1-resident) serves a vector's V lanes. The ops that take it have a
+// kRowScale template flag: without a rowscale their code and registers are exactly as before.
+struct RowScale {
+  const void* ptr;
+  int code;
+  int64_t per_sample;  // C * S
+
+  template <class A>
+  __device__ __forceinline__ A at(int64_t off) const {
+    return static_cast<A>(ld_any(ptr, code, off / per_sample));
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Pairwise combination
 // ---------------------------------------------------------------------------------------------
@@ -346,9 +363,13 @@ struct StatsOp {
 //   dx_i = a * g_i - (b * (x_i - mean) + c0)
 // which is the formula above with the channel constants folded (fp64 here, fp32 per element).
 //
+// With a rowscale (out = relu(y * rs_n + residual)), the residual's gradient is still g, and the
+// normalized branch's is g * rs_n: every g above, in both passes, becomes g * rs_n (the sums,
+// dweight and dbias included).
+//
 // Backward, first pass. s0 = sum g, s1 = sum g * (x - mean); the final * invstd is applied per
 // channel in the combine kernel (one multiply per channel instead of per element).
-template <class X, int V_>
+template <class X, int V_, bool kRowScale>
 struct BwdReduceOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
@@ -365,6 +386,7 @@ struct BwdReduceOp {
   ChanNorm norm;  // its mean centres the sums (rounded to A, as the forward's coefficients)
   X* g_out;       // grad_residual; null when not requested
   bool relu;
+  RowScale rs;  // read when kRowScale
 
   // Training passes batch statistics, of type A: that case is a plain load, because ld_any's
   // switch here costs the NCHW kernels registers (and an fp32 one, occupancy).
@@ -401,20 +423,27 @@ struct BwdReduceOp {
         gv[j] = relu_blocks(ov[j]) ? A(0) : gv[j];
       }
     }
+    if (g_out != nullptr) {
+      // gv holds grad_out's values or zeros, so re-rounding to X is exact.
+      st_pack<V>(g_out, off, pack<X>(gv));
+    }
+    if constexpr (kRowScale) {
+      const A r = rs.at<A>(off);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        gv[j] *= r;
+      }
+    }
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       s0[j] += gv[j];
       s1[j] += gv[j] * (xv[j] - mu[j]);
     }
-    if (g_out != nullptr) {
-      // gv holds grad_out's values or zeros, so re-rounding to X is exact.
-      st_pack<V>(g_out, off, pack<X>(gv));
-    }
   }
 };
 
-// Forward apply: out = relu((x - mean) * invstd * w + b + residual).
-template <class X, int V_>
+// Forward apply: out = relu(((x - mean) * invstd * w + b) * rs + residual).
+template <class X, int V_, bool kRowScale>
 struct FwdOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
@@ -428,6 +457,7 @@ struct FwdOp {
   X* out;
   const ChanParams<A>* params;
   bool relu;
+  RowScale rs;  // read when kRowScale
 
   __device__ __forceinline__ void load(Loaded& l, int64_t off) const {
     l.x = ld_pack<V, true>(x, off);
@@ -441,6 +471,13 @@ struct FwdOp {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       v[j] = (v[j] - pr[j].p[0]) * pr[j].p[1] + pr[j].p[2];
+    }
+    if constexpr (kRowScale) {
+      const A s = rs.at<A>(off);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        v[j] *= s;
+      }
     }
     if (r != nullptr) {
       A rv[V];
@@ -461,7 +498,7 @@ struct FwdOp {
 };
 
 // Backward, second pass (maths above BwdReduceOp).
-template <class X, int V_>
+template <class X, int V_, bool kRowScale>
 struct BwdInputOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
@@ -476,6 +513,7 @@ struct BwdInputOp {
   const X* x;    // null in eval mode, where dx does not depend on x
   X* dx;
   const ChanParams<A>* params;
+  RowScale rs;  // read when kRowScale
 
   __device__ __forceinline__ void load(Loaded& l, int64_t off) const {
     l.g = ld_pack<V, true>(grad, off);
@@ -495,6 +533,13 @@ struct BwdInputOp {
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         v[j] = relu_blocks(ov[j]) ? A(0) : v[j];
+      }
+    }
+    if constexpr (kRowScale) {
+      const A s = rs.at<A>(off);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        v[j] *= s;
       }
     }
 #pragma unroll
@@ -1174,6 +1219,20 @@ void with_width(bool vec, F&& f) {
   }
 }
 
+// Calls f(bool_constant<b>): the ops' kRowScale flag from whether a rowscale was given.
+template <class F>
+void with_flag(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+RowScale make_rowscale(const std::optional<Tensor>& rowscale, const Launch& L) {
+  return RowScale{ptr_or_null(rowscale), code_or_f32(rowscale), L.C * L.S};
+}
+
 unsigned int channel_grid(int64_t C) { return static_cast<unsigned int>(ceil_div(C, kThreads)); }
 
 // ---------------------------------------------------------------------------------------------
@@ -1233,10 +1292,11 @@ std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats,
 }
 
 Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Tensor>& residual,
-                                    const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-                                    const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps,
-                                    bool relu, bool /*training*/, int64_t /*count*/) {
-  const ChannelsView v = check_bn_fwd_args(input, residual, weight, bias, mean, var);
+                                    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
+                                    const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
+                                    const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
+                                    int64_t /*count*/) {
+  const ChannelsView v = check_bn_fwd_args(input, residual, rowscale, weight, bias, mean, var);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_fwd (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
   Tensor out = empty_strided_like(input, input.scalar_type());
@@ -1257,8 +1317,11 @@ Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Ten
     const X* x = static_cast<const X*>(input.const_data_ptr());
     const X* r = residual.has_value() ? static_cast<const X*>(residual->const_data_ptr()) : nullptr;
     X* o = static_cast<X*>(out.mutable_data_ptr());
+    const RowScale rs = make_rowscale(rowscale, L);
     with_width<X>(use_vectors(L, sizeof(X), {x, r, o}), [&](auto w) {
-      run_elementwise(FwdOp<X, decltype(w)::value>{x, r, o, p, relu}, L);
+      with_flag(rowscale.has_value(), [&](auto k) {
+        run_elementwise(FwdOp<X, decltype(w)::value, decltype(k)::value>{x, r, o, p, relu, rs}, L);
+      });
     });
   });
   return out;
@@ -1266,10 +1329,11 @@ Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Ten
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& out,
                                                                        const Tensor& input,
+                                                                       const std::optional<Tensor>& rowscale,
                                                                        const std::optional<Tensor>& mean,
                                                                        const std::optional<Tensor>& var, double eps,
                                                                        bool relu, bool write_grad_residual) {
-  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, mean, var, std::nullopt);
+  const ChannelsView v = check_bn_bwd_args(grad_out, out, input, rowscale, mean, var, std::nullopt);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_reduce (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
   const ScalarType acc = bn_stats_dtype(input);
@@ -1289,20 +1353,23 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Ten
     const ChanNorm norm = make_norm(mean, var, eps);
     const SumsFinish<A> fin{static_cast<A*>(sum_dy.mutable_data_ptr()), static_cast<A*>(sum_dy_xhat.mutable_data_ptr()),
                             norm};
+    const RowScale rs = make_rowscale(rowscale, L);
     with_width<X>(use_vectors(L, sizeof(X), {g, o, x, gr}), [&](auto w) {
-      run_reduce(BwdReduceOp<X, decltype(w)::value>{g, o, x, norm, gr, relu}, L, fin);
+      with_flag(rowscale.has_value(), [&](auto k) {
+        run_reduce(BwdReduceOp<X, decltype(w)::value, decltype(k)::value>{g, o, x, norm, gr, relu, rs}, L, fin);
+      });
     });
   });
   return {sum_dy, sum_dy_xhat, grad_residual};
 }
 
 Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                          const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
-                                          double eps, const std::optional<Tensor>& weight,
-                                          const std::optional<Tensor>& sum_dy,
+                                          const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+                                          const std::optional<Tensor>& var, double eps,
+                                          const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
                                           const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training,
                                           bool relu) {
-  const ChannelsView v = check_bn_bwd_args(grad, out, input, mean, var, weight);
+  const ChannelsView v = check_bn_bwd_args(grad, out, input, rowscale, mean, var, weight);
   const int64_t C = v.channels;
   check_bn_sums(sum_dy, sum_dy_xhat, input, C, training, count);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_input (CUDA) expects CUDA tensors");
@@ -1329,8 +1396,11 @@ Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optiona
     // Eval: dx = a * g does not depend on x, so x is not read at all.
     const X* x = training ? static_cast<const X*>(input.const_data_ptr()) : nullptr;
     X* d = static_cast<X*>(dx.mutable_data_ptr());
+    const RowScale rs = make_rowscale(rowscale, L);
     with_width<X>(use_vectors(L, sizeof(X), {g, o, x, d}), [&](auto w) {
-      run_elementwise(BwdInputOp<X, decltype(w)::value>{g, o, x, d, p}, L);
+      with_flag(rowscale.has_value(), [&](auto k) {
+        run_elementwise(BwdInputOp<X, decltype(w)::value, decltype(k)::value>{g, o, x, d, p, rs}, L);
+      });
     });
   });
   return dx;

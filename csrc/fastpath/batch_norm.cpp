@@ -7,7 +7,8 @@
 // Norm (which says why this module is built per torch and CPython).
 //
 // The formula is fusedres/ops/batch_norm.py's (_forward, _backward_with) without a process
-// group: synchronized BatchNorm keeps its Python path. The caller (fusedres/ops/batch_norm.py:
+// group: synchronized BatchNorm keeps its Python path. rowscale (per sample, no grad) is passed to
+// the three fused kernels and saved for the backward. The caller (fusedres/ops/batch_norm.py:
 // batch_norm_add_relu) has checked the arguments, chosen a C++ backend (cpu or cuda) and found
 // plain tensors, no functorch transform and no compilation.
 #include "fastpath/batch_norm_ops.h"
@@ -45,7 +46,7 @@ struct Forward {
 
 Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps, bool relu,
-    bool training) {
+    bool training, const OptTensor& rowscale) {
   Forward f{Tensor(), running_mean, running_var, 1};
   if (training) {
     auto [mean, var] = bn_stats(input, running_mean, running_var, momentum);
@@ -57,8 +58,8 @@ Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTe
       torch::autograd::increment_version(*running_var);
     }
   }
-  f.out = bn_fwd({.input = input, .residual = residual, .weight = weight, .bias = bias, .mean = f.mean, .var = f.var,
-      .eps = eps, .relu = relu, .training = training, .count = f.count});
+  f.out = bn_fwd({.input = input, .residual = residual, .rowscale = rowscale, .weight = weight, .bias = bias,
+      .mean = f.mean, .var = f.var, .eps = eps, .relu = relu, .training = training, .count = f.count});
   return f;
 }
 
@@ -66,11 +67,12 @@ Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTe
 struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& residual,
       const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-      double momentum, double eps, bool relu, bool training) {
-    Forward f = forward_pass(input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training);
+      double momentum, double eps, bool relu, bool training, const OptTensor& rowscale) {
+    Forward f = forward_pass(
+        input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale);
     const Tensor none;
     ctx->save_for_backward({input, f.out, weight.has_value() ? *weight : none, f.mean.has_value() ? *f.mean : none,
-        f.var.has_value() ? *f.var : none});
+        f.var.has_value() ? *f.var : none, rowscale.has_value() ? *rowscale : none});
     // bias's grad has bias's dtype; -1: no bias.
     ctx->saved_data["meta"] = std::vector<int64_t>{relu, training, f.count, residual.has_value(), weight.has_value(),
         bias.has_value() ? static_cast<int64_t>(bias->scalar_type()) : -1};
@@ -83,7 +85,7 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const Tensor& input = saved[0];
     const Tensor& out = saved[1];
     const OptTensor weight = defined_or_none(saved[2]), mean = defined_or_none(saved[3]),
-                    var = defined_or_none(saved[4]);
+                    var = defined_or_none(saved[4]), rowscale = defined_or_none(saved[5]);
     const auto meta = ctx->saved_data["meta"].toIntVector();
     const double eps = ctx->saved_data["eps"].toDouble();
     const bool relu = meta[0] != 0, training = meta[1] != 0, has_residual = meta[3] != 0, has_weight = meta[4] != 0;
@@ -101,8 +103,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool write_g = needs_residual && relu;
     Tensor sum_dy, sum_dy_xhat, g, grad_weight, grad_bias;
     if ((needs_input && training) || needs_weight || needs_bias || write_g) {
-      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce({.grad_out = grad_out, .out = out, .input = input, .mean = mean,
-          .var = var, .eps = eps, .relu = relu, .write_grad_residual = write_g});
+      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce({.grad_out = grad_out, .out = out, .input = input,
+          .rowscale = rowscale, .mean = mean, .var = var, .eps = eps, .relu = relu, .write_grad_residual = write_g});
       if (needs_weight) {
         grad_weight = sum_dy_xhat.scalar_type() == weight->scalar_type() ? sum_dy_xhat
                                                                           : sum_dy_xhat.to(weight->scalar_type());
@@ -116,32 +118,33 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     if (needs_input) {
       // With g written, it is the already-masked grad and out is not read again.
       const OptTensor masked_by = write_g ? std::nullopt : OptTensor(out);
-      grad_input = bn_bwd_input({.grad = write_g ? g : grad_out, .out = masked_by, .input = input, .mean = mean,
-          .var = var, .eps = eps, .weight = weight, .sum_dy = defined_or_none(sum_dy),
+      grad_input = bn_bwd_input({.grad = write_g ? g : grad_out, .out = masked_by, .input = input,
+          .rowscale = rowscale, .mean = mean, .var = var, .eps = eps, .weight = weight, .sum_dy = defined_or_none(sum_dy),
           .sum_dy_xhat = defined_or_none(sum_dy_xhat), .count = count, .training = training, .relu = relu});
     }
     const Tensor none;
     const Tensor grad_residual = needs_residual ? (write_g ? g : grad_out) : none;
-    // running_mean, running_var, momentum, eps, relu, training get none.
-    return {grad_input, grad_residual, grad_weight, grad_bias, none, none, none, none, none, none};
+    // running_mean, running_var, momentum, eps, relu, training and rowscale get none.
+    return {grad_input, grad_residual, grad_weight, grad_bias, none, none, none, none, none, none, none};
   }
 };
 
 // fusedres.batch_norm_add_relu on checked arguments: the output.
 Tensor batch_norm_add_relu(const Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var, bool training,
-    double momentum, double eps, bool relu) {
+    double momentum, double eps, bool relu, const OptTensor& rowscale) {
   const bool needs_grad = at::GradMode::is_enabled() &&
       (requires_grad(weight) || input.requires_grad() || requires_grad(residual) || requires_grad(bias));
   // As aten's own Python bindings do: other Python threads run while the kernels do.
   py::gil_scoped_release no_gil;
   const Tensor x = channels_dense(input) ? input : input.contiguous();
   const OptTensor r = residual.has_value() ? OptTensor(like_input(*residual, x)) : std::nullopt;
-  const OptTensor w = contiguous(weight), b = contiguous(bias);
+  const OptTensor w = contiguous(weight), b = contiguous(bias), rs = contiguous(rowscale);
   if (needs_grad) {
-    return BatchNormFunction::apply(x, r, w, b, running_mean, running_var, momentum, eps, relu, training)[0];
+    // rowscale last: needs_input_grad's edges (the tensors given) keep their order before it.
+    return BatchNormFunction::apply(x, r, w, b, running_mean, running_var, momentum, eps, relu, training, rs)[0];
   }
-  return forward_pass(x, r, w, b, running_mean, running_var, momentum, eps, relu, training).out;
+  return forward_pass(x, r, w, b, running_mean, running_var, momentum, eps, relu, training, rs).out;
 }
 
 } // namespace
@@ -149,7 +152,7 @@ Tensor batch_norm_add_relu(const Tensor& input, const OptTensor& residual, const
 void register_batch_norm(py::module_& m) {
   m.def("batch_norm_add_relu", &batch_norm_add_relu,
       "batch_norm_add_relu(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, "
-      "relu) -> out");
+      "relu, rowscale) -> out");
 }
 
 } // namespace fusedres

@@ -81,8 +81,8 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
       const Tensor y = at::convolution(xc, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
       const OptTensor r = rc.has_value() ? OptTensor(like_input(*rc, y)) : std::nullopt;
       // bias + add + ReLU: mean/var absent, xhat is the conv's output
-      out = bn_fwd({.input = y, .residual = r, .weight = std::nullopt, .bias = b, .mean = std::nullopt,
-          .var = std::nullopt, .eps = 1.0, .relu = relu, .training = false, .count = 1});
+      out = bn_fwd({.input = y, .residual = r, .rowscale = std::nullopt, .weight = std::nullopt, .bias = b,
+          .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = relu, .training = false, .count = 1});
     }
     if (out.scalar_type() != x.scalar_type()) {
       out = out.to(x.scalar_type());
@@ -120,7 +120,8 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     if (relu) {
       // mean/var None: the kernel's xhat is its `input` argument, here `out` (read for the mask anyway).
       std::tie(db, std::ignore, g) = bn_bwd_reduce({.grad_out = like_input(grads[0], out), .out = out, .input = out,
-          .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = true, .write_grad_residual = true});
+          .rowscale = std::nullopt, .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = true,
+          .write_grad_residual = true});
     } else {
       g = grads[0];
       db = g.sum({0, 2, 3}, false, out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);

@@ -15,7 +15,14 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from fusedres.convert.core import Pattern, register
-from fusedres.nn.batch_norm import SyncBatchNorm2d, conv_bn_add_relu, is_frozen_bn, uses_batch_statistics
+from fusedres.nn.batch_norm import (
+    SyncBatchNorm2d,
+    bn_add_relu,
+    conv_bn_add_relu,
+    drop_path_rowscale,
+    is_frozen_bn,
+    uses_batch_statistics,
+)
 
 _tracing_state = torch._C._get_tracing_state
 _is_compiling = torch.compiler.is_compiling
@@ -151,8 +158,46 @@ register(
 
 
 # timm's ResNet blocks are torchvision's with optional extras (DropBlock, anti-aliasing,
-# squeeze-excitation, stochastic depth) and named activations. Fused when the extras are off
-# (Identity / None), which is how timm builds resnet18..152, resnext and wide_resnet by default.
+# squeeze-excitation, stochastic depth) and named activations. Fused when DropBlock, anti-aliasing
+# and squeeze-excitation are off (Identity / None), which is how timm builds resnet18..152, resnext
+# and wide_resnet by default; stochastic depth (drop_path_rate > 0: a DropPath on the branch,
+# `x = drop_path(bn3(conv3(x))); x += shortcut; x = act3(x)`) becomes the fused op's rowscale.
+
+_DROP_PATH = "timm.layers.drop.DropPath"
+
+
+def _is_drop_path(module) -> bool:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}" == _DROP_PATH
+
+
+def _timm_tail(self, conv, bn, out, identity, own):
+    """act(drop_path(bn(conv(out))) + identity). A drop path at work (training, drop_prob > 0)
+    is a per-sample rowscale of the fused BN kernel, its mask drawn as timm draws it (so seeded
+    alike, the same samples drop); with fixed BN statistics (a frozen BN) the folded conv-BN runs
+    unfused from the drop path on. Otherwise the drop path is the identity: torchvision's tail."""
+    drop = self.drop_path
+    if drop is None or not drop.training or drop.drop_prob == 0.0:
+        return conv_bn_add_relu(conv, bn, out, identity, consume_residual=own)
+    if not uses_batch_statistics(bn):
+        return torch.relu(drop(conv_bn_add_relu(conv, bn, out, relu=False)) + identity)
+    y = conv(out)
+    return bn_add_relu(bn, y, identity, rowscale=drop_path_rowscale(y, drop.drop_prob, drop.scale_by_keep))
+
+
+def _timm_basic_block_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # timm.models.resnet.BasicBlock.forward with DropBlock, anti-aliasing and SE off
+    out = conv_bn_add_relu(self.conv1, self.bn1, x)
+    identity, own = _shortcut(self, x, False)
+    return _timm_tail(self, self.conv2, self.bn2, out, identity, own)
+
+
+def _timm_bottleneck_forward(self, x: torch.Tensor) -> torch.Tensor:
+    # timm.models.resnet.Bottleneck.forward with DropBlock, anti-aliasing and SE off
+    out = conv_bn_add_relu(self.conv1, self.bn1, x)
+    out = conv_bn_add_relu(self.conv2, self.bn2, out)
+    identity, own = _shortcut(self, x, False)
+    return _timm_tail(self, self.conv3, self.bn3, out, identity, own)
 
 
 def _check_timm_block(module: nn.Module, n: int) -> str | None:
@@ -164,25 +209,27 @@ def _check_timm_block(module: nn.Module, n: int) -> str | None:
     for name in ("drop_block", "aa"):
         if type(getattr(module, name, None)) is not nn.Identity:
             return f"{name} is {type(getattr(module, name, None)).__name__}; only Identity is fused"
-    for name in ("se", "drop_path"):
-        if getattr(module, name, None) is not None:
-            return f"has {name} ({type(getattr(module, name)).__name__}); only blocks without it are fused"
+    if getattr(module, "se", None) is not None:
+        return f"has se ({type(module.se).__name__}); only blocks without it are fused"
+    drop = getattr(module, "drop_path", None)
+    if drop is not None and not _is_drop_path(drop):
+        return f"drop_path is {type(drop).__name__}, not None or {_DROP_PATH}"
     return _check_parts(module, convs, bns, relu=None)
 
 
 register(
     Pattern(
         "timm.models.resnet.BasicBlock",
-        "conv1-bn1-act1 and the tail act2(bn2(conv2(x)) + shortcut)",
+        "conv1-bn1-act1 and the tail act2(drop_path(bn2(conv2(x))) + shortcut)",
         lambda m: _check_timm_block(m, 2),
-        _basic_block_forward,
+        _timm_basic_block_forward,
     )
 )
 register(
     Pattern(
         "timm.models.resnet.Bottleneck",
-        "conv1-bn1-act1, conv2-bn2-act2 and the tail act3(bn3(conv3(x)) + shortcut)",
+        "conv1-bn1-act1, conv2-bn2-act2 and the tail act3(drop_path(bn3(conv3(x))) + shortcut)",
         lambda m: _check_timm_block(m, 3),
-        _bottleneck_forward,
+        _timm_bottleneck_forward,
     )
 )

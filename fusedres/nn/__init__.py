@@ -10,6 +10,7 @@ from fusedres.nn.batch_norm import (
     SyncBatchNorm2d,
     SyncBatchNormAddReLU2d,
     convert_sync_batchnorm,
+    drop_path_rowscale,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "SyncBatchNorm2d",
     "SyncBatchNormAddReLU2d",
     "convert_sync_batchnorm",
+    "drop_path_rowscale",
 ]

@@ -34,13 +34,30 @@ def _module_tensors(bn: nn.Module):
         return bn.weight, bn.bias, bn.running_mean, bn.running_var, getattr(bn, "num_batches_tracked", None)
 
 
+def drop_path_rowscale(x: torch.Tensor, drop_prob: float, scale_by_keep: bool = True) -> torch.Tensor:
+    """The (N,) rowscale of a training-mode drop path (stochastic depth) on the branch `x`: a
+    per-sample keep mask, divided by the keep probability when scale_by_keep. Drawn exactly as
+    timm's drop_path draws it (a Bernoulli fill of an (N, 1, ...) tensor of x's dtype and device),
+    so a fused block consumes the RNG as the original and, seeded alike, drops the same samples."""
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if keep > 0.0 and scale_by_keep:
+        mask.div_(keep)
+    return mask.view(x.shape[0])
+
+
 def bn_add_relu(
-    bn: nn.modules.batchnorm._BatchNorm, input: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True
+    bn: nn.modules.batchnorm._BatchNorm,
+    input: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    relu: bool = True,
+    rowscale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """relu(bn(input) + residual) for any nn.BatchNorm*d / nn.SyncBatchNorm module, with its
-    parameters, buffers, momentum (None = cumulative average) and track_running_stats semantics.
-    A SyncBatchNorm (or SyncBatchNormAddReLU2d) in distributed training reduces its statistics
-    over its process group, as nn.SyncBatchNorm does."""
+    """relu(bn(input) * rowscale[n] + residual) for any nn.BatchNorm*d / nn.SyncBatchNorm module,
+    with its parameters, buffers, momentum (None = cumulative average) and track_running_stats
+    semantics. A SyncBatchNorm (or SyncBatchNormAddReLU2d) in distributed training reduces its
+    statistics over its process group, as nn.SyncBatchNorm does. rowscale: None, or (N,) (a drop
+    path's, see drop_path_rowscale)."""
     bn._check_input_dim(input)
     weight, bias, running_mean, running_var, num_batches_tracked = _module_tensors(bn)
     # Mirrors nn.modules.batchnorm._BatchNorm.forward, so behaviour matches it exactly.
@@ -61,6 +78,7 @@ def bn_add_relu(
             bn.eps,
             relu=relu,
             group=bn.process_group,
+            rowscale=rowscale,
         )
     use_running = not training or bn.track_running_stats
     return batch_norm_add_relu(
@@ -74,6 +92,7 @@ def bn_add_relu(
         factor,
         bn.eps,
         relu=relu,
+        rowscale=rowscale,
     )
 
 
@@ -290,6 +309,7 @@ class ConvBNReLU2d(ConvBNAddReLU2d):
 
 __all__ = [
     "bn_add_relu",
+    "drop_path_rowscale",
     "conv_bn_add_relu",
     "fold_conv_bn",
     "is_frozen_bn",

@@ -9,7 +9,9 @@ Per call, training: `batch_norm_stats` (batch mean and variance; the running sta
 inside its kernel) and `batch_norm_add_relu_fwd` (normalize + add + ReLU); backward:
 `batch_norm_add_relu_bwd_reduce` (per-channel sums, and the residual's grad) and
 `batch_norm_add_relu_bwd_input`. Eval: `batch_norm_add_relu_fwd` alone, with the running stats
-(invstd is formed inside the kernel). As for Add & Norm, eager calls the kernels from
+(invstd is formed inside the kernel). An optional per-sample `rowscale` (drop path on the
+block's branch) scales the normalized branch before the add; the three fused kernels take it (the
+statistics are the unscaled input's). As for Add & Norm, eager calls the kernels from
 `_BatchNormFunction`, torch.compile the registered operators, both with the same formula;
 synchronized BatchNorm takes the eager path with an all-gather of the statistics and an
 all-reduce of the backward's sums. Where fusedres._fastpath loaded (built for this torch and
@@ -102,28 +104,31 @@ if EXTENSION_LOADED:
 
 
 def _setup_context(ctx, inputs, output):
-    input, _residual, weight, bias, mean, var, eps, relu, training, count = inputs
+    input, _residual, rowscale, weight, bias, mean, var, eps, relu, training, count = inputs
     # One attribute of ctx (each costs host time): (eps, relu, training, count, the eager path's
-    # kernels and process group, bias's dtype (its grad's)).
-    ctx.meta = (eps, relu, training, count, None, None, bias.dtype if bias is not None else None)
-    ctx.save_for_backward(input, output, weight, mean, var)
+    # kernels and process group, bias's dtype (its grad's), whether the rowscale allows the eager
+    # path's direct kernel calls).
+    ctx.meta = (eps, relu, training, count, None, None, bias.dtype if bias is not None else None, True)
+    ctx.save_for_backward(input, output, weight, mean, var, rowscale)
 
 
 def _as_dtype(t, dtype):
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _backward_with(kernels: _Kernels, ctx, grad_out):
-    input, out, weight, mean, var = ctx.saved_tensors
-    needs_input, needs_residual, needs_weight, needs_bias = ctx.needs_input_grad[:4]
-    eps, relu, training, count, _kernels, group, bias_dtype = ctx.meta
+def _backward_with(kernels: _Kernels, ctx, needs, grad_out):
+    """(grad_input, grad_residual, grad_weight, grad_bias); needs: whether each is wanted. The
+    rowscale gets no grad."""
+    input, out, weight, mean, var, rowscale = ctx.saved_tensors
+    needs_input, needs_residual, needs_weight, needs_bias = needs
+    eps, relu, training, count, _kernels, group, bias_dtype, _plain_rowscale = ctx.meta
     grad_out = like_input(grad_out, input)
     # With a ReLU, the residual's grad is the masked grad: written once by the reduce pass and
     # read back (instead of grad_out and out) by the input pass.
     write_g = needs_residual and relu
     sum_dy = sum_dy_xhat = g = grad_weight = grad_bias = None
     if (needs_input and training) or needs_weight or needs_bias or write_g:
-        sum_dy, sum_dy_xhat, g = kernels.bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_g)
+        sum_dy, sum_dy_xhat, g = kernels.bwd_reduce(grad_out, out, input, rowscale, mean, var, eps, relu, write_g)
         grad_weight = _as_dtype(sum_dy_xhat, weight.dtype) if needs_weight else None
         grad_bias = _as_dtype(sum_dy, bias_dtype) if needs_bias else None
         if group is not None and needs_input:
@@ -135,7 +140,7 @@ def _backward_with(kernels: _Kernels, ctx, grad_out):
     if needs_input:
         grad, mask_from = (g, None) if write_g else (grad_out, out)
         grad_input = kernels.bwd_input(
-            grad, mask_from, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu
+            grad, mask_from, input, rowscale, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu
         )
     grad_residual = (g if write_g else grad_out) if needs_residual else None
     return grad_input, grad_residual, grad_weight, grad_bias
@@ -143,7 +148,11 @@ def _backward_with(kernels: _Kernels, ctx, grad_out):
 
 def _make_registered_backward(kernels: _Kernels):
     def backward(ctx, grad_out):
-        return (*_backward_with(kernels, ctx, grad_out), None, None, None, None, None, None)
+        n = ctx.needs_input_grad  # input, residual, rowscale, weight, bias, ...
+        grad_input, grad_residual, grad_weight, grad_bias = _backward_with(
+            kernels, ctx, (n[0], n[1], n[3], n[4]), grad_out
+        )
+        return grad_input, grad_residual, None, grad_weight, grad_bias, None, None, None, None, None, None
 
     return backward
 
@@ -167,7 +176,9 @@ def _sync_stats(kernels: _Kernels, x, running_mean, running_var, momentum, group
     return mean, var, int(stats[:, -1].sum().item())
 
 
-def _forward(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group):
+def _forward(
+    kernels, input, residual, weight, bias, rowscale, running_mean, running_var, momentum, eps, relu, training, group
+):
     """The output, and what the backward reads: (out, mean, var, count)."""
     if not training:
         mean, var, count = running_mean, running_var, 1
@@ -178,7 +189,8 @@ def _forward(kernels, input, residual, weight, bias, running_mean, running_var, 
         count = input.numel() // input.shape[1]
     if training and running_mean is not None:
         _increment_version((running_mean, running_var))  # the kernel updated them in place
-    return kernels.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count), mean, var, count
+    out = kernels.fwd(input, residual, rowscale, weight, bias, mean, var, eps, relu, training, count)
+    return out, mean, var, count
 
 
 class _BatchNormFunction(torch.autograd.Function):
@@ -192,26 +204,40 @@ class _BatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, residual, weight, bias, call):
         kernels, rest = call
         direct, registered = kernels
-        if plain(input, residual, weight, bias):
+        rowscale = rest[0]
+        plain_rowscale = rowscale is None or plain_tensors(rowscale)
+        if plain(input, residual, weight, bias) and plain_rowscale:
             out, mean, var, count = _forward(direct, input, residual, weight, bias, *rest)
         else:
             with below_autograd():
                 out, mean, var, count = _forward(registered, input, residual, weight, bias, *rest)
-        _running_mean, _running_var, _momentum, eps, relu, training, group = rest
-        ctx.meta = (eps, relu, training, count, kernels, group, bias.dtype if bias is not None else None)
-        ctx.save_for_backward(input, out, weight, mean, var)  # as _setup_context
+        _running_mean, _running_var, _momentum, eps, relu, training, group = rest[1:]
+        ctx.meta = (
+            eps,
+            relu,
+            training,
+            count,
+            kernels,
+            group,
+            bias.dtype if bias is not None else None,
+            plain_rowscale,
+        )
+        ctx.save_for_backward(input, out, weight, mean, var, rowscale)  # as _setup_context
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         direct, registered = ctx.meta[4]
-        if plain(grad_out):
-            return (*_backward_with(direct, ctx, grad_out), None)
+        needs = ctx.needs_input_grad[:4]
+        if plain(grad_out) and ctx.meta[7]:
+            return (*_backward_with(direct, ctx, needs, grad_out), None)
         with below_autograd():
-            return (*_backward_with(registered, ctx, grad_out), None)
+            return (*_backward_with(registered, ctx, needs, grad_out), None)
 
 
-def _run(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, group):
+def _run(
+    kernels, input, residual, weight, bias, rowscale, running_mean, running_var, momentum, eps, relu, training, group
+):
     """The fused op on checked arguments. running stats None in eval: no normalization."""
     input = as_channels(input)
     if residual is not None:
@@ -220,6 +246,8 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
         weight = weight.contiguous()
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()
+    if rowscale is not None and not rowscale.is_contiguous():
+        rowscale = rowscale.contiguous()
     direct, registered = kernels
     if _is_compiling() and group is None:
         if training:
@@ -227,17 +255,17 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
             count = input.numel() // input.shape[1]
         else:
             mean, var, count = running_mean, running_var, 1
-        return registered.fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)
+        return registered.fwd(input, residual, rowscale, weight, bias, mean, var, eps, relu, training, count)
     needs_grad = _grad_enabled() and (
         (weight is not None and weight.requires_grad)  # first: true in training
         or input.requires_grad
         or (residual is not None and residual.requires_grad)
         or (bias is not None and bias.requires_grad)
     )
-    rest = (running_mean, running_var, momentum, eps, relu, training, group)
+    rest = (rowscale, running_mean, running_var, momentum, eps, relu, training, group)
     if needs_grad:
         return _BatchNormFunction.apply(input, residual, weight, bias, (kernels, rest))
-    if plain(input, residual, weight, bias):
+    if plain(input, residual, weight, bias) and (rowscale is None or plain_tensors(rowscale)):
         return _forward(direct, input, residual, weight, bias, *rest)[0]
     with below_autograd():
         return _forward(registered, input, residual, weight, bias, *rest)[0]
@@ -266,17 +294,21 @@ def without_fastpath():
         _fastpath = saved
 
 
-def _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training):
+def _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale):
     """The fused op on checked arguments, on a kernel backend, without a process group."""
     if (
         _fastpath is not None
         and backend in _SELF_CHECKING
         and not _is_compiling()
         and plain_tensors(input, residual, weight, bias)
+        and (rowscale is None or plain_tensors(rowscale))
     ):
-        return _fastpath(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+        return _fastpath(
+            input, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu, rowscale
+        )
     kernels = _KERNELS[backend]
-    return _run(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, None)
+    rest = (rowscale, running_mean, running_var, momentum, eps, relu, training, None)
+    return _run(kernels, input, residual, weight, bias, *rest)
 
 
 # --- public API --------------------------------------------------------------------------------
@@ -294,12 +326,15 @@ def batch_norm_add_relu(
     eps: float = 1e-5,
     *,
     relu: bool = True,
+    rowscale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    + residual)`` in one pass over memory (two in training: statistics, then the fused rest).
+    * rowscale[:, None, ...] + residual)`` in one pass over memory (two in training: statistics,
+    then the fused rest).
 
     Fuses torchvision's Bottleneck / BasicBlock tail ``out = bn3(conv3(out)); out += identity;
-    out = relu(out)``.
+    out = relu(out)``, and with rowscale timm's, whose drop path scales the branch per sample
+    before the add (``x = drop_path(bn3(conv3(x))); x += shortcut; x = act3(x)``).
 
     Args:
         input: (N, C, *) activations, NCHW or channels_last; float32 / float64 / float16 /
@@ -314,6 +349,10 @@ def batch_norm_add_relu(
         momentum: the running-stat update factor.
         eps: added to the variance, > 0.
         relu: False gives BN (+ add).
+        rowscale: (N,) or None: a per-sample scale of the normalized branch, applied before the
+            add (drop path / stochastic depth: the keep mask divided by the keep probability; see
+            fusedres.nn.drop_path_rowscale). Any float dtype; no grad (it must not require one).
+            The statistics are of the unscaled input, as eager's BatchNorm-then-drop-path.
 
     Shape:
         input, residual, output: (N, C, *); the output keeps the input's memory format.
@@ -327,14 +366,26 @@ def batch_norm_add_relu(
         >>> rm, rv = torch.zeros(64), torch.ones(64)
         >>> out = fusedres.batch_norm_add_relu(x, identity, rm, rv, training=True)
     """
-    eps = check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps)
+    eps = check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, training, eps, rowscale)
     backend = resolve_backend(input.device)
     if backend == "reference":
         return batch_norm_add_relu_reference(
-            input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu=relu
+            input,
+            residual,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            relu=relu,
+            rowscale=rowscale,
         )
     momentum = float(momentum)
-    return _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training)
+    return _call(
+        backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale
+    )
 
 
 def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, relu: bool = True):
@@ -353,17 +404,28 @@ def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tenso
         out = input + bias.reshape(1, -1, *([1] * (input.dim() - 2))).to(input.dtype)
         out = out + residual if residual is not None else out
         return torch.relu(out) if relu else out
-    return _call(backend, input, residual, None, bias, None, None, 0.0, 1.0, relu, False)
+    return _call(backend, input, residual, None, bias, None, None, 0.0, 1.0, relu, False, None)
 
 
 def sync_batch_norm_add_relu(
-    input, residual, running_mean, running_var, weight=None, bias=None, momentum=0.1, eps=1e-5, *, relu=True, group=None
+    input,
+    residual,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    relu=True,
+    group=None,
+    rowscale=None,
 ):
     """Training-mode batch_norm_add_relu with batch statistics over all processes of `group`
     (torch.distributed must be initialized), as nn.SyncBatchNorm: all-gather of (mean, var,
     count) before normalizing, all-reduce of the backward's sums before the input grad;
-    dweight/dbias stay local (DDP reduces them)."""
-    eps = check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, True, eps)
+    dweight/dbias stay local (DDP reduces them). rowscale: as batch_norm_add_relu's."""
+    eps = check_batch_norm_args(input, residual, running_mean, running_var, weight, bias, True, eps, rowscale)
     backend = resolve_backend(input.device)
     if backend == "reference":
         raise RuntimeError("sync_batch_norm_add_relu needs a kernel backend (cpu, cuda or triton), not 'reference'")
@@ -375,6 +437,7 @@ def sync_batch_norm_add_relu(
         residual,
         weight,
         bias,
+        rowscale,
         running_mean,
         running_var,
         float(momentum),

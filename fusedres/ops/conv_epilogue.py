@@ -397,12 +397,12 @@ def _mask_and_sum(grad, out, relu: bool):
             grad = (
                 grad if grad.dtype == out.dtype and grad.stride() == out.stride() else torch.empty_like(out).copy_(grad)
             )
-            # mean/var None: xhat is the `input` argument itself, here `out` (already being read).
+            # rowscale, mean, var None: xhat is the `input` argument itself, here `out` (already read).
             if plain(grad, out):
-                sum_g, _unused, g = direct.bwd_reduce(grad, out, out, None, None, 1.0, True, True)
+                sum_g, _unused, g = direct.bwd_reduce(grad, out, out, None, None, None, 1.0, True, True)
             else:
                 with below_autograd():
-                    sum_g, _unused, g = registered.bwd_reduce(grad, out, out, None, None, 1.0, True, True)
+                    sum_g, _unused, g = registered.bwd_reduce(grad, out, out, None, None, None, 1.0, True, True)
             return g, sum_g
         grad = _aten.threshold_backward(grad, out, 0)
     return grad, grad.sum((0, *range(2, grad.dim())), dtype=acc)

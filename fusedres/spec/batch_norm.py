@@ -3,9 +3,13 @@
 Every activation argument (input, residual, out, grad*) is an (N, C, *) tensor, dense in NCHW
 (contiguous) or channels_last order; outputs keep the input's strides. Per-channel vectors have C
 contiguous elements. Statistics are in fp32 (fp64 for fp64 input); mean/var arguments may have
-any float dtype (running stats). The layout checks of this family are its own (csrc/batch_norm.cpp,
-fusedres/_checks.py), so its arguments' kinds are `Opaque` here: the spec gives the schema, the C++
-argument structs and entry points, and the fake kernels' outputs.
+any float dtype (running stats). `rowscale` (the fused forward and both backward passes) is an
+optional per-sample scale of the normalized branch, applied before the add (drop path / stochastic
+depth on a ResNet block's branch): N contiguous elements of any float dtype, None meaning 1; it
+follows the activation arguments, before the per-channel ones. The layout checks of this family
+are its own (csrc/batch_norm.cpp, fusedres/_checks.py), so its arguments' kinds are `Opaque`
+here: the spec gives the schema, the C++ argument structs and entry points, and the fake
+kernels' outputs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ FWD = Op(
     args=(
         Arg("input", _T),
         Arg("residual", _T, optional=True, doc="input's dtype and strides"),
+        Arg("rowscale", _T, optional=True, doc="(N,): the normalized branch's per-sample scale, before the add"),
         Arg("weight", _T, optional=True),
         Arg("bias", _T, optional=True),
         Arg("mean", _T, optional=True, doc="given with var, or neither (xhat = input: a folded conv's tail)"),
@@ -62,7 +67,8 @@ FWD = Op(
         Arg("count", _I, doc="values per channel in the batch"),
     ),
     outputs=(Out("output", "strided:input", "of:input"),),
-    doc="out = relu(xhat * weight + bias + residual), xhat = (input - mean) * rsqrt(var + eps), one pass.",
+    doc="out = relu((xhat * weight + bias) * rowscale[n] + residual), xhat = (input - mean) * rsqrt(var + eps), "
+    "one pass.",
 )
 
 BWD_REDUCE = Op(
@@ -71,6 +77,7 @@ BWD_REDUCE = Op(
         Arg("grad_out", _T),
         Arg("out", _T),
         Arg("input", _T),
+        Arg("rowscale", _T, optional=True, doc="the forward's"),
         Arg("mean", _T, optional=True),
         Arg("var", _T, optional=True),
         Arg("eps", _F),
@@ -82,8 +89,8 @@ BWD_REDUCE = Op(
         Out("sum_dy_xhat", *_CHANNEL_STATS),
         Out("grad_residual", "strided:input", "of:grad_out", when="write_grad_residual"),
     ),
-    doc="Backward, first pass: g = grad_out zeroed where out <= 0 (relu); per-channel sums of g and "
-    "g * xhat; g itself as the residual's grad when asked.",
+    doc="Backward, first pass: g = grad_out zeroed where out <= 0 (relu); per-channel sums of g * rowscale[n] "
+    "and g * rowscale[n] * xhat (the normalized branch's grad); g itself as the residual's grad when asked.",
 )
 
 BWD_INPUT = Op(
@@ -92,6 +99,7 @@ BWD_INPUT = Op(
         Arg("grad", _T, doc="grad_out (masked by out when out is given and relu), or the masked g"),
         Arg("out", _T, optional=True),
         Arg("input", _T),
+        Arg("rowscale", _T, optional=True, doc="the forward's"),
         Arg("mean", _T, optional=True),
         Arg("var", _T, optional=True),
         Arg("eps", _F),
@@ -103,8 +111,8 @@ BWD_INPUT = Op(
         Arg("relu", _B),
     ),
     outputs=(Out("grad_input", "strided:input", "of:input"),),
-    doc="Backward, second pass: training: weight * invstd * (g - sum_dy / count - xhat * sum_dy_xhat / "
-    "count); eval: weight * invstd * g.",
+    doc="Backward, second pass, with g' = g * rowscale[n]: training: weight * invstd * (g' - sum_dy / count - "
+    "xhat * sum_dy_xhat / count); eval: weight * invstd * g'.",
 )
 
 FAMILY = Family("batch_norm", (STATS, COMBINE_STATS, FWD, BWD_REDUCE, BWD_INPUT))

@@ -170,7 +170,7 @@ def batch_norm_calls(call, case, inputs, grad: bool, sync: bool = False, folded:
     x, residual, weight, bias = inputs
     c, eps, momentum = x.shape[1], 1e-5, 0.1
     if folded:
-        call("batch_norm_add_relu_fwd", x, residual, None, bias, None, None, 1.0, True, False, 1)
+        call("batch_norm_add_relu_fwd", x, residual, None, None, bias, None, None, 1.0, True, False, 1)
         return
     # The bench's running stats have the weight's dtype (BNCase._with_running_stats).
     running_mean, running_var = torch.empty_like(weight), torch.empty_like(weight)
@@ -184,19 +184,20 @@ def batch_norm_calls(call, case, inputs, grad: bool, sync: bool = False, folded:
     else:
         mean, var = call("batch_norm_stats", x, running_mean, running_var, momentum)
         count = x.numel() // c
-    out = call("batch_norm_add_relu_fwd", x, residual, weight, bias, mean, var, eps, True, case.training, count)
+    out = call("batch_norm_add_relu_fwd", x, residual, None, weight, bias, mean, var, eps, True, case.training, count)
     if not grad:
         return
     # Every input needs grad, and relu: the reduce pass writes the residual's (masked) grad, which
     # the input pass reads instead of grad_out and out.
     sum_dy, sum_dy_xhat, g = call(
-        "batch_norm_add_relu_bwd_reduce", torch.empty_like(out), out, x, mean, var, eps, True, True
+        "batch_norm_add_relu_bwd_reduce", torch.empty_like(out), out, x, None, mean, var, eps, True, True
     )
     call(
         "batch_norm_add_relu_bwd_input",
         g,
         None,
         x,
+        None,
         mean,
         var,
         eps,

@@ -12,15 +12,17 @@ interpreted). The launchers, with the arguments of the C++ ops:
   running = (1 - momentum) * running + momentum * batch, unbiased var = var * count / (count - 1).
 * ``batch_norm_combine_stats(stats, running_mean, running_var, momentum) -> (mean, var)``: sync
   BatchNorm's (W, 2C + 1) rows of (mean, var, count), combined in fp64 in row order.
-* ``batch_norm_add_relu_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count)``
-* ``batch_norm_add_relu_bwd_reduce(grad_out, out, input, mean, var, eps, relu, write_grad_residual)
-  -> (sum_dy, sum_dy_xhat, grad_residual)``
-* ``batch_norm_add_relu_bwd_input(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat,
-  count, training, relu)``
+* ``batch_norm_add_relu_fwd(input, residual, rowscale, weight, bias, mean, var, eps, relu, training,
+  count)``
+* ``batch_norm_add_relu_bwd_reduce(grad_out, out, input, rowscale, mean, var, eps, relu,
+  write_grad_residual) -> (sum_dy, sum_dy_xhat, grad_residual)``
+* ``batch_norm_add_relu_bwd_input(grad, out, input, rowscale, mean, var, eps, weight, sum_dy,
+  sum_dy_xhat, count, training, relu)``
 
 invstd = 1 / sqrt(var + eps) is computed in the kernels from mean / var of any float dtype (batch
 statistics, or running stats in eval); mean = var = None is no normalization (the bias + add +
-ReLU tail of a conv with BN folded in). Activations are (N, C, *) tensors of any rank >= 2, dense
+ReLU tail of a conv with BN folded in). rowscale (N,) of any float dtype, or None, scales the
+normalized branch per sample (drop path). Activations are (N, C, *) tensors of any rank >= 2, dense
 in NCHW (contiguous) or channels_last order, addressed as (N, C, S), S the product of the spatial
 sizes; outputs keep input's strides. One reduction kernel (the statistics, or the backward's
 sums) with one merge kernel for its partials, and one elementwise kernel (the forward, or the
@@ -54,11 +56,11 @@ Specializations: each kernel's constexprs, the dtypes of its pointers, and which
 pointers are None (a constant to Triton; the kernels branch on it); Triton also specializes
 integer arguments on == 1 and on divisibility by 16, except those in ``do_not_specialize``.
 ``_reduce_partials_kernel`` (statistics when grad_out is None, else backward sums with out, mean,
-grad_residual optional): CHANNELS_LAST, BLOCK_R, BLOCK_C. ``_merge_partials_kernel`` (input given:
+rowscale, grad_residual optional): CHANNELS_LAST, BLOCK_R, BLOCK_C. ``_merge_partials_kernel`` (input given:
 statistics, with optional running stats; else sums with optional var): BLOCK_R, BLOCK_C.
 ``_combine_stats_kernel`` (running stats optional): BLOCK_C. ``_elementwise_kernel`` (forward when
-grad is None, with residual, weight, bias, mean / var optional; else the input grad, with out,
-weight, mean / var, sums optional): CHANNELS_LAST, RELU, BLOCK_R, BLOCK_C.
+grad is None, with residual, rowscale, weight, bias, mean / var optional; else the input grad, with
+out, rowscale, weight, mean / var, sums optional): CHANNELS_LAST, RELU, BLOCK_R, BLOCK_C.
 """
 
 from __future__ import annotations
@@ -128,6 +130,10 @@ from fusedres.triton.register import register_op
 # sync BatchNorm, whose sums are all-reduced between the two passes). In eval the statistics are
 # constants: grad_input = w * invstd * g.
 #
+# With a rowscale (out = relu(y * rs[n] + residual), rs per sample n), the residual's grad is
+# still g, and the normalized branch's grad is g * rs[n]: the sums and grad_input above take
+# g * rs[n] for g (one multiply per element, on the loaded values; g itself is stored unscaled).
+#
 # Pass 1 (bwd_reduce) reads grad_out, out and input once: each program accumulates g and
 # g * (x - mean) over its tiles in per-lane registers and writes one partial per channel to a
 # (2, P, C) tensor; the merge kernel sums the P partials in a fixed order and scales the second
@@ -148,9 +154,10 @@ def _program_channels(a, C, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Element offsets and mask of tile t of channel(s) ch, and the mask of its columns. A lane is
-    # only masked by its row in the channel's last row tile, so a lane valid now was valid in
-    # every earlier tile whose column mask held it (the Welford counts below rely on this).
+    # Element offsets and mask of tile t of channel(s) ch, the mask of its columns, and its rows
+    # (samples in NCHW, (sample, position) rows in channels_last). A lane is only masked by its
+    # row in the channel's last row tile, so a lane valid now was valid in every earlier tile
+    # whose column mask held it (the Welford counts below rely on this).
     rr = tl.arange(0, BLOCK_R)[:, None]
     if CHANNELS_LAST:
         rows = t * BLOCK_R + rr
@@ -161,7 +168,15 @@ def _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R: tl.cons
         cols = (t % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]
         colmask = cols < S
         offs = rows.to(tl.int64) * C * S + ch.to(tl.int64) * S + cols
-    return offs, (rows < n_rows) & colmask, colmask
+    return offs, (rows < n_rows) & colmask, colmask, rows
+
+
+@triton.jit
+def _sample_scale(RS, rows, rows_per_sample, n_rows, ROWS_ARE_POSITIONS: tl.constexpr, acc_ty: tl.constexpr):
+    # rowscale of each row's sample, shaped as rows: (sample, position) rows of rows_per_sample
+    # positions, else rows that are samples (a reduction's NCHW tiles).
+    sample = rows // rows_per_sample if ROWS_ARE_POSITIONS else rows
+    return tl.load(RS + sample, mask=rows < n_rows, other=0.0).to(acc_ty)
 
 
 @triton.jit
@@ -188,6 +203,7 @@ def _reduce_partials_kernel(
     DY,  # backward sums: grad_out (input's layout); None for the statistics
     O,  # backward: out, to mask grad_out where out <= 0 (relu), or None
     Mean,  # backward: (C,) any float dtype, or None (no normalization)
+    RS,  # backward: (N,) rowscale, any float dtype, or None
     GR,  # backward: grad_residual to write (input's dtype and strides), or None
     Part,  # (3, P, C) statistics partials (count, mean, M2), or (2, P, C) sums (g, g * (x - mean))
     C,
@@ -216,7 +232,7 @@ def _reduce_partials_kernel(
     seen = tl.zeros([1, BLOCK_C], dtype=acc_ty)  # tiles so far in which each column was valid
     t_lo = p * tiles_per
     for t in range(t_lo, tl.minimum(t_lo + tiles_per, n_tiles)):
-        offs, mask, colmask = _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
+        offs, mask, colmask, rows = _reduce_tile(t, ch, C, S, n_rows, col_tiles, CHANNELS_LAST, BLOCK_R, BLOCK_C)
         x = tl.load(X + offs, mask=mask, other=0.0).to(acc_ty) - center
         if DY is None:
             seen += colmask.to(acc_ty)
@@ -230,8 +246,11 @@ def _reduce_partials_kernel(
                 dy = tl.where(tl.load(O + offs, mask=mask, other=0.0) <= 0.0, tl.zeros_like(dy), dy)
             if GR is not None:
                 tl.store(GR + offs, dy, mask=mask)
-            a0 += dy.to(acc_ty)
-            a1 += dy.to(acc_ty) * x
+            g = dy.to(acc_ty)
+            if RS is not None:
+                g = g * _sample_scale(RS, rows, S, n_rows, CHANNELS_LAST, acc_ty)
+            a0 += g
+            a1 += g * x
     if DY is None:  # the program's lanes merged as the comment above says
         n_p = _per_channel(a0, CHANNELS_LAST)
         mean_p = _per_channel(a0 * a1, CHANNELS_LAST) / tl.maximum(n_p, 1.0)
@@ -372,18 +391,21 @@ def _combine_stats_kernel(
 
 # The forward (normalize + add + ReLU) and the backward's input grad are one kernel: both are a
 # per-element function of x (and residual, or g) and per-channel (mean, invstd, invstd * w):
-#   forward (G None):      out = relu((x - mean) * invstd * w + b + residual), one read of x
-#                          (and residual), one write; x - mean first, so a large mean does not
+#   forward (G None):      out = relu(((x - mean) * invstd * w + b) * rs + residual), one read of
+#                          x (and residual), one write; x - mean first, so a large mean does not
 #                          cancel against the scaled x.
-#   input grad (G given):  g = grad, zeroed where out <= 0 when out is given (relu), and
-#                          training: grad_input = w * invstd * (g - sum_dy / count - (x - mean) *
-#                          invstd * sum_dy_xhat / count); eval (no sums): w * invstd * g.
+#   input grad (G given):  g = grad, zeroed where out <= 0 when out is given (relu), times rs,
+#                          and training: grad_input = w * invstd * (g - sum_dy / count - (x - mean)
+#                          * invstd * sum_dy_xhat / count); eval (no sums): w * invstd * g.
+# rs = rowscale[n] of the element's sample n (1 without a rowscale): NCHW rows are planes
+# n * C + c, channels_last rows positions n * S + s, so n = row // rows_per_sample (C or S).
 
 
-@triton.jit(do_not_specialize=["count"])
+@triton.jit(do_not_specialize=["count", "rows_per_sample"])
 def _elementwise_kernel(
     X,  # (N, C, S) input (not read by the eval input grad)
     R,  # forward: residual (input's dtype and strides), or None
+    RS,  # (N,) rowscale, any float dtype, or None
     G,  # input grad: grad; None for the forward
     O,  # input grad: out, to mask grad where out <= 0 (relu), or None
     W,  # (C,) weight, or None
@@ -396,6 +418,7 @@ def _elementwise_kernel(
     n_rows,
     row_len,
     C,
+    rows_per_sample,  # C (NCHW) or S (channels_last); read with RS only
     count,
     eps_hi,
     eps_lo,
@@ -421,10 +444,14 @@ def _elementwise_kernel(
     mean = 0.0 if Mean is None else tl.load(Mean + ch, mask=chmask, other=0.0).to(acc_ty)
     invstd = 1.0 if Var is None else _invstd(Var, ch, chmask, eps_hi, eps_lo, acc_ty)
     scale = invstd if W is None else invstd * tl.load(W + ch, mask=chmask, other=0.0).to(acc_ty)
+    if RS is not None:
+        rs = _sample_scale(RS, rows, rows_per_sample, n_rows, True, acc_ty)
     if G is None:
         y = (tl.load(X + offs, mask=mask, other=0.0).to(acc_ty) - mean) * scale
         if B is not None:
             y = y + tl.load(B + ch, mask=chmask, other=0.0).to(acc_ty)
+        if RS is not None:
+            y = y * rs
         if R is not None:
             y = y + tl.load(R + offs, mask=mask, other=0.0).to(acc_ty)
         if RELU:
@@ -433,6 +460,8 @@ def _elementwise_kernel(
         g = tl.load(G + offs, mask=mask, other=0.0).to(acc_ty)
         if O is not None:
             g = tl.where(tl.load(O + offs, mask=mask, other=0.0) <= 0.0, 0.0, g)
+        if RS is not None:
+            g = g * rs
         if SumDy is not None:
             cnt = count.to(acc_ty)
             g -= tl.load(SumDy + ch, mask=chmask, other=0.0).to(acc_ty) / cnt
@@ -583,7 +612,8 @@ def _elementwise(launch, tensors: tuple, input: torch.Tensor, count=0, eps=1.0, 
     tiles_c = _cdiv(row_len, cfg.block_c)
     programs = _cdiv(n_rows, cfg.block_r) * tiles_c
     if programs > 0:
-        scalars = (n_rows, row_len, c, count, *_split_float(eps))
+        rows_per_sample = (s if cl else c) if tensors[2] is not None else 1  # tensors[2]: the rowscale
+        scalars = (n_rows, row_len, c, rows_per_sample, count, *_split_float(eps))
         launch(_elementwise_kernel)[(programs,)](*tensors, *scalars, CHANNELS_LAST=cl, RELU=relu, **cfg.meta)
 
 
@@ -596,7 +626,7 @@ def batch_norm_stats(input, running_mean, running_var, momentum, launch=_direct,
     """Per-channel (mean, biased var) of input; running stats updated in place when given.
     sm_count: plan for that many SMs instead of input's device's (fusedres/triton/aot.py)."""
     mean, var = outputs = _stats_outputs(input)
-    part, programs = _reduce(launch, 3, (input, None, None, None, None), input, sm_count)
+    part, programs = _reduce(launch, 3, (input, None, None, None, None, None), input, sm_count)
     n, _, s, cl = _layout(input)
     shift = 1 if cl else s
     _merge(launch, part, programs, mean, var, input, shift, None, running_mean, running_var, n * s, mom=momentum)
@@ -625,16 +655,18 @@ def _like_input(input, *args):
     return torch.empty_like(input)
 
 
-def batch_norm_add_relu_fwd(input, residual, weight, bias, mean, var, eps, relu, training, count, launch=_direct):
-    """out = relu(xhat * weight + bias + residual). training / count only matter to autograd."""
+def batch_norm_add_relu_fwd(
+    input, residual, rowscale, weight, bias, mean, var, eps, relu, training, count, launch=_direct
+):
+    """out = relu((xhat * weight + bias) * rowscale[n] + residual). training / count only matter to
+    autograd."""
     out = _like_input(input)
-    _elementwise(
-        launch, (input, residual, None, None, weight, bias, mean, var, None, None, out), input, eps=eps, relu=relu
-    )
+    tensors = (input, residual, rowscale, None, None, weight, bias, mean, var, None, None, out)
+    _elementwise(launch, tensors, input, eps=eps, relu=relu)
     return out
 
 
-def _bwd_reduce_outputs(grad_out, out, input, mean, var, eps, relu, write_grad_residual):
+def _bwd_reduce_outputs(grad_out, out, input, rowscale, mean, var, eps, relu, write_grad_residual):
     sum_dy, sum_dy_xhat = _stats_outputs(input)
     if write_grad_residual:
         return sum_dy, sum_dy_xhat, torch.empty_like(input, dtype=grad_out.dtype)
@@ -642,13 +674,14 @@ def _bwd_reduce_outputs(grad_out, out, input, mean, var, eps, relu, write_grad_r
 
 
 def batch_norm_add_relu_bwd_reduce(
-    grad_out, out, input, mean, var, eps, relu, write_grad_residual, launch=_direct, sm_count=None
+    grad_out, out, input, rowscale, mean, var, eps, relu, write_grad_residual, launch=_direct, sm_count=None
 ):
     """(sum_dy, sum_dy_xhat, grad_residual): the first backward pass; sm_count as in batch_norm_stats."""
     sum_dy, sum_dy_xhat, grad_residual = outputs = _bwd_reduce_outputs(
-        grad_out, out, input, mean, var, eps, relu, write_grad_residual
+        grad_out, out, input, rowscale, mean, var, eps, relu, write_grad_residual
     )
-    tensors = (input, grad_out, out if relu else None, mean, grad_residual if write_grad_residual else None)
+    gr = grad_residual if write_grad_residual else None
+    tensors = (input, grad_out, out if relu else None, mean, rowscale, gr)
     part, programs = _reduce(launch, 2, tensors, input, sm_count)
     _merge(launch, part, programs, sum_dy, sum_dy_xhat, var=var, eps=eps)
     return outputs
@@ -659,12 +692,12 @@ def _bwd_input_outputs(grad, out, input, *args):
 
 
 def batch_norm_add_relu_bwd_input(
-    grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu, launch=_direct
+    grad, out, input, rowscale, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu, launch=_direct
 ):
     """grad_input: the second backward pass."""
     grad_input = _bwd_input_outputs(grad, out, input)
     sums = (sum_dy, sum_dy_xhat) if training else (None, None)
-    tensors = (input, None, grad, out if relu else None, weight, None, mean, var, *sums, grad_input)
+    tensors = (input, None, rowscale, grad, out if relu else None, weight, None, mean, var, *sums, grad_input)
     _elementwise(launch, tensors, input, count, eps)
     return grad_input
 
