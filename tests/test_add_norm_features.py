@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("autograd_path")
 
 # The backends whose kernels implement the residual features; a backend listed here that still
 # refuses them fails its tests, one missing from it that implements them XPASSes (strict).
-IMPLEMENTED = {"reference", "cpu"}
+IMPLEMENTED = {"reference", "cpu", "cuda"}
 
 FEATURES = {
     "dropout": dict(dropout_p=0.3),
@@ -182,11 +182,13 @@ def test_dropout_is_reproducible_and_fresh(device, backend):
     assert not torch.equal(first[1], second[1])
 
 
-def test_every_backend_draws_the_same_mask():
-    """One generator state, one mask: every backend on this machine against the reference."""
-    x = torch.randn(7, 33)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_backend_draws_the_same_mask(device):
+    """One generator state, one mask: every backend usable on the device against the reference."""
+    skip_if_unusable(device, "reference")
+    x = torch.randn(7, 33, device=device)
     masks = {}
-    for backend in fusedres.available_backends("cpu"):
+    for backend in fusedres.available_backends(device):
         if backend not in IMPLEMENTED:
             continue
         torch.manual_seed(7)
