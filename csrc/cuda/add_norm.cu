@@ -32,15 +32,17 @@
 // which also writes them in the parameter's dtype: the backward launches only its own kernels,
 // no torch ops.
 //
-// Residual features (dropout, rowscale, colscale, weight_offset, the keep-mask output). The
-// register kernels take them through a compile-time flag, kFeatures, and within it through
-// run-time fields (uniform branches): the plain kernels sit at or just under 64 registers (two
-// 512-thread or four 256-thread blocks per SM), and ptxas sizes a kernel for its heaviest path,
-// so Philox and the extra operands in the same body would cost every plain call a third to half
-// of its resident warps. The feature kernels are instantiated for one access mode each
-// (kAnyAccess, the access decided per pack; the backward's two-pack kernel kVecAccess, which
-// alone fits its 128 registers), which halves their count. The long-row kernels, a rare
-// fallback, take the features at run time. Dropout's mask is never stored for the backward: each thread
+// Residual features (dropout, rowscale, colscale, weight_offset, the keep-mask output). Every
+// kernel takes them through a compile-time flag, kFeatures, and within it through run-time
+// fields (uniform branches), with argument structs of their own (FwdFeatureArgs,
+// BwdFeatureArgs): the plain kernels are the code, with the parameter block, they were before
+// the features. ptxas sizes a kernel for its heaviest path, and its register allocation of the
+// plain kernels moved by up to 40% for a larger parameter block or one more kernel argument
+// read (the plain register forward: 64 registers and a spill instead of 107, sm_90). The feature
+// register kernels are instantiated for one access mode each (kAnyAccess, the access decided
+// per pack; the backward's two-pack kernel kVecAccess, which alone fits its 128 registers),
+// which halves their count. In place without features, the plain forward kernels run without
+// statistics (kStats false). Dropout's mask is never stored for the backward: each thread
 // regenerates the keep bits of the packs it owns from seed_offset (csrc/philox.h's counter
 // layout: element e = row * N + col, whatever the strides), read from device memory inside the
 // kernel (no host sync; a captured CUDA graph reads the values each replay's generator writes).
@@ -454,7 +456,6 @@ struct FwdArgs {
   bool has_r;
   bool store_h;
   bool vec;
-  int stats_lane;  // the lane of a row group that writes its statistics; -1 (none) in place
 };
 
 // The feature kernels' arguments: the plain ones and the features. A struct of its own, so that
@@ -464,8 +465,21 @@ template <class X, class R, class H, class W>
 struct FwdFeatureArgs : FwdArgs<X, R, H, W> {
   bool* mask;  // contiguous (rows, n) keep-mask; null unless store_mask
   Features<acc_t<X>> f;
-  bool mask_vec;  // the mask takes 8-byte stores
+  bool mask_vec;   // the mask takes 8-byte stores
+  int stats_lane;  // the lane of a row group that writes its statistics; -1 (none) in place
 };
+
+// Which lane of a row group writes the row's statistics: lane 0, none in place (kStats false),
+// or the feature kernels' run-time choice. (The plain kernels test no pointer and read no lane
+// from their arguments: either costs the plain register forward up to 32 registers.)
+template <bool kFeatures, bool kStats, class Args>
+__device__ __forceinline__ bool writes_stats(const Args& a, int lane) {
+  if constexpr (kFeatures) {
+    return lane == a.stats_lane;
+  } else {
+    return kStats && lane == 0;
+  }
+}
 
 template <bool kFeatures, class X, class R, class H, class W>
 using FwdArgsOf = std::conditional_t<kFeatures, FwdFeatureArgs<X, R, H, W>, FwdArgs<X, R, H, W>>;
@@ -540,9 +554,11 @@ __device__ __forceinline__ void y_pack(const Args& a, X* yrow, int c, A mean, A 
 // Minimum resident blocks per SM hinted to ptxas for the register forward (0: no hint). Given
 // only the 512-thread bound, ptxas fits the fp64 kernel into 64 registers (two blocks per SM)
 // and spills on sm_80; one block per SM lets it keep the row in registers (fp64 is the
-// gradcheck path, not a bandwidth-critical one).
-template <class X>
-constexpr int kFwdMinBlocks = std::is_same_v<X, double> ? 1 : 0;
+// gradcheck path, not a bandwidth-critical one). The in-place plain kernels (kStats false) and
+// the feature kernels get the same hint: without it ptxas fits some of them into 64 (long rows:
+// 40) registers with a spill on sm_90. The plain kernels keep the bound they had.
+template <class X, bool kFeatures, bool kStats>
+constexpr int kFwdMinBlocks = std::is_same_v<X, double> || kFeatures || !kStats ? 1 : 0;
 
 // Register-resident forward: each row group loads its row once (all K packs of x, then of the
 // residual, issued back to back so a thread has K * 16..64 bytes in flight), keeps h in
@@ -551,8 +567,8 @@ constexpr int kFwdMinBlocks = std::is_same_v<X, double> ? 1 : 0;
 // kFeatures: x's branch is scaled (dropout, rowscale, colscale) before the add. The Philox
 // blocks of a thread's packs are computed after x's loads are issued, so they overlap their
 // latency; the keep bits of the whole slice stay in one register (K * 8 <= 32).
-template <int kAccess, bool kFeatures, class X, class R, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
+template <int kAccess, bool kFeatures, bool kStats, class X, class R, class H, class W>
+__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X, kFeatures, kStats>)
     add_norm_fwd_rows_kernel(const FwdArgsOf<kFeatures, X, R, H, W> a) {
   using A = acc_t<X>;
   constexpr int K = FwdPacks<X>::value;
@@ -665,7 +681,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
     const A rstd = rsqrt_acc(ss[0] * a.inv_n + a.eps);
 
     if (valid) {
-      if (lane == a.stats_lane) {
+      if (writes_stats<kFeatures, kStats>(a, lane)) {
         if (!a.rms) {
           a.mean[row] = mean;
         }
@@ -688,8 +704,12 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
 // bit-identically in every pass (dropout's bits included), so the maths is exactly that of the
 // register kernel. In place (y is x, h is the residual) it stays correct: only the last pass
 // writes, and each thread writes a pack right after reading it, and reads no pack after that.
-template <bool kFeatures, class X, class R, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads)
+// The long-row forward's hint, by the same rule as kFwdMinBlocks (the plain kernels: none).
+template <bool kFeatures, bool kStats>
+constexpr int kLongMinBlocks = kFeatures || !kStats ? 1 : 0;
+
+template <bool kFeatures, bool kStats, class X, class R, class H, class W>
+__global__ void __launch_bounds__(kMaxThreads, kLongMinBlocks<kFeatures, kStats>)
     add_norm_fwd_long_rows_kernel(const FwdArgsOf<kFeatures, X, R, H, W> a) {
   using A = acc_t<X>;
   __shared__ A red[2][1][kMaxWarps];
@@ -732,7 +752,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     group_sum<1>(ss, T, red[pp]);
     pp ^= 1;
     const A rstd = rsqrt_acc(ss[0] * a.inv_n + a.eps);
-    if (static_cast<int>(threadIdx.x) == a.stats_lane) {
+    if (writes_stats<kFeatures, kStats>(a, static_cast<int>(threadIdx.x))) {
       if (!a.rms) {
         a.mean[row] = mean;
       }
@@ -883,6 +903,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     const H* hrow = a.h + row * a.h_stride;
     const X* dyrow = a.dy + row * a.dy_stride;
 
+    // The keep bits: drawn while the loads are in flight, except in fp64 (the gradcheck path),
+    // whose row in flight takes twice the registers: there Philox's temporaries would push the
+    // kernel past the 128 registers of a 512-thread block (a spill on sm_80), so they come first.
+    constexpr bool kBitsFirst = kFeatures && std::is_same_v<X, double>;
+    uint32_t keep = 0xFFFFFFFFu;
+    if constexpr (kBitsFirst) {
+      keep = keep_bits<K>(a.f, row, n, lane, T);
+    }
     A xh[K][kPack];  // h, then xhat
     A u[K][kPack];   // dy, then g * rstd + dh
 #pragma unroll
@@ -891,8 +919,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       load_pack<kAccess, true>(hrow, c, n, a.vec, xh[k]);
       load_pack<kAccess, true>(dyrow, c, n, a.vec, u[k]);
     }
-    uint32_t keep = 0xFFFFFFFFu;
-    if constexpr (kFeatures) {
+    if constexpr (kFeatures && !kBitsFirst) {
       keep = keep_bits<K>(a.f, row, n, lane, T);
     }
     A s[2] = {A(0), A(0)};  // sum(g * xhat), sum(g)
@@ -961,6 +988,9 @@ __global__ void __launch_bounds__(kMaxThreads)
           for (int j = 0; j < kPack; ++j) {
             out[j] = u[k][j] - (xh[k][j] * c1 + c2) * rs;
           }
+          if constexpr (!kFeatures) {  // dx is dL/dh (stored first, as before the features)
+            store_pack<kAccess>(dxrow, c, n, a.vec, out);
+          }
           if (a.dres_mode != 0) {
             store_pack_x_or_f32<kAccess, X>(a.dres, row, n, a.dres_mode, c, a.vec, out);
           }
@@ -980,8 +1010,8 @@ __global__ void __launch_bounds__(kMaxThreads)
               }
             }
             scale_branch<kAccess>(a.f, keep >> (k * kPack), row_s, true, c, n, a.vec, out);
+            store_pack<kAccess>(dxrow, c, n, a.vec, out);
           }
-          store_pack<kAccess>(dxrow, c, n, a.vec, out);
         }
       }
     }
@@ -1114,14 +1144,17 @@ __global__ void __launch_bounds__(kMaxThreads)
           out[j] += t[j];
         }
       }
+      if constexpr (!kFeatures) {  // dx is dL/dh (stored first, as before the features)
+        store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
+      }
       if (a.dres_mode != 0) {
         store_pack_x_or_f32<kAnyAccess, X>(a.dres, row, n, a.dres_mode, c, a.vec, out);
       }
       if constexpr (kFeatures) {
         const uint32_t keep8 = keep_pack(a.f, static_cast<uint64_t>(row * n + c));
         scale_branch<kAnyAccess>(a.f, keep8, row_s, true, c, n, a.vec, out);
+        store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
       }
-      store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
     }
   }
 }
@@ -1399,30 +1432,40 @@ void run_fwd(const FwdCall& c) {
       rows_aligned16(a.y, N, sizeof(X), M) && (!a.store_h || rows_aligned16(a.h, N, sizeof(H), M)) &&
       aligned16(a.f.colscale);
   a.mask_vec = N % kPack == 0 && reinterpret_cast<uintptr_t>(a.mask) % 8 == 0;
-  // A lane number compared with a kernel parameter costs no register; a null test of rstd in
-  // the kernel costs the plain register kernel one, which is one too many at 64.
   a.stats_lane = a.rstd != nullptr ? 0 : -1;
+  // In place (no statistics) the plain kernels are instantiations of their own (kStats false),
+  // for the dtypes it has: h of the residual's dtype.
+  if constexpr (!std::is_same_v<R, H>) {
+    STD_TORCH_CHECK(features || a.rstd != nullptr, "fusedres: internal error: add_norm_fwd without statistics");
+  }
 
   const RowPlan plan = plan_rows(N, FwdPacks<X>::value, kFwdRowsBlock);
   if (plan.T > 0) {
     a.T = plan.T;
     a.G = plan.G;
     const unsigned int grid = row_grid((M + plan.G - 1) / plan.G);
+    const bool vec = a.vec && N % kPack == 0;
     if (features) {
-      add_norm_fwd_rows_kernel<kAnyAccess, true, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(a);
-    } else if (a.vec && N % kPack == 0) {
-      add_norm_fwd_rows_kernel<kVecAccess, false, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(plain);
-    } else {
-      add_norm_fwd_rows_kernel<kScalarAccess, false, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(plain);
+      add_norm_fwd_rows_kernel<kAnyAccess, true, true, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(a);
+    } else if (a.rstd != nullptr) {
+      auto kernel = vec ? add_norm_fwd_rows_kernel<kVecAccess, false, true, X, R, H, W>
+                        : add_norm_fwd_rows_kernel<kScalarAccess, false, true, X, R, H, W>;
+      kernel<<<grid, plan.block, 0, c.stream>>>(plain);
+    } else if constexpr (std::is_same_v<R, H>) {
+      auto kernel = vec ? add_norm_fwd_rows_kernel<kVecAccess, false, false, X, R, H, W>
+                        : add_norm_fwd_rows_kernel<kScalarAccess, false, false, X, R, H, W>;
+      kernel<<<grid, plan.block, 0, c.stream>>>(plain);
     }
     check_launch("add_norm_fwd_rows_kernel");
   } else {
     a.T = kMaxThreads;
     a.G = 1;
     if (features) {
-      add_norm_fwd_long_rows_kernel<true, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
-    } else {
-      add_norm_fwd_long_rows_kernel<false, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
+      add_norm_fwd_long_rows_kernel<true, true, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
+    } else if (a.rstd != nullptr) {
+      add_norm_fwd_long_rows_kernel<false, true, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
+    } else if constexpr (std::is_same_v<R, H>) {
+      add_norm_fwd_long_rows_kernel<false, false, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
     }
     check_launch("add_norm_fwd_long_rows_kernel");
   }
