@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("autograd_path")
 
 # The backends whose kernels implement the residual features; a backend listed here that still
 # refuses them fails its tests, one missing from it that implements them XPASSes (strict).
-IMPLEMENTED = {"reference", "cpu", "triton"}
+IMPLEMENTED = {"reference", "cpu", "triton", "cuda"}
 
 FEATURES = {
     "dropout": dict(dropout_p=0.3),
@@ -183,19 +183,21 @@ def test_dropout_is_reproducible_and_fresh(device, backend):
 
 
 @pytest.mark.parametrize("n", [33, 36], ids=["per-element", "aligned"])
-def test_every_backend_draws_the_same_mask(n):
-    """One generator state, one mask: every backend on this machine (the CPU kernels, Triton's
-    under the interpreter) against the reference, on rows whose kernels draw one Philox block per
-    element (N % 4 != 0) or per 4 elements."""
-    x = torch.randn(7, n)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_backend_draws_the_same_mask(device, n):
+    """One generator state, one mask: every backend usable on the device (on the CPU: the CPU
+    kernels, Triton's under the interpreter) against the reference, on rows whose kernels draw one
+    Philox block per element (N % 4 != 0) or per 4 elements."""
+    skip_if_unusable(device, "reference")
+    x = torch.randn(7, n, device=device)
     masks = {}
-    for backend in fusedres.available_backends("cpu"):
+    for backend in fusedres.available_backends(device):
         if backend not in IMPLEMENTED:
             continue
         torch.manual_seed(7)
         with fusedres.use_backend(backend), torch.no_grad():
             masks[backend] = fusedres.add_rms_norm(x, x, dropout_p=0.4, return_dropout_mask=True)[1]
-    assert "reference" in masks and "cpu" in masks and "triton" in masks
+    assert {"reference", device, "triton"} <= masks.keys()  # the device's C++ kernels and Triton's
     for backend, mask in masks.items():
         assert torch.equal(mask, masks["reference"]), backend
 

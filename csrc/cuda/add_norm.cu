@@ -1,6 +1,8 @@
-// Add & Norm CUDA kernels: h = x + residual, y = norm(h) * weight + bias (LayerNorm or
-// RMSNorm over the last dimension), and the matching backward. Arguments: fusedres/spec/add_norm.py.
-// Eager spec: fusedres/reference/add_norm.py.
+// Add & Norm CUDA kernels: h = residual + dropout(x) * rowscale * colscale, y = norm(h) *
+// (weight + weight_offset) + bias (LayerNorm or RMSNorm over the last dimension), the matching
+// backward, and the in-place variant (h into residual, y into x). Arguments:
+// fusedres/spec/add_norm.py. Eager spec: fusedres/reference/add_norm.py; what each feature
+// computes, in which order: FEATURES-SPEC (issue 23).
 //
 // Both directions are memory bound (a handful of flops per element), so the design goal is one
 // pass over HBM: every element of x/residual (forward) and dy/h/dh (backward) is read exactly
@@ -25,11 +27,28 @@
 // fixed tree / fixed order, so results are bitwise reproducible on the same device.
 //
 // Operands are (..., N) of any rank whose leading dimensions collapse into rows of one stride
-// (row_stride, add_norm.h); outputs are contiguous. dweight/dbias go through fixed-size fp32
-// (fp64) partials, summed per column in a fixed order by param_grad_kernel, which also writes
-// them in the parameter's dtype: the backward launches only its own kernels, no torch ops.
+// (row_stride, add_norm.h); outputs are contiguous. dweight/dbias/dcolscale go through
+// fixed-size fp32 (fp64) partials, summed per column in a fixed order by param_grad_kernel,
+// which also writes them in the parameter's dtype: the backward launches only its own kernels,
+// no torch ops.
+//
+// Residual features (dropout, rowscale, colscale, weight_offset, the keep-mask output). Every
+// kernel takes them through a compile-time flag, kFeatures, and within it through run-time
+// fields (uniform branches), with argument structs of their own (FwdFeatureArgs,
+// BwdFeatureArgs): the plain kernels are the code, with the parameter block, they were before
+// the features. ptxas sizes a kernel for its heaviest path, and its register allocation of the
+// plain kernels moved by up to 40% for a larger parameter block or one more kernel argument
+// read (the plain register forward: 64 registers and a spill instead of 107, sm_90). The feature
+// register kernels are instantiated for one access mode each (kAnyAccess, the access decided
+// per pack; the backward's two-pack kernel kVecAccess, which alone fits its 128 registers),
+// which halves their count. In place without features, the plain forward kernels run without
+// statistics (kStats false). Dropout's mask is never stored for the backward: each thread
+// regenerates the keep bits of the packs it owns from seed_offset (csrc/philox.h's counter
+// layout: element e = row * N + col, whatever the strides), read from device memory inside the
+// kernel (no host sync; a captured CUDA graph reads the values each replay's generator writes).
 #include "add_norm.h"
 #include "cuda/common.cuh"
+#include "philox.h"
 
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
@@ -268,6 +287,148 @@ __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }
 
 // ---------------------------------------------------------------------------------------------
+// Residual features
+// ---------------------------------------------------------------------------------------------
+
+// The residual features as the kernels read them; an absent one is a null pointer
+// (weight_offset: 0, which the feature kernels add all the same, as the spec does).
+template <class A>
+struct Features {
+  const int64_t* seed_offset;  // dropout's (seed, offset) in device memory; null: no dropout
+  const void* rowscale;        // M elements of rowscale_code; null: none
+  const void* colscale;        // N elements of colscale_code; null: none
+  uint32_t threshold;          // philox::threshold(p): elements with bits below it are dropped
+  A keep_scale;                // 1 / (1 - p) in double, rounded once to A
+  A weight_offset;
+  int rowscale_code;
+  int colscale_code;
+};
+
+// Loads a pack of a tensor whose dtype is known only at run time (colscale): a uniform switch.
+template <int kAccess, class A>
+__device__ __forceinline__ void load_pack_any(const void* p, int code, int c, int n, bool vec,
+                                              A (&out)[kPack]) {
+  switch (code) {
+    case kF64:
+      load_pack<kAccess, false>(static_cast<const double*>(p), c, n, vec, out);
+      break;
+    case kF16:
+      load_pack<kAccess, false>(static_cast<const __half*>(p), c, n, vec, out);
+      break;
+    case kBF16:
+      load_pack<kAccess, false>(static_cast<const __nv_bfloat16*>(p), c, n, vec, out);
+      break;
+    default:
+      load_pack<kAccess, false>(static_cast<const float*>(p), c, n, vec, out);
+  }
+}
+
+// The keep bits of the 8 elements e, e + 1, ... (bit j: element e + j), all set without
+// dropout: csrc/philox.h's blocks from the one holding element e (two blocks, three when e % 4
+// != 0, as philox::bits_run<8> draws them), each compared with the threshold as soon as it is
+// drawn, so only one block's words are live (bits_run keeps 8 words and two blocks: they cost the
+// long-row kernel its third resident block). seed and offset are read here, from device memory
+// (L1-resident after the first pack).
+template <class A>
+__device__ __forceinline__ uint32_t keep_pack(const Features<A>& f, uint64_t e) {
+  if (f.seed_offset == nullptr) {
+    return 0xFFu;
+  }
+  const auto* so = reinterpret_cast<const unsigned long long*>(f.seed_offset);
+  const philox::Key key = philox::key_of(__ldg(so));
+  const uint64_t first = __ldg(so + 1) + e / 4;
+  const unsigned shift = static_cast<unsigned>(e % 4);
+  uint32_t keep = 0;  // bit 4b + lane: element 4 * (e / 4 + b) + lane
+#pragma unroll
+  for (int b = 0; b < 3; ++b) {
+    if (b < 2 || shift != 0) {
+      const philox::Block blk = philox::block_at(key, first + static_cast<uint64_t>(b));
+#pragma unroll
+      for (int lane = 0; lane < 4; ++lane) {
+        keep |= static_cast<uint32_t>(blk.v[lane] >= f.threshold) << (4 * b + lane);
+      }
+    }
+  }
+  return (keep >> shift) & 0xFFu;
+}
+
+// The keep bits of the K packs a thread owns in a row of a register kernel (bits 8k..8k+7: the
+// pack at column (k * T + lane) * 8), one register for the whole slice; packs past the row
+// draw nothing.
+template <int K, class A>
+__device__ __forceinline__ uint32_t keep_bits(const Features<A>& f, int64_t row, int n, int lane,
+                                              int T) {
+  static_assert(K * kPack <= 32, "one bit per element of a thread's row slice");
+  if (f.seed_offset == nullptr) {
+    return 0xFFFFFFFFu;
+  }
+  uint32_t keep = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (k * T + lane) * kPack;
+    if (c < n) {
+      keep |= keep_pack(f, static_cast<uint64_t>(row * n + c)) << (k * kPack);
+    }
+  }
+  return keep;
+}
+
+// rowscale[row] in A (1 without rowscale).
+template <class A>
+__device__ __forceinline__ A row_scale(const Features<A>& f, int64_t row) {
+  return f.rowscale != nullptr ? static_cast<A>(ld_any(f.rowscale, f.rowscale_code, row)) : A(1);
+}
+
+// x's branch of one pack, in the spec's order: v = ((v * (kept ? 1/(1-p) : 0)) * rowscale) *
+// colscale (colscale only when `with_colscale`). A dropped NaN or Inf stays NaN, as F.dropout's
+// multiply by 0 leaves it. keep8: the pack's keep bits; rs: the row's rowscale.
+template <int kAccess, class A>
+__device__ __forceinline__ void scale_branch(const Features<A>& f, uint32_t keep8, A rs,
+                                             bool with_colscale, int c, int n, bool vec,
+                                             A (&v)[kPack]) {
+  if (f.seed_offset != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kPack; ++j) {
+      v[j] *= (keep8 >> j) & 1u ? f.keep_scale : A(0);
+    }
+  }
+  if (f.rowscale != nullptr) {
+#pragma unroll
+    for (int j = 0; j < kPack; ++j) {
+      v[j] *= rs;
+    }
+  }
+  if (with_colscale && f.colscale != nullptr) {
+    A s[kPack];
+    load_pack_any<kAccess>(f.colscale, f.colscale_code, c, n, vec, s);
+#pragma unroll
+    for (int j = 0; j < kPack; ++j) {
+      v[j] *= s[j];
+    }
+  }
+}
+
+// Four keep bits as four bools (bytes 0 / 1), little-endian.
+__device__ __forceinline__ uint32_t bools4(uint32_t b) {
+  return (b & 1u) | ((b & 2u) << 7) | ((b & 4u) << 14) | ((b & 8u) << 21);
+}
+
+// Stores a pack's keep bits as bools into a contiguous row of n (8-byte stores when vec8: n % 8
+// == 0 and the mask 8-byte aligned), skipping columns >= n.
+__device__ __forceinline__ void store_mask_pack(bool* row, int c, int n, bool vec8, uint32_t keep8) {
+  if (vec8 && c + kPack <= n) {
+    *reinterpret_cast<uint2*>(row + c) = make_uint2(bools4(keep8 & 0xFu), bools4((keep8 >> 4) & 0xFu));
+    return;
+  }
+#pragma unroll
+  for (int j = 0; j < kPack; ++j) {
+    if (c + j < n) {
+      row[c + j] = ((keep8 >> j) & 1u) != 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
 
@@ -278,10 +439,10 @@ struct FwdArgs {
   const R* r;  // null without residual
   const W* w;  // null without weight
   const W* b;  // null without bias
-  X* y;        // contiguous (rows, n)
-  H* h;        // contiguous (rows, n); unused unless store_h
-  A* mean;     // (rows,), LayerNorm only
-  A* rstd;     // (rows,)
+  X* y;        // contiguous (rows, n); may be x itself (in place)
+  H* h;        // contiguous (rows, n); unused unless store_h; may be the residual (in place)
+  A* mean;     // (rows,), LayerNorm only; null in place
+  A* rstd;     // (rows,); null in place
   int64_t rows;
   int64_t x_stride;
   int64_t r_stride;
@@ -297,12 +458,45 @@ struct FwdArgs {
   bool vec;
 };
 
-// h for one pack: (x + residual) in the accumulation type, rounded to h's dtype. Eager rounds
-// h to h_dtype before normalizing, so the rounding happens even when h is not stored.
-template <int kAccess, class X, class R, class H, class W, class A>
-__device__ __forceinline__ void h_pack(const FwdArgs<X, R, H, W>& a, const X* xrow,
-                                       const R* rrow, int c, A (&v)[kPack]) {
+// The feature kernels' arguments: the plain ones and the features. A struct of its own, so that
+// the plain kernels keep their parameter block: ptxas allocates the plain register forward very
+// differently (64 registers and a spill instead of 107, sm_90) once FwdArgs grows past 128 bytes.
+template <class X, class R, class H, class W>
+struct FwdFeatureArgs : FwdArgs<X, R, H, W> {
+  bool* mask;  // contiguous (rows, n) keep-mask; null unless store_mask
+  Features<acc_t<X>> f;
+  bool mask_vec;   // the mask takes 8-byte stores
+  int stats_lane;  // the lane of a row group that writes its statistics; -1 (none) in place
+};
+
+// Which lane of a row group writes the row's statistics: lane 0, none in place (kStats false),
+// or the feature kernels' run-time choice. (The plain kernels test no pointer and read no lane
+// from their arguments: either costs the plain register forward up to 32 registers.)
+template <bool kFeatures, bool kStats, class Args>
+__device__ __forceinline__ bool writes_stats(const Args& a, int lane) {
+  if constexpr (kFeatures) {
+    return lane == a.stats_lane;
+  } else {
+    return kStats && lane == 0;
+  }
+}
+
+template <bool kFeatures, class X, class R, class H, class W>
+using FwdArgsOf = std::conditional_t<kFeatures, FwdFeatureArgs<X, R, H, W>, FwdArgs<X, R, H, W>>;
+
+// h for one pack of the long-row kernel: (x's branch + residual) in the accumulation type,
+// rounded to h's dtype. Eager rounds h to h_dtype before normalizing, so the rounding happens
+// even when h is not stored. Returns the pack's keep bits (rs: the row's rowscale).
+template <int kAccess, bool kFeatures, class Args, class X, class R, class A>
+__device__ __forceinline__ uint32_t h_pack(const Args& a, const X* xrow, const R* rrow, int64_t row,
+                                           A rs, int c, A (&v)[kPack]) {
+  using H = std::remove_cv_t<std::remove_pointer_t<decltype(a.h)>>;
   load_pack<kAccess, true>(xrow, c, a.n, a.vec, v);
+  uint32_t keep8 = 0xFFu;
+  if constexpr (kFeatures) {
+    keep8 = keep_pack(a.f, static_cast<uint64_t>(row * a.n + c));
+    scale_branch<kAccess>(a.f, keep8, rs, true, c, a.n, a.vec, v);
+  }
   if (a.has_r) {
     A t[kPack];
     load_pack<kAccess, true>(rrow, c, a.n, a.vec, t);
@@ -321,11 +515,14 @@ __device__ __forceinline__ void h_pack(const FwdArgs<X, R, H, W>& a, const X* xr
       v[j] = round_mode(v[j], a.hround);
     }
   }
+  return keep8;
 }
 
-template <int kAccess, class X, class R, class H, class W, class A>
-__device__ __forceinline__ void y_pack(const FwdArgs<X, R, H, W>& a, X* yrow, int c, A mean,
-                                       A rstd, const A (&v)[kPack]) {
+// y for one pack; kFeatures: weight + weight_offset (the feature kernels add the offset even
+// when it is 0, as the spec does: the plain kernels stay bitwise eager's F.layer_norm).
+template <int kAccess, bool kFeatures, class Args, class X, class A>
+__device__ __forceinline__ void y_pack(const Args& a, X* yrow, int c, A mean, A rstd,
+                                       const A (&v)[kPack]) {
   A out[kPack];
 #pragma unroll
   for (int j = 0; j < kPack; ++j) {
@@ -336,7 +533,11 @@ __device__ __forceinline__ void y_pack(const FwdArgs<X, R, H, W>& a, X* yrow, in
     load_pack<kAccess, false>(a.w, c, a.n, a.vec, t);
 #pragma unroll
     for (int j = 0; j < kPack; ++j) {
-      out[j] *= t[j];
+      if constexpr (kFeatures) {
+        out[j] *= t[j] + a.f.weight_offset;
+      } else {
+        out[j] *= t[j];
+      }
     }
   }
   if (a.b != nullptr) {
@@ -353,17 +554,22 @@ __device__ __forceinline__ void y_pack(const FwdArgs<X, R, H, W>& a, X* yrow, in
 // Minimum resident blocks per SM hinted to ptxas for the register forward (0: no hint). Given
 // only the 512-thread bound, ptxas fits the fp64 kernel into 64 registers (two blocks per SM)
 // and spills on sm_80; one block per SM lets it keep the row in registers (fp64 is the
-// gradcheck path, not a bandwidth-critical one).
-template <class X>
-constexpr int kFwdMinBlocks = std::is_same_v<X, double> ? 1 : 0;
+// gradcheck path, not a bandwidth-critical one). The in-place plain kernels (kStats false) and
+// the feature kernels get the same hint: without it ptxas fits some of them into 64 (long rows:
+// 40) registers with a spill on sm_90. The plain kernels keep the bound they had.
+template <class X, bool kFeatures, bool kStats>
+constexpr int kFwdMinBlocks = std::is_same_v<X, double> || kFeatures || !kStats ? 1 : 0;
 
 // Register-resident forward: each row group loads its row once (all K packs of x, then of the
 // residual, issued back to back so a thread has K * 16..64 bytes in flight), keeps h in
 // registers through both reductions and writes y (and h) from registers. HBM traffic is the
 // minimum: read x and residual, write y, h (optional) and two floats of statistics per row.
-template <int kAccess, class X, class R, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
-    add_norm_fwd_rows_kernel(const FwdArgs<X, R, H, W> a) {
+// kFeatures: x's branch is scaled (dropout, rowscale, colscale) before the add. The Philox
+// blocks of a thread's packs are computed after x's loads are issued, so they overlap their
+// latency; the keep bits of the whole slice stay in one register (K * 8 <= 32).
+template <int kAccess, bool kFeatures, bool kStats, class X, class R, class H, class W>
+__global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X, kFeatures, kStats>)
+    add_norm_fwd_rows_kernel(const FwdArgsOf<kFeatures, X, R, H, W> a) {
   using A = acc_t<X>;
   constexpr int K = FwdPacks<X>::value;
   __shared__ A red[2][1][kMaxWarps];
@@ -386,6 +592,15 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       load_pack<kAccess, true>(xrow, (k * T + lane) * kPack, n, a.vec, v[k]);
+    }
+    uint32_t keep = 0xFFFFFFFFu;
+    if constexpr (kFeatures) {
+      keep = keep_bits<K>(a.f, row, n, lane, T);
+      const A rs = row_scale(a.f, row);
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        scale_branch<kAccess>(a.f, keep >> (k * kPack), rs, true, (k * T + lane) * kPack, n, a.vec, v[k]);
+      }
     }
     if (a.has_r) {
 #pragma unroll
@@ -424,6 +639,17 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
         }
       }
     }
+    if constexpr (kFeatures) {
+      if (a.mask != nullptr && valid) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          const int c = (k * T + lane) * kPack;
+          if (c < n) {
+            store_mask_pack(a.mask + row * n, c, n, a.mask_vec, keep >> (k * kPack));
+          }
+        }
+      }
+    }
 
     // Columns >= n hold 0, so they do not disturb the sum; the deviation pass masks them.
     A mean = A(0);
@@ -455,7 +681,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
     const A rstd = rsqrt_acc(ss[0] * a.inv_n + a.eps);
 
     if (valid) {
-      if (lane == 0) {
+      if (writes_stats<kFeatures, kStats>(a, lane)) {
         if (!a.rms) {
           a.mean[row] = mean;
         }
@@ -466,7 +692,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
       for (int k = 0; k < K; ++k) {
         const int c = (k * T + lane) * kPack;
         if (c < n) {
-          y_pack<kAccess>(a, yrow, c, mean, rstd, v[k]);
+          y_pack<kAccess, kFeatures>(a, yrow, c, mean, rstd, v[k]);
         }
       }
     }
@@ -475,10 +701,16 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X>)
 
 // Rows too long for registers: one block per row, the row is re-read for every pass (sum,
 // sum of squared deviations, output). The re-reads mostly hit L2; h is recomputed
-// bit-identically in every pass, so the maths is exactly that of the register kernel.
-template <class X, class R, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads)
-    add_norm_fwd_long_rows_kernel(const FwdArgs<X, R, H, W> a) {
+// bit-identically in every pass (dropout's bits included), so the maths is exactly that of the
+// register kernel. In place (y is x, h is the residual) it stays correct: only the last pass
+// writes, and each thread writes a pack right after reading it, and reads no pack after that.
+// The long-row forward's hint, by the same rule as kFwdMinBlocks (the plain kernels: none).
+template <bool kFeatures, bool kStats>
+constexpr int kLongMinBlocks = kFeatures || !kStats ? 1 : 0;
+
+template <bool kFeatures, bool kStats, class X, class R, class H, class W>
+__global__ void __launch_bounds__(kMaxThreads, kLongMinBlocks<kFeatures, kStats>)
+    add_norm_fwd_long_rows_kernel(const FwdArgsOf<kFeatures, X, R, H, W> a) {
   using A = acc_t<X>;
   __shared__ A red[2][1][kMaxWarps];
   const int n = a.n;
@@ -488,12 +720,16 @@ __global__ void __launch_bounds__(kMaxThreads)
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const X* xrow = a.x + row * a.x_stride;
     const R* rrow = a.has_r ? a.r + row * a.r_stride : nullptr;
+    A rs = A(1);
+    if constexpr (kFeatures) {
+      rs = row_scale(a.f, row);
+    }
     A mean = A(0);
     if (!a.rms) {
       A s[1] = {A(0)};
       for (int c = static_cast<int>(threadIdx.x) * kPack; c < n; c += stride) {
         A v[kPack];
-        h_pack<kAnyAccess>(a, xrow, rrow, c, v);
+        h_pack<kAnyAccess, kFeatures>(a, xrow, rrow, row, rs, c, v);
 #pragma unroll
         for (int j = 0; j < kPack; ++j) {
           s[0] += v[j];
@@ -506,7 +742,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     A ss[1] = {A(0)};
     for (int c = static_cast<int>(threadIdx.x) * kPack; c < n; c += stride) {
       A v[kPack];
-      h_pack<kAnyAccess>(a, xrow, rrow, c, v);
+      h_pack<kAnyAccess, kFeatures>(a, xrow, rrow, row, rs, c, v);
 #pragma unroll
       for (int j = 0; j < kPack; ++j) {
         const A d = v[j] - mean;
@@ -516,7 +752,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     group_sum<1>(ss, T, red[pp]);
     pp ^= 1;
     const A rstd = rsqrt_acc(ss[0] * a.inv_n + a.eps);
-    if (threadIdx.x == 0) {
+    if (writes_stats<kFeatures, kStats>(a, static_cast<int>(threadIdx.x))) {
       if (!a.rms) {
         a.mean[row] = mean;
       }
@@ -525,11 +761,16 @@ __global__ void __launch_bounds__(kMaxThreads)
     X* yrow = a.y + row * n;
     for (int c = static_cast<int>(threadIdx.x) * kPack; c < n; c += stride) {
       A v[kPack];
-      h_pack<kAnyAccess>(a, xrow, rrow, c, v);
+      const uint32_t keep8 = h_pack<kAnyAccess, kFeatures>(a, xrow, rrow, row, rs, c, v);
       if (a.store_h) {
         store_pack<kAnyAccess>(a.h + row * n, c, n, a.vec, v);
       }
-      y_pack<kAnyAccess>(a, yrow, c, mean, rstd, v);
+      if constexpr (kFeatures) {
+        if (a.mask != nullptr) {
+          store_mask_pack(a.mask + row * n, c, n, a.mask_vec, keep8);
+        }
+      }
+      y_pack<kAnyAccess, kFeatures>(a, yrow, c, mean, rstd, v);
     }
   }
 }
@@ -566,6 +807,21 @@ struct BwdArgs {
   bool vec;
 };
 
+// The feature kernels' arguments (and the column kernel's): the plain ones and the features, a
+// struct of its own so that the plain kernels keep their parameter block (see FwdFeatureArgs).
+template <class X, class H, class W>
+struct BwdFeatureArgs : BwdArgs<X, H, W> {
+  const void* x;  // X or float (x_f32): the forward's x, for dcolscale; null without
+  acc_t<X>* pc;     // (blocks, n) dcolscale partials; null without colscale_grad
+  acc_t<X>* row_c;  // long rows with dcolscale: c1, c2 of each row, for the column kernel
+  Features<acc_t<X>> f;
+  int64_t x_stride;
+  bool x_f32;
+};
+
+template <bool kFeatures, class X, class H, class W>
+using BwdArgsOf = std::conditional_t<kFeatures, BwdFeatureArgs<X, H, W>, BwdArgs<X, H, W>>;
+
 // Backward of y = xhat * w + b with xhat = (h - mean) * rstd (RMSNorm: mean = 0), per row of
 // N elements, with g = dy * w (g = dy without weight):
 //
@@ -575,12 +831,15 @@ struct BwdArgs {
 // (differentiate xhat_i = (h_i - mu) * rstd through mu = mean(h) and
 // rstd = (var + eps)^-1/2: dmu/dh_j = 1/N, drstd/dh_j = -rstd^3 (h_j - mu) / N; for RMSNorm
 // mu = 0 and drstd/dh_j = -rstd^3 h_j / N.) With c1 = mean(g * xhat), c2 = mean(g) (0 for
-// RMSNorm): dx = (g - (xhat * c1 + c2)) * rstd + dh, where dh is the gradient flowing into h
-// directly (prenorm output). Since h = x + residual, dresidual = dx.
-// dweight_i = sum over rows of dy_i * xhat_i, dbias_i = sum over rows of dy_i.
+// RMSNorm): dL/dh = (g - (xhat * c1 + c2)) * rstd + dh, where dh is the gradient flowing into h
+// directly (prenorm output). Since h = residual + branch(x), dresidual = dL/dh and
+// dx = branch'(dL/dh): dL/dh itself, or with the features dL/dh * (kept ? 1/(1-p) : 0) *
+// rowscale * colscale. dweight_i = sum over rows of dy_i * xhat_i (weight_offset adds to w in g,
+// not to dweight), dbias_i = sum over rows of dy_i, dcolscale_i = sum over rows of
+// dL/dh_i * x_i * (kept ? 1/(1-p) : 0) * rowscale.
 //
 // The kernel computes u = g * rstd + dh before the row reduction, then
-// dx = u - (xhat * c1 + c2) * rstd after it: the same value, but dh's loads are issued with
+// dL/dh = u - (xhat * c1 + c2) * rstd after it: the same value, but dh's loads are issued with
 // dy's and h's (one batch of loads in flight per row instead of two round trips) and g is not
 // kept live across the reduction.
 //
@@ -591,16 +850,31 @@ struct BwdArgs {
 // i.e. 2-4% of the row traffic at M = 16384, less for larger M). The G row groups of a block
 // (G > 1 when a row needs at most half a block) are combined in shared memory in group order,
 // so the partials are deterministic; param_grad_kernel then adds the blocks in a fixed order.
-template <int kAccess, int K, class X, class H, class W>
+//
+// kFeatures: the keep bits are drawn right after the loads are issued (they overlap their
+// latency; one register holds them across the reduction). dcolscale's partials accumulate in
+// shared memory, in the slot layout the groups are combined in (slot = group * span + column,
+// each slot owned by one thread, added to in row order: no barrier until the end, and no
+// registers: three register partials of K = 2 packs would not fit 128 registers). x is loaded
+// only after the reduction, where dcolscale needs it, so it is not live across it.
+template <int kAccess, int K, bool kFeatures, class X, class H, class W>
 __global__ void __launch_bounds__(kMaxThreads)
-    add_norm_bwd_rows_kernel(const BwdArgs<X, H, W> a) {
+    add_norm_bwd_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
   using A = acc_t<X>;
+  constexpr int kSlots = kBwdRowsBlock * K * kPack;
   __shared__ A red[2][2][kMaxWarps];
+  __shared__ A comb[kSlots];  // dcolscale's partials, then the groups' combination
   const int T = a.T;
   const int G = a.G;
   const int n = a.n;
   const int g = static_cast<int>(threadIdx.x) / T;
   const int lane = static_cast<int>(threadIdx.x) - g * T;
+  const int span = T * K * kPack;  // columns covered by one group (>= n)
+  A* pc = nullptr;  // dcolscale's partials
+  if constexpr (kFeatures) {
+    pc = a.pc;
+  }
+  const bool dcol = pc != nullptr;
 
   A dw[K][kPack];
   A db[K][kPack];
@@ -610,6 +884,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int j = 0; j < kPack; ++j) {
       dw[k][j] = A(0);
       db[k][j] = A(0);
+      if (dcol) {
+        comb[g * span + (k * T + lane) * kPack + j] = A(0);
+      }
     }
   }
 
@@ -626,6 +903,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     const H* hrow = a.h + row * a.h_stride;
     const X* dyrow = a.dy + row * a.dy_stride;
 
+    // The keep bits: drawn while the loads are in flight, except in fp64 (the gradcheck path),
+    // whose row in flight takes twice the registers: there Philox's temporaries would push the
+    // kernel past the 128 registers of a 512-thread block (a spill on sm_80), so they come first.
+    constexpr bool kBitsFirst = kFeatures && std::is_same_v<X, double>;
+    uint32_t keep = 0xFFFFFFFFu;
+    if constexpr (kBitsFirst) {
+      keep = keep_bits<K>(a.f, row, n, lane, T);
+    }
     A xh[K][kPack];  // h, then xhat
     A u[K][kPack];   // dy, then g * rstd + dh
 #pragma unroll
@@ -634,6 +919,9 @@ __global__ void __launch_bounds__(kMaxThreads)
       load_pack<kAccess, true>(hrow, c, n, a.vec, xh[k]);
       load_pack<kAccess, true>(dyrow, c, n, a.vec, u[k]);
     }
+    if constexpr (kFeatures && !kBitsFirst) {
+      keep = keep_bits<K>(a.f, row, n, lane, T);
+    }
     A s[2] = {A(0), A(0)};  // sum(g * xhat), sum(g)
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -641,6 +929,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       A wv[kPack];
       if (a.w != nullptr) {
         load_pack<kAccess, false>(a.w, c, n, a.vec, wv);
+        if constexpr (kFeatures) {
+#pragma unroll
+          for (int j = 0; j < kPack; ++j) {
+            wv[j] += a.f.weight_offset;
+          }
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < kPack; ++j) {
@@ -680,30 +974,55 @@ __global__ void __launch_bounds__(kMaxThreads)
     const A c1 = s[0] * a.inv_n;
     const A c2 = a.rms ? A(0) : s[1] * a.inv_n;
     if (valid) {
+      A row_s = A(1);
+      if constexpr (kFeatures) {
+        row_s = row_scale(a.f, row);
+      }
       X* dxrow = a.dx + row * n;
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         const int c = (k * T + lane) * kPack;
         if (c < n) {
-          A out[kPack];
+          A out[kPack];  // dL/dh, then dx
 #pragma unroll
           for (int j = 0; j < kPack; ++j) {
             out[j] = u[k][j] - (xh[k][j] * c1 + c2) * rs;
           }
-          store_pack<kAccess>(dxrow, c, n, a.vec, out);
+          if constexpr (!kFeatures) {  // dx is dL/dh (stored first, as before the features)
+            store_pack<kAccess>(dxrow, c, n, a.vec, out);
+          }
           if (a.dres_mode != 0) {
             store_pack_x_or_f32<kAccess, X>(a.dres, row, n, a.dres_mode, c, a.vec, out);
+          }
+          if constexpr (kFeatures) {
+            if (dcol) {
+              A t[kPack];
+              load_pack_x_or_f32<kAccess, X>(a.x, row, a.x_stride, a.x_f32, c, n, a.vec, t);
+#pragma unroll
+              for (int j = 0; j < kPack; ++j) {
+                t[j] *= out[j];
+              }
+              scale_branch<kAccess>(a.f, keep >> (k * kPack), row_s, false, c, n, a.vec, t);
+              A* slot = comb + g * span + c;
+#pragma unroll
+              for (int j = 0; j < kPack; ++j) {
+                slot[j] += in_row<kAccess>(c, j, n) ? t[j] : A(0);
+              }
+            }
+            scale_branch<kAccess>(a.f, keep >> (k * kPack), row_s, true, c, n, a.vec, out);
+            store_pack<kAccess>(dxrow, c, n, a.vec, out);
           }
         }
       }
     }
   }
 
-  if (a.pw == nullptr && a.pb == nullptr) {
+  if (a.pw == nullptr && a.pb == nullptr && !dcol) {
     return;
   }
   if (G == 1) {
-    // Every column < n belongs to exactly one thread: write the registers directly.
+    // Every column < n belongs to exactly one thread: write the registers (and its own
+    // dcolscale slots) directly.
     const int64_t off = static_cast<int64_t>(blockIdx.x) * n;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -717,32 +1036,34 @@ __global__ void __launch_bounds__(kMaxThreads)
           if (a.pb != nullptr) {
             a.pb[off + c + j] = db[k][j];
           }
+          if (dcol) {
+            pc[off + c + j] = comb[c + j];
+          }
         }
       }
     }
     return;
   }
   // G > 1 only when blockDim == kBwdRowsBlock: combine the groups' partials in shared
-  // memory, slot = column, groups added in order 0..G-1.
-  constexpr int kSlots = kBwdRowsBlock * K * kPack;
-  __shared__ A comb[kSlots];
-  const int span = T * K * kPack;  // columns covered by one group (>= n)
+  // memory, slot = column, groups added in order 0..G-1 (dcolscale's are there already).
   const int lim = n < span ? n : span;
-  for (int which = 0; which < 2; ++which) {
-    A* dst = which == 0 ? a.pw : a.pb;
+  for (int which = dcol ? -1 : 0; which < 2; ++which) {
+    A* dst = which < 0 ? pc : which == 0 ? a.pw : a.pb;
     if (dst == nullptr) {
       continue;
     }
     dst += static_cast<int64_t>(blockIdx.x) * n;
-    __syncthreads();  // previous round's readers are done with comb
+    __syncthreads();  // previous round's readers (or dcolscale's writers) are done with comb
+    if (which >= 0) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
+      for (int k = 0; k < K; ++k) {
 #pragma unroll
-      for (int j = 0; j < kPack; ++j) {
-        comb[g * span + (k * T + lane) * kPack + j] = which == 0 ? dw[k][j] : db[k][j];
+        for (int j = 0; j < kPack; ++j) {
+          comb[g * span + (k * T + lane) * kPack + j] = which == 0 ? dw[k][j] : db[k][j];
+        }
       }
+      __syncthreads();
     }
-    __syncthreads();
     for (int col = static_cast<int>(threadIdx.x); col < lim; col += static_cast<int>(blockDim.x)) {
       A acc = comb[col];
       for (int gg = 1; gg < G; ++gg) {
@@ -754,15 +1075,20 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // Rows too long for registers: one block per row, two passes over the row (row sums, then
-// dx), the second one mostly from L2. dweight/dbias come from add_norm_bwd_cols_kernel.
-template <class X, class H, class W>
+// dx), the second one mostly from L2. dweight/dbias/dcolscale come from add_norm_bwd_cols_kernel
+// (dcolscale from each row's c1, c2, left in row_c).
+template <bool kFeatures, class X, class H, class W>
 __global__ void __launch_bounds__(kMaxThreads)
-    add_norm_bwd_long_rows_kernel(const BwdArgs<X, H, W> a) {
+    add_norm_bwd_long_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
   using A = acc_t<X>;
   __shared__ A red[2][2][kMaxWarps];
   const int n = a.n;
   const int T = static_cast<int>(blockDim.x);
   const int stride = T * kPack;
+  A w_off = A(0);
+  if constexpr (kFeatures) {
+    w_off = a.f.weight_offset;
+  }
   int pp = 0;
   for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
     const A rs = a.rstd[row];
@@ -780,7 +1106,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int j = 0; j < kPack; ++j) {
         const A xhat = (c + j < n) ? (hv[j] - mu) * rs : A(0);
-        const A gw = a.w != nullptr ? d[j] * wv[j] : d[j];
+        const A gw = a.w != nullptr ? d[j] * (kFeatures ? wv[j] + w_off : wv[j]) : d[j];
         s[0] += gw * xhat;
         s[1] += gw;
       }
@@ -789,6 +1115,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     pp ^= 1;
     const A c1 = s[0] * a.inv_n;
     const A c2 = a.rms ? A(0) : s[1] * a.inv_n;
+    A row_s = A(1);
+    if constexpr (kFeatures) {
+      if (a.row_c != nullptr && threadIdx.x == 0) {
+        a.row_c[2 * row] = c1;
+        a.row_c[2 * row + 1] = c2;
+      }
+      row_s = row_scale(a.f, row);
+    }
     X* dxrow = a.dx + row * n;
     for (int c = static_cast<int>(threadIdx.x) * kPack; c < n; c += stride) {
       A hv[kPack], d[kPack], wv[kPack], t[kPack];
@@ -800,100 +1134,166 @@ __global__ void __launch_bounds__(kMaxThreads)
       if (a.dh != nullptr) {
         load_pack_x_or_f32<kAnyAccess, X>(a.dh, row, a.dh_stride, a.dh_f32, c, n, a.vec, t);
       }
-      A out[kPack];
+      A out[kPack];  // dL/dh, then dx
 #pragma unroll
       for (int j = 0; j < kPack; ++j) {
         const A xhat = (hv[j] - mu) * rs;
-        const A gw = a.w != nullptr ? d[j] * wv[j] : d[j];
+        const A gw = a.w != nullptr ? d[j] * (kFeatures ? wv[j] + w_off : wv[j]) : d[j];
         out[j] = (gw - (xhat * c1 + c2)) * rs;
         if (a.dh != nullptr) {
           out[j] += t[j];
         }
       }
-      store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
+      if constexpr (!kFeatures) {  // dx is dL/dh (stored first, as before the features)
+        store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
+      }
       if (a.dres_mode != 0) {
         store_pack_x_or_f32<kAnyAccess, X>(a.dres, row, n, a.dres_mode, c, a.vec, out);
+      }
+      if constexpr (kFeatures) {
+        const uint32_t keep8 = keep_pack(a.f, static_cast<uint64_t>(row * n + c));
+        scale_branch<kAnyAccess>(a.f, keep8, row_s, true, c, n, a.vec, out);
+        store_pack<kAnyAccess>(dxrow, c, n, a.vec, out);
       }
     }
   }
 }
 
-// dweight/dbias partials for rows too long for the register kernel: thread = column, block
-// (x, y) = (256 columns, chunk of rows); reads dy and h once more. Partials (chunks, n).
-template <class X, class H>
-__global__ void __launch_bounds__(256)
-    add_norm_bwd_cols_kernel(const X* __restrict__ dy, int64_t dy_stride, const H* __restrict__ h,
-                             int64_t h_stride, const acc_t<X>* __restrict__ mean,
-                             const acc_t<X>* __restrict__ rstd, bool rms, acc_t<X>* pw,
-                             acc_t<X>* pb, int64_t rows, int n, int64_t rows_per_chunk) {
+// Element i of a tensor of type X or float (chosen at run time), in A.
+template <class X, class A>
+__device__ __forceinline__ A ld_x_or_f32(const void* base, bool is_f32, int64_t i) {
+  return is_f32 ? to_acc<A>(ld_stream(static_cast<const float*>(base) + i))
+                : to_acc<A>(ld_stream(static_cast<const X*>(base) + i));
+}
+
+// Column partials for rows too long for the register kernel: thread = column, block
+// (x, y) = (256 columns, chunk of rows); reads dy and h once more (and for dcolscale dh and x,
+// recomputing dL/dh from the row's c1, c2 exactly as the long-row kernel formed it, and each
+// element's keep bit on its own). Partials (chunks, n).
+template <class X, class H, class W>
+__global__ void __launch_bounds__(256) add_norm_bwd_cols_kernel(const BwdFeatureArgs<X, H, W> a) {
   using A = acc_t<X>;
+  const int n = a.n;
   const int col = static_cast<int>(blockIdx.x) * 256 + static_cast<int>(threadIdx.x);
   if (col >= n) {
     return;
   }
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
-  const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * a.rows_per_block;
+  const int64_t r1 = r0 + a.rows_per_block < a.rows ? r0 + a.rows_per_block : a.rows;
+  const bool dcol = a.pc != nullptr;
+  A wc = A(1);  // the column's weight + weight_offset (dcolscale only)
+  if (dcol && a.w != nullptr) {
+    wc = to_acc<A>(ld_cached(a.w + col)) + a.f.weight_offset;
+  }
   A sw = A(0);
   A sb = A(0);
+  A sc = A(0);
+  if (!dcol) {
 #pragma unroll 4
-  for (int64_t row = r0; row < r1; ++row) {
-    const A d = to_acc<A>(ld_stream(dy + row * dy_stride + col));
-    const A hv = to_acc<A>(ld_stream(h + row * h_stride + col));
-    const A mu = rms ? A(0) : __ldg(mean + row);
-    sw += d * ((hv - mu) * __ldg(rstd + row));
-    sb += d;
+    for (int64_t row = r0; row < r1; ++row) {
+      const A d = to_acc<A>(ld_stream(a.dy + row * a.dy_stride + col));
+      const A hv = to_acc<A>(ld_stream(a.h + row * a.h_stride + col));
+      const A mu = a.rms ? A(0) : __ldg(a.mean + row);
+      const A xhat = (hv - mu) * __ldg(a.rstd + row);
+      sw += d * xhat;
+      sb += d;
+    }
+  } else {
+    // Its own loop: the unrolled one above keeps 4 rows of loads in flight, which with these
+    // operands (and a Philox block per element) would cost the plain path its occupancy.
+    for (int64_t row = r0; row < r1; ++row) {
+      const A d = to_acc<A>(ld_stream(a.dy + row * a.dy_stride + col));
+      const A hv = to_acc<A>(ld_stream(a.h + row * a.h_stride + col));
+      const A mu = a.rms ? A(0) : __ldg(a.mean + row);
+      const A rs = __ldg(a.rstd + row);
+      const A xhat = (hv - mu) * rs;
+      sw += d * xhat;
+      sb += d;
+      const A gw = a.w != nullptr ? d * wc : d;
+      A g = (gw - (xhat * __ldg(a.row_c + 2 * row) + __ldg(a.row_c + 2 * row + 1))) * rs;
+      if (a.dh != nullptr) {
+        g += ld_x_or_f32<X, A>(a.dh, a.dh_f32, row * a.dh_stride + col);
+      }
+      A t = g * ld_x_or_f32<X, A>(a.x, a.x_f32, row * a.x_stride + col);
+      if (a.f.seed_offset != nullptr) {
+        const auto* so = reinterpret_cast<const unsigned long long*>(a.f.seed_offset);
+        const uint32_t bits = philox::bits_at(philox::key_of(__ldg(so)), __ldg(so + 1),
+                                              static_cast<uint64_t>(row * n + col));
+        t *= bits >= a.f.threshold ? a.f.keep_scale : A(0);
+      }
+      if (a.f.rowscale != nullptr) {
+        t *= row_scale(a.f, row);
+      }
+      sc += t;
+    }
   }
-  if (pw != nullptr) {
-    pw[static_cast<int64_t>(blockIdx.y) * n + col] = sw;
+  const int64_t off = static_cast<int64_t>(blockIdx.y) * n + col;
+  if (a.pw != nullptr) {
+    a.pw[off] = sw;
   }
-  if (pb != nullptr) {
-    pb[static_cast<int64_t>(blockIdx.y) * n + col] = sb;
+  if (a.pb != nullptr) {
+    a.pb[off] = sb;
+  }
+  if (dcol) {
+    a.pc[off] = sc;
   }
 }
 
-// dweight and dbias from the (chunks, n) partials of the kernels above, in one launch. Lane ty
-// of column col adds chunks ty, ty + kSumY, ... in order, then the kSumY lane sums are added
-// in lane order: a fixed order for a given chunk count, so the grads are bitwise reproducible.
-// The total is rounded once, from the accumulation type to the parameter's dtype (eager's
-// sum(0).to(dtype)). No chunks (no rows): zeros. pw/pb and dw/db are null when absent.
+// dweight, dbias and dcolscale from the (chunks, n) partials of the kernels above, in one
+// launch. Lane ty of column col adds chunks ty, ty + kSumY, ... in order, then the kSumY lane
+// sums are added in lane order: a fixed order for a given chunk count, so the grads are bitwise
+// reproducible. The total is rounded once, from the accumulation type to the parameter's dtype
+// (eager's sum(0).to(dtype)). No chunks (no rows): zeros.
 constexpr int kSumX = 32;
 constexpr int kSumY = 8;
+constexpr int kParamGrads = 3;  // dweight, dbias, dcolscale
+
+// Each grad's partials and output (both null when the grad is not wanted) and output dtype.
+template <class A>
+struct ParamGrads {
+  const A* part[kParamGrads];
+  void* out[kParamGrads];
+  int code[kParamGrads];
+};
 
 template <class A>
 __global__ void __launch_bounds__(kSumX * kSumY)
-    param_grad_kernel(const A* __restrict__ pw, const A* __restrict__ pb, int64_t chunks, int n,
-                      void* dw, int dw_code, void* db, int db_code) {
-  __shared__ A sh[2][kSumY][kSumX];
+    param_grad_kernel(const ParamGrads<A> p, int64_t chunks, int n) {
+  __shared__ A sh[kParamGrads][kSumY][kSumX];
   const int tx = static_cast<int>(threadIdx.x);
   const int ty = static_cast<int>(threadIdx.y);
   const int col = static_cast<int>(blockIdx.x) * kSumX + tx;
-  A sw = A(0);
-  A sb = A(0);
+  A sum[kParamGrads];
+#pragma unroll
+  for (int i = 0; i < kParamGrads; ++i) {
+    sum[i] = A(0);
+  }
   if (col < n) {
     for (int64_t k = ty; k < chunks; k += kSumY) {
-      if (pw != nullptr) {
-        sw += pw[k * n + col];
-      }
-      if (pb != nullptr) {
-        sb += pb[k * n + col];
+#pragma unroll
+      for (int i = 0; i < kParamGrads; ++i) {
+        if (p.part[i] != nullptr) {
+          sum[i] += p.part[i][k * n + col];
+        }
       }
     }
   }
-  sh[0][ty][tx] = sw;
-  sh[1][ty][tx] = sb;
+#pragma unroll
+  for (int i = 0; i < kParamGrads; ++i) {
+    sh[i][ty][tx] = sum[i];
+  }
   __syncthreads();
   if (ty != 0 || col >= n) {
     return;
   }
-  for (int y = 1; y < kSumY; ++y) {
-    sw += sh[0][y][tx];
-    sb += sh[1][y][tx];
-  }
-  if (dw != nullptr) {
-    st_any(dw, dw_code, col, sw);
-  }
-  if (db != nullptr) {
-    st_any(db, db_code, col, sb);
+#pragma unroll
+  for (int i = 0; i < kParamGrads; ++i) {
+    for (int y = 1; y < kSumY; ++y) {
+      sum[i] += sh[i][y][tx];
+    }
+    if (p.out[i] != nullptr) {
+      st_any(p.out[i], p.code[i], col, sum[i]);
+    }
   }
 }
 
@@ -958,6 +1358,23 @@ int rounding_mode(ScalarType h_dtype, ScalarType acc) {
   }
 }
 
+// The kernels' view of a call's residual features.
+template <class A>
+Features<A> features_for(const AddNormFeatures& f) {
+  Features<A> k{};
+  if (f.dropout_p > 0.0) {
+    k.seed_offset = f.seed_offset;
+    k.threshold = philox::threshold(f.dropout_p);
+    k.keep_scale = static_cast<A>(philox::scale(f.dropout_p));
+  }
+  k.rowscale = f.rowscale;
+  k.rowscale_code = f.rowscale_dtype;
+  k.colscale = f.colscale;
+  k.colscale_code = f.colscale_dtype;
+  k.weight_offset = static_cast<A>(f.weight_offset);
+  return k;
+}
+
 // Host view of one forward call after dtype normalization.
 struct FwdCall {
   const Tensor* x;
@@ -965,21 +1382,27 @@ struct FwdCall {
   const Tensor* w;
   const Tensor* b;
   Tensor* y;
-  Tensor* h;  // the h buffer the kernel writes (of the storage dtype)
-  Tensor* mean;
+  Tensor* h;     // the h buffer the kernel writes (of the storage dtype)
+  Tensor* mean;  // null (with rstd) in place: no statistics
   Tensor* rstd;
+  Tensor* mask;  // null unless the keep-mask is wanted
+  AddNormFeatures features;
   RowsView shape;
   double eps;
   bool rms;
   bool store_h;
   int hround;
   cudaStream_t stream;
+
+  // Whether the feature kernels are needed.
+  bool any_feature() const { return features.any() || mask != nullptr; }
 };
 
 template <class X, class R, class H, class W>
 void run_fwd(const FwdCall& c) {
   using A = acc_t<X>;
-  FwdArgs<X, R, H, W> a{};
+  FwdFeatureArgs<X, R, H, W> a{};  // the plain kernels get its FwdArgs part
+  const FwdArgs<X, R, H, W>& plain = a;
   const int64_t M = c.shape.rows;
   const int N = static_cast<int>(c.shape.cols);
   a.x = static_cast<const X*>(c.x->const_data_ptr());
@@ -988,8 +1411,11 @@ void run_fwd(const FwdCall& c) {
   a.b = c.b ? static_cast<const W*>(c.b->const_data_ptr()) : nullptr;
   a.y = static_cast<X*>(c.y->mutable_data_ptr());
   a.h = c.store_h ? static_cast<H*>(c.h->mutable_data_ptr()) : nullptr;
-  a.mean = c.rms ? nullptr : static_cast<A*>(c.mean->mutable_data_ptr());
-  a.rstd = static_cast<A*>(c.rstd->mutable_data_ptr());
+  a.mean = c.rms || c.mean == nullptr ? nullptr : static_cast<A*>(c.mean->mutable_data_ptr());
+  a.rstd = c.rstd == nullptr ? nullptr : static_cast<A*>(c.rstd->mutable_data_ptr());
+  a.mask = c.mask == nullptr ? nullptr : static_cast<bool*>(c.mask->mutable_data_ptr());
+  a.f = features_for<A>(c.features);
+  const bool features = c.any_feature();
   a.rows = M;
   a.x_stride = row_stride(*c.x);
   a.r_stride = c.r ? row_stride(*c.r) : 0;
@@ -1003,23 +1429,44 @@ void run_fwd(const FwdCall& c) {
   a.vec = rows_aligned16(a.x, a.x_stride, sizeof(X), M) &&
       (!a.has_r || rows_aligned16(a.r, a.r_stride, sizeof(R), M)) &&
       (a.w == nullptr || aligned16(a.w)) && (a.b == nullptr || aligned16(a.b)) &&
-      rows_aligned16(a.y, N, sizeof(X), M) && (!a.store_h || rows_aligned16(a.h, N, sizeof(H), M));
+      rows_aligned16(a.y, N, sizeof(X), M) && (!a.store_h || rows_aligned16(a.h, N, sizeof(H), M)) &&
+      aligned16(a.f.colscale);
+  a.mask_vec = N % kPack == 0 && reinterpret_cast<uintptr_t>(a.mask) % 8 == 0;
+  a.stats_lane = a.rstd != nullptr ? 0 : -1;
+  // In place (no statistics) the plain kernels are instantiations of their own (kStats false),
+  // for the dtypes it has: h of the residual's dtype.
+  if constexpr (!std::is_same_v<R, H>) {
+    STD_TORCH_CHECK(features || a.rstd != nullptr, "fusedres: internal error: add_norm_fwd without statistics");
+  }
 
   const RowPlan plan = plan_rows(N, FwdPacks<X>::value, kFwdRowsBlock);
   if (plan.T > 0) {
     a.T = plan.T;
     a.G = plan.G;
     const unsigned int grid = row_grid((M + plan.G - 1) / plan.G);
-    if (a.vec && N % kPack == 0) {
-      add_norm_fwd_rows_kernel<kVecAccess, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(a);
-    } else {
-      add_norm_fwd_rows_kernel<kScalarAccess, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(a);
+    const bool vec = a.vec && N % kPack == 0;
+    if (features) {
+      add_norm_fwd_rows_kernel<kAnyAccess, true, true, X, R, H, W><<<grid, plan.block, 0, c.stream>>>(a);
+    } else if (a.rstd != nullptr) {
+      auto kernel = vec ? add_norm_fwd_rows_kernel<kVecAccess, false, true, X, R, H, W>
+                        : add_norm_fwd_rows_kernel<kScalarAccess, false, true, X, R, H, W>;
+      kernel<<<grid, plan.block, 0, c.stream>>>(plain);
+    } else if constexpr (std::is_same_v<R, H>) {
+      auto kernel = vec ? add_norm_fwd_rows_kernel<kVecAccess, false, false, X, R, H, W>
+                        : add_norm_fwd_rows_kernel<kScalarAccess, false, false, X, R, H, W>;
+      kernel<<<grid, plan.block, 0, c.stream>>>(plain);
     }
     check_launch("add_norm_fwd_rows_kernel");
   } else {
     a.T = kMaxThreads;
     a.G = 1;
-    add_norm_fwd_long_rows_kernel<X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
+    if (features) {
+      add_norm_fwd_long_rows_kernel<true, true, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
+    } else if (a.rstd != nullptr) {
+      add_norm_fwd_long_rows_kernel<false, true, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
+    } else if constexpr (std::is_same_v<R, H>) {
+      add_norm_fwd_long_rows_kernel<false, false, X, R, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
+    }
     check_launch("add_norm_fwd_long_rows_kernel");
   }
 }
@@ -1038,16 +1485,47 @@ void run_fwd_16(const FwdCall& c, bool r_f32, bool h_f32, bool w_f32) {
   }
 }
 
-// Until the CUDA kernels implement them (issue 23): the residual features are refused here.
-void refuse_features(const AddNormParams& p, bool store_mask) {
-  STD_TORCH_CHECK(!p.features.any() && !store_mask,
-      "fusedres: dropout_p, rowscale, colscale, weight_offset and the dropout mask are not implemented by the CUDA "
-      "backend yet");
+// Kernels exist for residual / h / weight dtypes equal to x's or float32 (fp32 and fp64 x: x's
+// dtype only).
+bool has_kernel(ScalarType t, ScalarType xt) {
+  return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
+}
+
+// weight or bias as the kernels read it: a dtype without a kernel is converted to the
+// accumulation dtype first (exact for fp16/bf16, and for wider dtypes the very rounding eager's
+// .to(acc) does, so results are unchanged; only speed suffers, by a cast kernel, in these rare
+// cases). Weight and bias share a dtype (the checks), so they get one W type.
+std::optional<Tensor> kernel_param(const std::optional<Tensor>& t, ScalarType xt) {
+  if (t && !has_kernel(t->scalar_type(), xt)) {
+    return torch::stable::to(*t, stats_dtype(xt));
+  }
+  return t;
+}
+
+// Runs the forward kernel for x's dtype; residual, h's storage and weight are each x's dtype or
+// float32 (flags). (residual float32 with h of x's dtype has no kernel: callers store such an h
+// as float32 and round it at run time.)
+void run_fwd_for(const FwdCall& call, ScalarType xt, bool r_f32, bool h_f32, bool w_f32) {
+  switch (xt) {
+    case ScalarType::Float:
+      run_fwd<float, float, float, float>(call);
+      break;
+    case ScalarType::Double:
+      run_fwd<double, double, double, double>(call);
+      break;
+    case ScalarType::Half:
+      run_fwd_16<__half>(call, r_f32, h_f32, w_f32);
+      break;
+    case ScalarType::BFloat16:
+      run_fwd_16<__nv_bfloat16>(call, r_f32, h_f32, w_f32);
+      break;
+    default:
+      STD_TORCH_CHECK(false, "fusedres: unsupported x dtype");
+  }
 }
 
 AddNormFwdResult<Tensor> add_norm_fwd_cuda(const AddNormFwd& a) {
   const AddNormParams p = check_add_norm(a);
-  refuse_features(p, a.store_mask);
   const RowsView shape = p.shape;
   const Tensor& x = a.x;
   const ScalarType h_dtype = a.h_dtype;
@@ -1063,27 +1541,13 @@ AddNormFwdResult<Tensor> add_norm_fwd_cuda(const AddNormFwd& a) {
 
   const ScalarType xt = x.scalar_type();
   const ScalarType acc = stats_dtype(xt);
-  // Kernels exist for residual / h / weight dtypes equal to x's or float32 (fp32 and fp64 x:
-  // x's dtype only). Any other dtype is converted to the accumulation dtype first: exact for
-  // fp16/bf16 inputs, and for wider inputs it is the very rounding eager's .to(acc) does, so
-  // the results are unchanged; only speed suffers (an extra cast kernel) in these rare cases.
-  auto has_kernel = [&](ScalarType t) {
-    return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
-  };
+  // A residual without a kernel is converted like a parameter (see kernel_param).
   std::optional<Tensor> r = a.residual;
-  if (r && !has_kernel(r->scalar_type())) {
+  if (r && !has_kernel(r->scalar_type(), xt)) {
     r = torch::stable::to(*r, acc);
   }
-  std::optional<Tensor> w = a.weight;
-  std::optional<Tensor> b = a.bias;
-  if (w && !has_kernel(w->scalar_type())) {
-    w = torch::stable::to(*w, acc);
-  }
-  if (b && !has_kernel(b->scalar_type())) {
-    b = torch::stable::to(*b, acc);
-  }
-  // check_add_norm_fwd guarantees bias has weight's dtype, and both went through the same
-  // conversion rule, so one W type serves both.
+  const std::optional<Tensor> w = kernel_param(a.weight, xt);
+  const std::optional<Tensor> b = kernel_param(a.bias, xt);
   const ScalarType wt = w ? w->scalar_type() : (b ? b->scalar_type() : xt);
   const bool r_f32 = r && r->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
 
@@ -1092,7 +1556,7 @@ AddNormFwdResult<Tensor> add_norm_fwd_cuda(const AddNormFwd& a) {
   // to an acc-dtype buffer (exactly representable there) and copied into h afterwards.
   ScalarType hs = h_dtype;
   int hround = 0;
-  if (!has_kernel(h_dtype) || (r_f32 && h_dtype == xt)) {
+  if (!has_kernel(h_dtype, xt) || (r_f32 && h_dtype == xt)) {
     hs = acc;
     hround = rounding_mode(h_dtype, acc);
   }
@@ -1108,87 +1572,142 @@ AddNormFwdResult<Tensor> add_norm_fwd_cuda(const AddNormFwd& a) {
   call.h = &h_buf;
   call.mean = &mean;
   call.rstd = &rstd;
+  call.mask = a.store_mask ? &mask : nullptr;
+  call.features = p.features;
   call.shape = shape;
   call.eps = a.eps;
   call.rms = a.rms_norm;
   call.store_h = store_h;
   call.hround = hround;
   call.stream = current_stream(x.get_device_index());
-
-  switch (xt) {
-    case ScalarType::Float:
-      run_fwd<float, float, float, float>(call);
-      break;
-    case ScalarType::Double:
-      run_fwd<double, double, double, double>(call);
-      break;
-    case ScalarType::Half:
-      run_fwd_16<__half>(call, r_f32, hs == ScalarType::Float, wt == ScalarType::Float);
-      break;
-    case ScalarType::BFloat16:
-      run_fwd_16<__nv_bfloat16>(call, r_f32, hs == ScalarType::Float, wt == ScalarType::Float);
-      break;
-    default:
-      STD_TORCH_CHECK(false, "fusedres: unsupported x dtype");
-  }
+  run_fwd_for(call, xt, r_f32, hs == ScalarType::Float, wt == ScalarType::Float);
   if (h_via_buffer) {
     torch::stable::copy_(h, h_buf);
   }
   return out;
 }
 
+// In place, for inference: the forward kernels with y's buffer x's and h's the residual's, no
+// statistics and no mask. Every kernel reads each pack of x and the residual before the same
+// thread writes it, and the long-row kernel writes only in its last pass (see there), so the
+// aliasing is safe. A residual dtype without a kernel (fp16/bf16 x with another 16-bit or a
+// float64 residual, fp32 x with a 16-bit one) takes the out-of-place forward and copies its
+// results back: correct, not allocation-free.
+void add_norm_inplace_cuda(const AddNormInplaceArgs<Tensor>& a) {
+  const RowsView shape = check_add_norm_inplace(a);
+  Tensor x = a.x;
+  Tensor residual = a.residual;
+  STD_TORCH_CHECK(x.is_cuda(), "fusedres: add_norm_inplace (CUDA) expects CUDA tensors");
+  STD_TORCH_CHECK(shape.cols <= (int64_t{1} << 30), "fusedres: N is too large");
+  if (shape.rows == 0) {
+    return;
+  }
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const ScalarType xt = x.scalar_type();
+  const ScalarType rt = residual.scalar_type();
+  if (!has_kernel(rt, xt)) {
+    const std::optional<Tensor> r = residual;
+    const std::optional<Tensor> none;
+    const AddNormFwd fwd{x, r, a.weight, a.bias, a.eps, a.rms_norm, rt, true, 0.0, none, none, a.colscale,
+        a.weight_offset, false};
+    auto [y, h, mean, rstd, mask] = add_norm_fwd_cuda(fwd);
+    torch::stable::copy_(residual, h);
+    torch::stable::copy_(x, y);
+    return;
+  }
+  const std::optional<Tensor> w = kernel_param(a.weight, xt);
+  const std::optional<Tensor> b = kernel_param(a.bias, xt);
+  const ScalarType wt = w ? w->scalar_type() : (b ? b->scalar_type() : xt);
+  FwdCall call{};
+  call.x = &x;
+  call.r = &residual;
+  call.w = w ? &*w : nullptr;
+  call.b = b ? &*b : nullptr;
+  call.y = &x;
+  call.h = &residual;
+  if (a.colscale) {
+    call.features.colscale = a.colscale->const_data_ptr();
+    call.features.colscale_dtype = dtype_code(a.colscale->scalar_type());
+  }
+  call.features.weight_offset = a.weight_offset;
+  call.shape = shape;
+  call.eps = a.eps;
+  call.rms = a.rms_norm;
+  call.store_h = true;
+  call.stream = current_stream(x.get_device_index());
+  const bool r_f32 = rt == ScalarType::Float && xt != ScalarType::Float;
+  run_fwd_for(call, xt, r_f32, r_f32, wt == ScalarType::Float);
+}
+
 struct BwdCall {
   const Tensor* dy;
   const Tensor* dh;  // null without dh
   const Tensor* h;
+  const Tensor* x;  // null unless dcolscale is wanted
   const Tensor* w;
   const Tensor* mean;
   const Tensor* rstd;
   Tensor* dx;
   Tensor* dres;  // the buffer the kernel writes; null when not requested
+  AddNormFeatures features;
   int dres_mode;
   bool need_dw;
   bool need_db;
+  bool need_dc;
   RowsView shape;
   bool rms;
   bool dh_f32;
+  bool x_f32;
   int device;
   cudaStream_t stream;
-  // Outputs: the dweight / dbias partials, `chunks` rows of N accumulation-type values each
-  // (pw / pb null when weight / bias are absent), in one buffer.
+  // Outputs: the dweight / dbias / dcolscale partials, `chunks` rows of N accumulation-type
+  // values each (null when not wanted), in one buffer; with long rows and dcolscale, each row's
+  // c1, c2 (row_c).
   Tensor partials;
+  Tensor row_c;
   int64_t chunks;
-  void* pw;
-  void* pb;
+  void* part[kParamGrads];
 };
 
-// Allocates the partials of `chunks` rows: dweight's rows, then dbias's.
+// Allocates the partials of `chunks` rows: dweight's rows, then dbias's, then dcolscale's.
 template <class A>
 void alloc_partials(BwdCall& c, int64_t chunks) {
   c.chunks = chunks;
-  const int64_t parts = (c.need_dw ? 1 : 0) + (c.need_db ? 1 : 0);
+  const bool need[kParamGrads] = {c.need_dw, c.need_db, c.need_dc};
+  const int64_t parts = (c.need_dw ? 1 : 0) + (c.need_db ? 1 : 0) + (c.need_dc ? 1 : 0);
   if (parts == 0) {
     return;
   }
   const int64_t N = c.shape.cols;
   c.partials = empty_on(*c.dy, {parts * chunks * N}, stats_dtype(c.dy->scalar_type()));
-  A* base = static_cast<A*>(c.partials.mutable_data_ptr());
-  c.pw = c.need_dw ? base : nullptr;
-  c.pb = c.need_db ? base + (c.need_dw ? chunks * N : 0) : nullptr;
+  A* next = static_cast<A*>(c.partials.mutable_data_ptr());
+  for (int i = 0; i < kParamGrads; ++i) {
+    c.part[i] = need[i] ? next : nullptr;
+    next += need[i] ? chunks * N : 0;
+  }
+}
+
+// Points a's partials at c's.
+template <class X, class H, class W>
+void set_partials(BwdFeatureArgs<X, H, W>& a, const BwdCall& c) {
+  using A = acc_t<X>;
+  a.pw = static_cast<A*>(c.part[0]);
+  a.pb = static_cast<A*>(c.part[1]);
+  a.pc = static_cast<A*>(c.part[2]);
 }
 
 // Launches the register backward kernel if a row fits in kMaxThreads threads with K packs each.
 // One wave of resident blocks, each owning a contiguous range of rows: enough warps to keep HBM
 // busy and as few partial rows as possible. Same device, kernel and M -> same block count and
-// row split -> bitwise-identical dweight/dbias.
-template <int kAccess, int K, class X, class H, class W>
-bool launch_bwd_rows(BwdArgs<X, H, W>& a, BwdCall& c, int sms) {
+// row split -> bitwise-identical dweight/dbias/dcolscale.
+template <int kAccess, int K, bool kFeatures, class X, class H, class W>
+bool launch_bwd_rows(BwdFeatureArgs<X, H, W>& a, BwdCall& c, int sms) {
   using A = acc_t<X>;
   const RowPlan plan = plan_rows(a.n, K, kBwdRowsBlock);
   if (plan.T == 0) {
     return false;
   }
-  constexpr auto kernel = add_norm_bwd_rows_kernel<kAccess, K, X, H, W>;
+  constexpr auto kernel = add_norm_bwd_rows_kernel<kAccess, K, kFeatures, X, H, W>;
   const int64_t M = a.rows;
   const int per_sm = blocks_per_sm<kernel>(c.device, plan.block);
   const int64_t groups = (M + plan.G - 1) / plan.G;
@@ -1196,12 +1715,13 @@ bool launch_bwd_rows(BwdArgs<X, H, W>& a, BwdCall& c, int sms) {
   const int64_t rows_per_block = (groups + blocks - 1) / blocks * plan.G;
   blocks = (M + rows_per_block - 1) / rows_per_block;
   alloc_partials<A>(c, blocks);
-  a.pw = static_cast<A*>(c.pw);
-  a.pb = static_cast<A*>(c.pb);
+  set_partials(a, c);
   a.rows_per_block = rows_per_block;
   a.T = plan.T;
   a.G = plan.G;
-  kernel<<<static_cast<unsigned int>(blocks), plan.block, 0, c.stream>>>(a);
+  // The plain kernels get the BwdArgs part.
+  kernel<<<static_cast<unsigned int>(blocks), plan.block, 0, c.stream>>>(
+      static_cast<const BwdArgsOf<kFeatures, X, H, W>&>(a));
   check_launch("add_norm_bwd_rows_kernel");
   return true;
 }
@@ -1211,44 +1731,58 @@ void run_bwd(BwdCall& c) {
   using A = acc_t<X>;
   const int64_t M = c.shape.rows;
   const int N = static_cast<int>(c.shape.cols);
-  BwdArgs<X, H, W> a{};
+  BwdFeatureArgs<X, H, W> a{};  // the plain kernels get its BwdArgs part
   a.dy = static_cast<const X*>(c.dy->const_data_ptr());
   a.dh = c.dh ? c.dh->const_data_ptr() : nullptr;
   a.h = static_cast<const H*>(c.h->const_data_ptr());
+  a.x = c.x ? c.x->const_data_ptr() : nullptr;
   a.w = c.w ? static_cast<const W*>(c.w->const_data_ptr()) : nullptr;
   a.mean = c.rms ? nullptr : static_cast<const A*>(c.mean->const_data_ptr());
   a.rstd = static_cast<const A*>(c.rstd->const_data_ptr());
   a.dx = static_cast<X*>(c.dx->mutable_data_ptr());
   a.dres = c.dres ? c.dres->mutable_data_ptr() : nullptr;
+  a.f = features_for<A>(c.features);
+  const bool features = c.features.any();
   a.rows = M;
   a.dy_stride = row_stride(*c.dy);
   a.dh_stride = c.dh ? row_stride(*c.dh) : 0;
   a.h_stride = row_stride(*c.h);
+  a.x_stride = c.x ? row_stride(*c.x) : 0;
   a.n = N;
   a.inv_n = static_cast<A>(1.0 / static_cast<double>(N));
   a.dres_mode = c.dres ? c.dres_mode : 0;
   a.rms = c.rms;
   a.dh_f32 = c.dh_f32;
+  a.x_f32 = c.x_f32;
   a.vec = rows_aligned16(a.dy, a.dy_stride, sizeof(X), M) &&
       rows_aligned16(a.h, a.h_stride, sizeof(H), M) && (a.w == nullptr || aligned16(a.w)) &&
       (a.dh == nullptr ||
        rows_aligned16(a.dh, a.dh_stride, c.dh_f32 ? sizeof(float) : sizeof(X), M)) &&
+      (a.x == nullptr || rows_aligned16(a.x, a.x_stride, c.x_f32 ? sizeof(float) : sizeof(X), M)) &&
       rows_aligned16(a.dx, N, sizeof(X), M) &&
       (a.dres_mode == 0 ||
-       rows_aligned16(a.dres, N, a.dres_mode == 2 ? sizeof(float) : sizeof(X), M));
+       rows_aligned16(a.dres, N, a.dres_mode == 2 ? sizeof(float) : sizeof(X), M)) &&
+      aligned16(a.f.colscale);
 
   const int sms = sm_count(c.device);
   // Register kernel: the vectorized one with one pack per thread while a row fits in 512
   // threads (N <= 4096: ~64 registers, so 2 blocks of 512 per SM), two packs beyond
-  // (N <= 8192: ~105 registers, one block per SM); the masked scalar one with one pack.
+  // (N <= 8192: ~105 registers, one block per SM); the masked scalar one with one pack. With
+  // the features: one pack with the access decided per pack, or two vectorized ones (with the
+  // run-time access, two packs need more than the 128 registers a 512-thread block allows).
   bool launched = false;
-  if (a.vec && N % kPack == 0) {
-    launched = launch_bwd_rows<kVecAccess, 1>(a, c, sms);
+  if (features) {
+    launched = launch_bwd_rows<kAnyAccess, 1, true>(a, c, sms);
     if constexpr (!std::is_same_v<X, double>) {
-      launched = launched || launch_bwd_rows<kVecAccess, 2>(a, c, sms);
+      launched = launched || (a.vec && N % kPack == 0 && launch_bwd_rows<kVecAccess, 2, true>(a, c, sms));
+    }
+  } else if (a.vec && N % kPack == 0) {
+    launched = launch_bwd_rows<kVecAccess, 1, false>(a, c, sms);
+    if constexpr (!std::is_same_v<X, double>) {
+      launched = launched || launch_bwd_rows<kVecAccess, 2, false>(a, c, sms);
     }
   } else {
-    launched = launch_bwd_rows<kScalarAccess, 1>(a, c, sms);
+    launched = launch_bwd_rows<kScalarAccess, 1, false>(a, c, sms);
   }
   if (launched) {
     return;
@@ -1256,9 +1790,18 @@ void run_bwd(BwdCall& c) {
 
   a.T = kMaxThreads;
   a.G = 1;
-  add_norm_bwd_long_rows_kernel<X, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
+  if (c.need_dc) {
+    c.row_c = empty_on(*c.dy, {2 * M}, stats_dtype(c.dy->scalar_type()));
+    a.row_c = static_cast<A*>(c.row_c.mutable_data_ptr());
+  }
+  if (features) {
+    add_norm_bwd_long_rows_kernel<true, X, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(a);
+  } else {
+    const BwdArgs<X, H, W>& plain = a;
+    add_norm_bwd_long_rows_kernel<false, X, H, W><<<row_grid(M), kMaxThreads, 0, c.stream>>>(plain);
+  }
   check_launch("add_norm_bwd_long_rows_kernel");
-  if (!c.need_dw && !c.need_db) {
+  if (!c.need_dw && !c.need_db && !c.need_dc) {
     return;
   }
   const int64_t col_blocks = (N + 255) / 256;
@@ -1267,10 +1810,10 @@ void run_bwd(BwdCall& c) {
   const int64_t rows_per_chunk = (M + chunks - 1) / chunks;
   chunks = (M + rows_per_chunk - 1) / rows_per_chunk;
   alloc_partials<A>(c, chunks);
+  set_partials(a, c);
+  a.rows_per_block = rows_per_chunk;
   const dim3 grid(static_cast<unsigned int>(col_blocks), static_cast<unsigned int>(chunks));
-  add_norm_bwd_cols_kernel<X, H><<<grid, 256, 0, c.stream>>>(
-      a.dy, a.dy_stride, a.h, a.h_stride, a.mean, a.rstd, a.rms, static_cast<A*>(c.pw),
-      static_cast<A*>(c.pb), M, N, rows_per_chunk);
+  add_norm_bwd_cols_kernel<X, H, W><<<grid, 256, 0, c.stream>>>(a);
   check_launch("add_norm_bwd_cols_kernel");
 }
 
@@ -1283,30 +1826,40 @@ void run_bwd_16(BwdCall& c, bool h_f32, bool w_f32) {
   }
 }
 
-// dweight / dbias (null when absent) from c's partials: c.chunks rows, none when M == 0.
+// dweight / dbias / dcolscale (null when not wanted) from c's partials: c.chunks rows, none
+// when M == 0.
 template <class A>
-void launch_param_grads(const BwdCall& c, Tensor* dweight, Tensor* dbias) {
-  if (dweight == nullptr && dbias == nullptr) {
+void launch_param_grads(const BwdCall& c, Tensor* const (&grads)[kParamGrads]) {
+  ParamGrads<A> p{};
+  bool any = false;
+  for (int i = 0; i < kParamGrads; ++i) {
+    p.part[i] = grads[i] ? static_cast<const A*>(c.part[i]) : nullptr;
+    p.out[i] = grads[i] ? grads[i]->mutable_data_ptr() : nullptr;
+    p.code[i] = grads[i] ? dtype_code(grads[i]->scalar_type()) : kF32;
+    any = any || grads[i] != nullptr;
+  }
+  if (!any) {
     return;
   }
   const int64_t N = c.shape.cols;
   const unsigned int grid = static_cast<unsigned int>((N + kSumX - 1) / kSumX);
-  param_grad_kernel<A><<<grid, dim3(kSumX, kSumY), 0, c.stream>>>(
-      static_cast<const A*>(c.pw), static_cast<const A*>(c.pb), c.chunks, static_cast<int>(N),
-      dweight ? dweight->mutable_data_ptr() : nullptr,
-      dweight ? dtype_code(dweight->scalar_type()) : kF32,
-      dbias ? dbias->mutable_data_ptr() : nullptr,
-      dbias ? dtype_code(dbias->scalar_type()) : kF32);
+  param_grad_kernel<A><<<grid, dim3(kSumX, kSumY), 0, c.stream>>>(p, c.chunks, static_cast<int>(N));
   check_launch("param_grad_kernel");
 }
 
-// a + b. torch::stable has no add (and aten::add's Scalar alpha cannot be passed through the
-// stable dispatcher); a - (-1) * b is the same IEEE operation, signed zeros included.
-Tensor add(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
+// h as the forward formed it, when the backward was not given it (a cold path: the Python plan
+// stores h on GPUs, where a write costs what a read does): the forward kernel itself, so it is
+// the same formula (dropout bits included). Its y and statistics are discarded: any eps, no
+// weight.
+Tensor recompute_h(const AddNormBwd& a) {
+  const std::optional<Tensor> none;
+  const AddNormFwd fwd{*a.x, a.residual, none, none, 1.0, true, a.h_dtype, true, a.dropout_p, a.seed_offset,
+      a.rowscale, a.colscale, 0.0, false};
+  return std::get<1>(add_norm_fwd_cuda(fwd));
+}
 
 AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
   const AddNormParams p = check_add_norm(a);
-  refuse_features(p, false);
   const RowsView shape = p.shape;
   const Tensor& dy = a.dy;
   STD_TORCH_CHECK(dy.is_cuda(), "fusedres: add_norm_bwd (CUDA) expects CUDA tensors");
@@ -1316,14 +1869,11 @@ AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
   const ScalarType xt = dy.scalar_type();
   const ScalarType acc = stats_dtype(xt);
 
-  // GPUs have no reason to skip writing h in the forward (a write costs what a read does), so
-  // the fused path reads it. Without it, h is recomputed from x (+ residual) (a cold path, in
-  // torch ops) exactly as the forward formed it: both operands in the accumulation dtype, added
-  // there, rounded to h_dtype; without a residual, x stands for h (x.to(h_dtype) only widens).
+  // Without h, it is recomputed (recompute_h); without a residual and with x's branch as it is,
+  // x stands for h (x.to(h_dtype) only widens).
   Tensor h = a.h ? *a.h : *a.x;
-  if (!a.h && a.residual && shape.rows > 0) {
-    const Tensor sum = add(torch::stable::to(*a.x, acc), torch::stable::to(*a.residual, acc));
-    h = torch::stable::to(sum, a.h_dtype);
+  if (!a.h && (a.residual || p.features.transforms_x()) && shape.rows > 0) {
+    h = recompute_h(a);
   }
   auto out = alloc_add_norm_outputs(a);
   auto& [dx, dres, dweight, dbias, dcolscale] = out;
@@ -1340,22 +1890,24 @@ AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
   call.mean = &mean;
   call.rstd = &rstd;
   call.dx = &dx;
+  call.features = p.features;
   call.need_dw = weight.has_value();
   call.need_db = bias.has_value();
+  call.need_dc = a.colscale_grad;
   call.shape = shape;
   call.rms = rms_norm;
   call.device = device;
   call.stream = current_stream(device);
 
-  // dweight / dbias: the column sums of the partials the row kernels leave in `call` (with no
-  // rows, over no partials: zeros).
-  Tensor* dw_out = weight.has_value() ? &dweight : nullptr;
-  Tensor* db_out = bias.has_value() ? &dbias : nullptr;
+  // The parameter grads: the column sums of the partials the row kernels leave in `call` (with
+  // no rows, over no partials: zeros).
+  Tensor* const grads[kParamGrads] = {weight.has_value() ? &dweight : nullptr, bias.has_value() ? &dbias : nullptr,
+      a.colscale_grad ? &dcolscale : nullptr};
   auto param_grads = [&] {
     if (acc == ScalarType::Double) {
-      launch_param_grads<double>(call, dw_out, db_out);
+      launch_param_grads<double>(call, grads);
     } else {
-      launch_param_grads<float>(call, dw_out, db_out);
+      launch_param_grads<float>(call, grads);
     }
   };
   if (shape.rows == 0) {
@@ -1365,19 +1917,18 @@ AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
 
   // Same policy as the forward: kernels for h / weight of dy's dtype or float32, anything
   // else converted to the accumulation dtype (exactly, or with eager's own .to(acc) rounding).
-  auto has_kernel = [&](ScalarType t) {
-    return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
+  const Tensor hk = has_kernel(h.scalar_type(), xt) ? h : torch::stable::to(h, acc);
+  const std::optional<Tensor> w = kernel_param(weight, xt);
+  // dh and x are read as dy's dtype or float32 (chosen at run time in the kernel); another
+  // dtype is converted to float32 (exact, or A(x)'s own rounding for a float64 x).
+  auto x_or_f32 = [&](const std::optional<Tensor>& t) -> std::optional<Tensor> {
+    if (t && t->scalar_type() != xt && t->scalar_type() != ScalarType::Float) {
+      return torch::stable::to(*t, ScalarType::Float);
+    }
+    return t;
   };
-  const Tensor hk = has_kernel(h.scalar_type()) ? h : torch::stable::to(h, acc);
-  std::optional<Tensor> w = weight;
-  if (w && !has_kernel(w->scalar_type())) {
-    w = torch::stable::to(*w, acc);
-  }
-  // dh is read as dy's dtype or float32 (chosen at run time in the kernel).
-  std::optional<Tensor> dhk = dh;
-  if (dhk && dhk->scalar_type() != xt && dhk->scalar_type() != ScalarType::Float) {
-    dhk = torch::stable::to(*dhk, ScalarType::Float);
-  }
+  const std::optional<Tensor> dhk = x_or_f32(dh);
+  const std::optional<Tensor> xk = a.colscale_grad ? x_or_f32(a.x) : std::nullopt;
 
   // dresidual is written as dy's dtype (mode 1) or float32 (mode 2); another dtype goes
   // through an acc-dtype buffer (a single rounding, as eager's dx.to(dtype)).
@@ -1396,6 +1947,8 @@ AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
   }
   call.dh = dhk ? &*dhk : nullptr;
   call.dh_f32 = dhk && dhk->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
+  call.x = xk ? &*xk : nullptr;
+  call.x_f32 = xk && xk->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
   call.h = &hk;
   call.w = w ? &*w : nullptr;
   call.dres = call.dres_mode != 0 ? &dres_buf : nullptr;
@@ -1430,6 +1983,7 @@ AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
   m.impl("add_norm_fwd", TORCH_BOX((&add_norm_fwd_entry<Tensor, &add_norm_fwd_cuda>)));
   m.impl("add_norm_bwd", TORCH_BOX((&add_norm_bwd_entry<Tensor, &add_norm_bwd_cuda>)));
+  m.impl("add_norm_inplace", TORCH_BOX((&add_norm_inplace_entry<Tensor, &add_norm_inplace_cuda>)));
 }
 
 }  // namespace fusedres
