@@ -1,6 +1,7 @@
 // Add & Norm CPU row kernels. No include guard on purpose: add_norm.cpp compiles this file once
-// per instruction set (baseline and AVX2+FMA) into namespace FUSEDRES_CPU_ISA and picks one at
-// run time, so one wheel is fast on new CPUs and still loads on old ones.
+// per instruction set (baseline and AVX2+FMA+F16C) into namespace FUSEDRES_CPU_ISA and picks one
+// at run time, so one wheel is fast on new CPUs and still loads on old ones. The loops that touch
+// memory are written over Vec<acc_t, W> (vec_convert.h), which converts bf16/fp16 in registers.
 //
 // Each row goes through a per-thread buffer of N accumulators that stays in L1/L2: memory sees
 // one read of x (and residual) and one write of y (and h) in the forward, one read of dy, h
@@ -10,15 +11,12 @@
 
 namespace fusedres::cpu::FUSEDRES_CPU_ISA {
 
+// Row conversions for an operand of any dtype.
 template <typename acc_t>
 inline void load_row(const void* src, ScalarType dtype, int64_t n, acc_t* __restrict dst) {
   visit_float(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* __restrict s = static_cast<const T*>(src);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dst[i] = static_cast<acc_t>(s[i]);
-    }
+    to_acc(static_cast<const T*>(src), n, dst);
   });
 }
 
@@ -26,11 +24,7 @@ template <typename acc_t>
 inline void add_row(const void* src, ScalarType dtype, int64_t n, acc_t* __restrict dst) {
   visit_float(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const T* __restrict s = static_cast<const T*>(src);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dst[i] += static_cast<acc_t>(s[i]);
-    }
+    add_to_acc(static_cast<const T*>(src), n, dst);
   });
 }
 
@@ -38,11 +32,7 @@ template <typename acc_t>
 inline void store_row(const acc_t* __restrict src, int64_t n, ScalarType dtype, void* dst) {
   visit_float(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    T* __restrict d = static_cast<T*>(dst);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      d[i] = static_cast<T>(src[i]);
-    }
+    from_acc(src, n, static_cast<T*>(dst));
   });
 }
 
@@ -52,12 +42,7 @@ template <typename acc_t>
 inline void round_row(acc_t* __restrict buf, int64_t n, ScalarType dtype) {
   visit_float(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if constexpr (sizeof(T) < sizeof(acc_t)) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        buf[i] = static_cast<acc_t>(static_cast<T>(buf[i]));
-      }
-    }
+    round_through<T>(buf, n);
   });
 }
 
@@ -97,36 +82,33 @@ inline acc_t row_dot(const acc_t* __restrict a, const acc_t* __restrict b, int64
 template <typename T, typename acc_t>
 void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
                              acc_t* __restrict buf, int64_t begin, int64_t end) {
+  using Yes = std::true_type;
+  using No = std::false_type;
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   const acc_t eps = static_cast<acc_t>(a.eps);
   for (int64_t r = begin; r < end; ++r) {
     const T* __restrict x = reinterpret_cast<const T*>(a.x.row(r));
-    acc_t sum = 0;
-    if (a.residual) {
-      const T* __restrict res = reinterpret_cast<const T*>(a.residual.row(r));
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < n; ++i) {
-        // Rounded through T: the statistics see exactly the h that is stored.
-        const acc_t v = static_cast<acc_t>(static_cast<T>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(res[i])));
-        buf[i] = v;
-        sum += v;
-      }
-    } else {
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t v = static_cast<acc_t>(x[i]);
-        buf[i] = v;
-        sum += v;
-      }
-    }
-    if (a.h) {
-      T* __restrict h = reinterpret_cast<T*>(a.h.row(r));
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) {
-        h[i] = static_cast<T>(buf[i]);
-      }
-    }
+    const T* __restrict res = a.residual ? reinterpret_cast<const T*>(a.residual.row(r)) : nullptr;
+    T* __restrict h = a.h ? reinterpret_cast<T*>(a.h.row(r)) : nullptr;
+    // Reads x (and the residual), keeps h in buf for the statistics, writes it out, sums it.
+    const auto first_pass = [&](auto with_residual, auto store_h) {
+      return sum_vec<1, acc_t>(n, [&](int64_t i, auto lanes) {
+        using V = decltype(lanes);
+        V v = V::load(x + i);
+        if constexpr (decltype(with_residual)::value) {
+          // Rounded through T: the statistics see exactly the h that is stored.
+          v = (v + V::load(res + i)).template rounded<T>();
+        }
+        v.store(buf + i);
+        if constexpr (decltype(store_h)::value) {
+          v.store(h + i);
+        }
+        return std::array<V, 1>{v};
+      })[0];
+    };
+    const acc_t sum = res ? (h ? first_pass(Yes{}, Yes{}) : first_pass(Yes{}, No{}))
+                          : (h ? first_pass(No{}, Yes{}) : first_pass(No{}, No{}));
     const acc_t mean = a.rms_norm ? acc_t(0) : sum * inv_n;
     const acc_t rstd = acc_t(1) / std::sqrt(row_sum_sq_dev(buf, mean, n) * inv_n + eps);
     if (!a.rms_norm) {
@@ -134,10 +116,10 @@ void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w,
     }
     static_cast<acc_t*>(a.rstd)[r] = rstd;
     T* __restrict y = reinterpret_cast<T*>(a.y.row(r));
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      y[i] = static_cast<T>((buf[i] - mean) * rstd * w[i] + b[i]);
-    }
+    for_vec<acc_t>(n, [&](int64_t i, auto lanes) {
+      using V = decltype(lanes);
+      ((V::load(buf + i) - V::all(mean)) * V::all(rstd) * V::load(w + i) + V::load(b + i)).store(y + i);
+    });
   }
 }
 
@@ -213,31 +195,31 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
     const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
     const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
     const T* __restrict dy = reinterpret_cast<const T*>(a.dy.row(r));
-    acc_t sum_gx = 0, sum_g = 0;
-    // One loop reads h (however it is formed) and dy, producing xhat, g, the two row sums and
-    // the dweight/dbias terms.
-    auto first_pass = [&](auto h_at) {
-#pragma omp simd reduction(+ : sum_gx, sum_g)
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t xh = (h_at(i) - mean) * rstd;
-        const acc_t d = static_cast<acc_t>(dy[i]);
-        const acc_t gw = d * w[i];
-        dw[i] += d * xh;
-        db[i] += d;
-        xhat[i] = xh;
-        g[i] = gw;
-        sum_gx += gw * xh;
-        sum_g += gw;
-      }
+    // One loop reads h (however it is formed: h_at(i, lanes)) and dy, producing xhat, g, the two
+    // row sums and the dweight/dbias terms.
+    auto first_pass = [&](const auto& h_at) {
+      return sum_vec<2, acc_t>(n, [&](int64_t i, auto lanes) {
+        using V = decltype(lanes);
+        const V xh = (h_at(i, lanes) - V::all(mean)) * V::all(rstd);
+        const V d = V::load(dy + i);
+        const V gw = d * V::load(w + i);
+        (V::load(dw + i) + d * xh).store(dw + i);
+        (V::load(db + i) + d).store(db + i);
+        xh.store(xhat + i);
+        gw.store(g + i);
+        return std::array<V, 2>{gw * xh, gw};
+      });
     };
+    std::array<acc_t, 2> sums;  // sum of g * xhat, sum of g
     if (h_typed) {
       const T* __restrict h = reinterpret_cast<const T*>(a.h.row(r));
-      first_pass([h](int64_t i) { return static_cast<acc_t>(h[i]); });
+      sums = first_pass([h](int64_t i, auto lanes) { return decltype(lanes)::load(h + i); });
     } else if (h_recomputed_typed) {
       const T* __restrict x = reinterpret_cast<const T*>(a.h.row(r));
       const T* __restrict res = reinterpret_cast<const T*>(a.residual.row(r));
-      first_pass([x, res](int64_t i) {
-        return static_cast<acc_t>(static_cast<T>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(res[i])));
+      sums = first_pass([x, res](int64_t i, auto lanes) {
+        using V = decltype(lanes);
+        return (V::load(x + i) + V::load(res + i)).template rounded<T>();
       });
     } else {
       load_row(a.h.row(r), a.h.dtype, n, hbuf);
@@ -245,10 +227,10 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
         add_row(a.residual.row(r), a.residual.dtype, n, hbuf);
         round_row(hbuf, n, a.h_dtype);
       }
-      first_pass([hbuf](int64_t i) { return hbuf[i]; });
+      sums = first_pass([hbuf](int64_t i, auto lanes) { return decltype(lanes)::load(hbuf + i); });
     }
-    const acc_t c1 = sum_gx * inv_n;
-    const acc_t c2 = a.rms_norm ? acc_t(0) : sum_g * inv_n;
+    const acc_t c1 = sums[0] * inv_n;
+    const acc_t c2 = a.rms_norm ? acc_t(0) : sums[1] * inv_n;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
       g[i] = (g[i] - xhat[i] * c1 - c2) * rstd;
@@ -256,11 +238,7 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
     if (a.dh) {
       add_row(a.dh.row(r), a.dh.dtype, n, g);
     }
-    T* __restrict dx = reinterpret_cast<T*>(a.dx.row(r));
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      dx[i] = static_cast<T>(g[i]);
-    }
+    from_acc(g, n, reinterpret_cast<T*>(a.dx.row(r)));
     if (a.dresidual) {
       store_row(g, n, a.dresidual.dtype, a.dresidual.row(r));
     }
