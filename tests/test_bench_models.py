@@ -60,6 +60,35 @@ def test_cli_writes_results(tmp_path, monkeypatch, capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+def test_dtype_trains_under_autocast_and_infers_with_the_model_in_it(monkeypatch):
+    seen = []
+
+    def record(pair, mode, reps):
+        model = pair.variants["fused"]
+        with pair.autocast:
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append((mode, next(model.parameters()).dtype, pair.batch.dtype, autocast))
+        return []
+
+    monkeypatch.setattr(models._Pair, "rows", record)
+    models.bench_model(tiny_case(), torch.device("cpu"), torch.bfloat16, reps=1)
+    assert seen == [
+        ("train", torch.float32, torch.float32, torch.bfloat16),
+        ("inference", torch.bfloat16, torch.bfloat16, None),
+    ]
+
+
+def test_cli_dtype_bf16_runs_both_modes(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "default_cases", lambda device: {"tiny": tiny_case()})
+    argv = ["--models", "tiny", "--device", "cpu", "--reps", "1", "--dtype", "bf16", "--out", str(tmp_path)]
+    assert models.main(argv) == 0
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data["environment"]["autocast"] == "bfloat16"
+    assert [(r["mode"], r["variant"]) for r in data["rows"]] == [
+        (mode, variant) for mode in ("train", "inference") for variant in ("original", "fused")
+    ]
+
+
 def test_alternating_times_take_turns():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
