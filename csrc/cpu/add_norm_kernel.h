@@ -48,33 +48,16 @@ inline void round_row(acc_t* __restrict buf, int64_t n, ScalarType dtype) {
 
 template <typename acc_t>
 inline acc_t row_sum(const acc_t* __restrict b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    s += b[i];
-  }
-  return s;
+  return sum_vec<1, acc_t>(n, [&](int64_t i, auto lanes) { return std::array{decltype(lanes)::load(b + i)}; })[0];
 }
 
 template <typename acc_t>
 inline acc_t row_sum_sq_dev(const acc_t* __restrict b, acc_t center, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc_t d = b[i] - center;
-    s += d * d;
-  }
-  return s;
-}
-
-template <typename acc_t>
-inline acc_t row_dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    s += a[i] * b[i];
-  }
-  return s;
+  return sum_vec<1, acc_t>(n, [&](int64_t i, auto lanes) {
+    using V = decltype(lanes);
+    const V d = V::load(b + i) - V::all(center);
+    return std::array{d * d};
+  })[0];
 }
 
 // Forward over rows [begin, end) when x, residual, h and y share one dtype T (the common case):
@@ -102,7 +85,7 @@ void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w,
         }
         v.store(buf + i);
         if constexpr (decltype(store_h)::value) {
-          v.store(h + i);
+          v.store_exact(h + i);
         }
         return std::array<V, 1>{v};
       })[0];

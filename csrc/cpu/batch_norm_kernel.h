@@ -120,7 +120,7 @@ void bn_bwd_reduce_planes(const T* __restrict dy, const T* __restrict out, const
       using V = decltype(lanes);
       const V g = bn_grad<kMask, V>(dy + o + i, out + o + i);
       if constexpr (kWriteG) {
-        g.store(g_out + o + i);
+        g.store_exact(g_out + o + i);  // dy or 0: a value of T
       }
       return std::array<V, 2>{g, g * (V::load(x + o + i) - V::all(m))};
     });
@@ -142,7 +142,7 @@ void bn_bwd_reduce_rows(const T* __restrict dy, const T* __restrict out, const T
         const int64_t c = c0 + i;
         const V g = bn_grad<kMask, V>(dy + o + i, out + o + i);
         if constexpr (kWriteG) {
-          g.store(g_out + o + i);
+          g.store_exact(g_out + o + i);  // dy or 0: a value of T
         }
         (V::load(s1 + c) + g).store(s1 + c);
         (V::load(s2 + c) + g * (V::load(x + o + i) - V::load(mean + c))).store(s2 + c);

@@ -89,6 +89,11 @@ struct Vec<acc_t, 1> {
   void store(T* p) const {
     *p = from_acc_scalar<T>(v);
   }
+  // Stores v where it already holds values of T (loaded from T, or rounded<T>()): no second rounding.
+  template <typename T>
+  void store_exact(T* p) const {
+    *p = from_acc_scalar<T>(v);
+  }
   // v rounded through T: what storing to a T tensor and loading back gives.
   template <typename T>
   Vec rounded() const {
@@ -110,13 +115,23 @@ struct Vec<acc_t, 1> {
 #if FUSEDRES_CPU_AVX2
 constexpr int kFloatWidth = 8;
 
-// v rounded to bf16, as 8 x 32-bit lanes holding the 16-bit results.
-inline __m256i bf16_bits8(__m256 v) {
+// v rounded to bf16, in the high 16 bits of each 32-bit lane (the low bits are left over).
+inline __m256i bf16_rounded_high(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
   const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(nan));
+}
+
+// Stores the high 16 bits of each lane: 8 bf16.
+inline void store_high_halves(BFloat16* p, __m256i u) {
+  // Within each 128-bit half, bytes 2-3, 6-7, 10-11, 14-15 to the low 8 bytes; then quadwords 0 and
+  // 2 to the low 128 bits.
+  const __m256i pick = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10,
+                                        11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(u, pick), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
 template <>
@@ -139,19 +154,22 @@ struct Vec<float, 8> {
     _mm256_storeu_pd(p, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
     _mm256_storeu_pd(p + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
   }
-  void store(BFloat16* p) const {
-    const __m256i bits = bf16_bits8(v);
-    // packus works within 128-bit halves: lanes 0-3 land in quadword 0, lanes 4-7 in quadword 2.
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
+  void store(BFloat16* p) const { store_high_halves(p, bf16_rounded_high(v)); }
   void store(Half* p) const {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   template <typename T>
+  void store_exact(T* p) const {
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      store_high_halves(p, _mm256_castps_si256(v));  // exact: the low 16 bits are zero
+    } else {
+      store(p);
+    }
+  }
+  template <typename T>
   Vec rounded() const {
     if constexpr (std::is_same_v<T, BFloat16>) {
-      return {_mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16))};
+      return {_mm256_castsi256_ps(_mm256_and_si256(bf16_rounded_high(v), _mm256_set1_epi32(int(0xFFFF0000))))};
     } else if constexpr (std::is_same_v<T, Half>) {
       return {_mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT))};
     } else {
@@ -197,7 +215,9 @@ inline void for_vec(int64_t n, const F& body) {
 }
 
 // The sums over [0, n) of the K Vecs (K = 1 or 2) body(i, Vec<acc_t, W>{}) returns as a
-// std::array, looping as for_vec; body may also store, as in for_vec.
+// std::array, looping as for_vec; body may also store, as in for_vec. Full vectors go to
+// kAccumulators interleaved accumulators: with one, the loop waits on each add's latency (an FMA's
+// 4 cycles on Zen 3 held the sum of squares of a row to a quarter of its speed).
 template <int K, typename acc_t, typename F>
 inline std::array<acc_t, K> sum_vec(int64_t n, const F& body) {
   static_assert(K == 1 || K == 2, "sum_vec sums one or two quantities");
@@ -205,16 +225,28 @@ inline std::array<acc_t, K> sum_vec(int64_t n, const F& body) {
   int64_t i0 = 0;
   std::array<acc_t, K> total{};
   if constexpr (W > 1) {
-    std::array<Vec<acc_t, W>, K> acc;
-    acc.fill(Vec<acc_t, W>::all(acc_t(0)));
-    for (; i0 + W <= n; i0 += W) {
-      const std::array<Vec<acc_t, W>, K> terms = body(i0, Vec<acc_t, W>{});
+    using V = Vec<acc_t, W>;
+    constexpr int kAccumulators = 4;
+    std::array<std::array<V, K>, kAccumulators> acc;
+    for (auto& a : acc) {
+      a.fill(V::all(acc_t(0)));
+    }
+    const auto add = [&](std::array<V, K>& a, int64_t i) {
+      const std::array<V, K> terms = body(i, V{});
       for (int k = 0; k < K; ++k) {
-        acc[k] = acc[k] + terms[k];
+        a[k] = a[k] + terms[k];
+      }
+    };
+    for (; i0 + kAccumulators * W <= n; i0 += kAccumulators * W) {
+      for (int u = 0; u < kAccumulators; ++u) {
+        add(acc[u], i0 + u * W);
       }
     }
+    for (; i0 + W <= n; i0 += W) {
+      add(acc[0], i0);
+    }
     for (int k = 0; k < K; ++k) {
-      total[k] = acc[k].sum();
+      total[k] = ((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k])).sum();
     }
   }
   acc_t s0 = 0, s1 = 0;
