@@ -21,6 +21,7 @@ import torch
 
 import fusedres
 from fusedres._extension import EXTENSION_LOADED
+from fusedres.ops.add_norm import FwdArgs
 from fusedres.ops.batch_norm import bias_add_relu
 
 pytestmark = pytest.mark.skipif(
@@ -84,7 +85,9 @@ def as_rows(flat: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def add_norm_h(x: torch.Tensor, residual: torch.Tensor, h_dtype: torch.dtype) -> torch.Tensor:
-    _y, h, _mean, _rstd = torch.ops.fusedres.add_norm_fwd(x, residual, None, None, 1e-5, False, h_dtype, True)
+    _y, h, *_stats_and_mask = torch.ops.fusedres.add_norm_fwd(
+        *FwdArgs(x, residual, None, None, 1e-5, False, h_dtype, True)
+    )
     return h
 
 

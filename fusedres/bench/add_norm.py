@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fusedres
 from fusedres.bench.byte_model import add_norm_bytes
 from fusedres.reference import add_norm_reference
+from fusedres.reference.philox import dropout_mask_reference
 
 # Hidden sizes of the models whose residual Add & Norm fusedres replaces.
 MODEL_HIDDEN_SIZES = {
@@ -34,8 +35,19 @@ class NormCase:
     # The fp32 residual stream of flash-attn / Mamba training: residual and h in fp32 (and the
     # weights with them, as fp32 master parameters), x and y in `dtype`.
     residual_in_fp32: bool = False
+    # What residual blocks put around the add: dropout on x's branch (BERT, GPT-2 training), and
+    # LayerScale (colscale, an input with a grad) with drop path (a per-row scale) on it.
+    dropout_p: float = 0.0
+    scales: bool = False
 
-    input_names = ("x", "residual", "weight", "bias")
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("x", "residual", "weight", "bias") + (("colscale",) if self.scales else ())
+
+    @property
+    def seeded(self) -> bool:
+        """Its outputs depend on the RNG: parity runs every provider from one seed (harness)."""
+        return self.dropout_p > 0.0
 
     @property
     def op(self) -> str:
@@ -43,7 +55,12 @@ class NormCase:
 
     @property
     def variant(self) -> str:
-        return ("/prenorm" if self.prenorm else "") + ("/fp32res" if self.residual_in_fp32 else "")
+        return (
+            ("/prenorm" if self.prenorm else "")
+            + ("/fp32res" if self.residual_in_fp32 else "")
+            + (f"/dropout{self.dropout_p:g}" if self.dropout_p else "")
+            + ("/scales" if self.scales else "")
+        )
 
     @property
     def label(self) -> str:
@@ -82,13 +99,22 @@ class NormCase:
         stream = self._stream_dtype
         x, residual = rand(m, self.n, shift=0.5), rand(m, self.n, dtype=stream)
         weight = rand(self.n, dtype=stream, scale=0.5, shift=1.0)
-        return [x, residual, weight, None if self.rms_norm else rand(self.n, dtype=stream, scale=0.5)]
+        inputs = [x, residual, weight, None if self.rms_norm else rand(self.n, dtype=stream, scale=0.5)]
+        return inputs + ([rand(self.n, dtype=stream, scale=0.2, shift=1.0)] if self.scales else [])
 
-    def eager(self):
-        """The code fusedres replaces, as a user writes it."""
+    def _rowscale(self, x):
+        """Drop path's per-row scale (a sample's tokens share it): fixed, so every provider sees it."""
+        key = (x.shape[0], x.device, x.dtype)
+        if key not in _ROWSCALES:
+            _ROWSCALES[key] = torch.linspace(0.5, 1.5, x.shape[0], device=x.device).to(x.dtype)
+        return _ROWSCALES[key]
 
-        def fn(x, residual, weight, bias):
-            h = x + residual
+    def _eager(self, branch_of):
+        def fn(x, residual, weight, bias, colscale=None):
+            branch = branch_of(x)
+            if self.scales:
+                branch = branch * self._rowscale(x)[:, None] * colscale
+            h = branch + residual
             n = (self.n,)
             y = F.rms_norm(h, n, weight, self.eps) if self.rms_norm else F.layer_norm(h, n, weight, bias, self.eps)
             y = y.to(x.dtype)  # a no-op unless h is an fp32 residual stream
@@ -96,15 +122,45 @@ class NormCase:
 
         return fn
 
+    def eager(self):
+        """The code fusedres replaces, as a user writes it (F.dropout draws its own mask)."""
+        p = self.dropout_p
+        return self._eager(lambda x: F.dropout(x, p) if p else x)
+
+    def parity_eager(self):
+        """Eager ops on the mask fusedres draws (from the same seed): the error baseline of parity."""
+        return self._eager(lambda x: x * self._mask(x) * (1.0 / (1.0 - self.dropout_p)) if self.dropout_p else x)
+
+    def _mask(self, x):
+        return dropout_mask_reference(x.shape, self.dropout_p, fusedres.philox_seed_offset(x.device)).to(x.dtype)
+
     def fused(self):
-        kw = dict(prenorm=self.prenorm, residual_in_fp32=self.residual_in_fp32)
+        kw = dict(prenorm=self.prenorm, residual_in_fp32=self.residual_in_fp32, dropout_p=self.dropout_p)
+        scales = self._rowscale if self.scales else None
         if self.rms_norm:
-            return lambda x, r, w, b: fusedres.add_rms_norm(x, r, w, self.eps, **kw)
-        return lambda x, r, w, b: fusedres.add_layer_norm(x, r, w, b, self.eps, **kw)
+
+            def fn(x, r, w, b, cs=None):
+                rs = scales(x) if scales else None
+                return fusedres.add_rms_norm(x, r, w, self.eps, rowscale=rs, colscale=cs, **kw)
+
+        else:
+
+            def fn(x, r, w, b, cs=None):
+                rs = scales(x) if scales else None
+                return fusedres.add_layer_norm(x, r, w, b, self.eps, rowscale=rs, colscale=cs, **kw)
+
+        return fn
 
     def reference(self):
         kw = dict(rms_norm=self.rms_norm, prenorm=self.prenorm, residual_in_fp32=self.residual_in_fp32)
-        return lambda x, r, w, b: add_norm_reference(x, r, w, b, self.eps, **kw)
+
+        def fn(x, r, w, b, cs=None):
+            mask = self._mask(x) if self.dropout_p else None
+            rs = self._rowscale(x).to(x.dtype) if self.scales else None
+            features = dict(dropout_p=self.dropout_p, dropout_mask=mask, rowscale=rs, colscale=cs)
+            return add_norm_reference(x, r, w, b, self.eps, **kw, **features)
+
+        return fn
 
     def bytes_moved(self, direction: str) -> int:
         stream = self._stream_dtype
@@ -121,6 +177,9 @@ class NormCase:
             store_h=True,
             direction=direction,
         )
+
+
+_ROWSCALES: dict = {}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -145,16 +204,31 @@ def quick_cases(device: torch.device) -> list[NormCase]:
             *(NormCase(GPU_TOKENS, n, torch.bfloat16, True, True) for n in ns),  # Llama-style
             NormCase(GPU_TOKENS, 4096, torch.bfloat16, False, True),
             NormCase(GPU_TOKENS, 4096, torch.bfloat16, True, False),
+            *feature_cases(device),
         ]
     # The CPU speed target's shape (8192 x 1024 fp32, post-norm); pre-norm at half the rows; bf16
     # at the half-precision target's shape.
     fp32 = [NormCase(8192 if not pre else 4096, 1024, torch.float32, rms, pre) for rms, pre in FORMS]
-    return fp32 + _cpu_half_cases(torch.bfloat16)
+    return fp32 + _cpu_half_cases(torch.bfloat16) + feature_cases(device)
 
 
 def _cpu_half_cases(dtype: torch.dtype) -> list[NormCase]:
     """The CPU half-precision speed target's shape (4096 x 768, BERT-base / GPT-2 width), post-norm."""
     return [NormCase(4096, 768, dtype, rms) for rms in (False, True)]
+
+
+def feature_cases(device: torch.device) -> list[NormCase]:
+    """The residual features' speed target: BERT-base width with dropout 0.1 (against F.dropout +
+    add + F.layer_norm), and the LayerScale + drop path variant."""
+    if device.type == "cuda":
+        return [
+            NormCase(GPU_TOKENS, 4096, torch.bfloat16, False, dropout_p=0.1),
+            NormCase(GPU_TOKENS, 4096, torch.bfloat16, False, True, scales=True),
+        ]
+    return [
+        *(NormCase(4096, 768, dtype, False, dropout_p=0.1) for dtype in (torch.float32, torch.bfloat16)),
+        *(NormCase(4096, 768, dtype, False, scales=True) for dtype in (torch.float32, torch.bfloat16)),
+    ]
 
 
 def full_cases(device: torch.device) -> list[NormCase]:

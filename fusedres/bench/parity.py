@@ -61,16 +61,30 @@ def _run(fn, tensors: list, upstream: list) -> list[torch.Tensor]:
     return [o.detach() for o in outs] + list(torch.autograd.grad(loss, wrt))
 
 
+def _seeded(fn, seed: int = 0):
+    def run(*args):
+        torch.manual_seed(seed)
+        return fn(*args)
+
+    return run
+
+
 def parity(case, inputs: list, provider_fns: dict) -> dict[str, dict]:
     """{provider: report} for every provider in provider_fns (name -> callable over inputs).
     A case without `reference()` has no float64 answer: the report is empty."""
     if not hasattr(case, "reference"):
         return {}
+    # A case whose outputs depend on the RNG (dropout): every function runs from one seed, the
+    # reference and the error baseline (parity_eager) on the mask fusedres draws from it; providers
+    # that draw their own (F.dropout, compiled code) are not compared.
+    seeded = getattr(case, "seeded", False)
+    wrap = _seeded if seeded else (lambda fn: fn)
     gen = torch.Generator(device="cpu").manual_seed(1)
-    probe = _outputs(case.eager()(*inputs))
+    baseline = getattr(case, "parity_eager", case.eager)()
+    probe = _outputs(wrap(baseline)(*inputs))
     upstream = [torch.randn(o.shape, generator=gen).to(o.device, o.dtype).double() for o in probe]
-    ref = _run(case.reference(), [t.double() if differentiable(t) else t for t in inputs], upstream)
-    eager = _run(case.eager(), inputs, upstream)
+    ref = _run(wrap(case.reference()), [t.double() if differentiable(t) else t for t in inputs], upstream)
+    eager = _run(wrap(baseline), inputs, upstream)
     names = tensor_names(case, inputs, len(probe))
     scales = [ref_scale(r) for r in ref]
     eager_abs = [max_abs_error(e, r) for e, r in zip(eager, ref)]
@@ -80,8 +94,11 @@ def parity(case, inputs: list, provider_fns: dict) -> dict[str, dict]:
 
     report = {}
     for provider, fn in provider_fns.items():
+        if seeded and not is_judged(provider):
+            report[provider] = {"pass": None, "judged": False, "note": "draws its own dropout mask: not compared"}
+            continue
         try:
-            ours = _run(fn, inputs, upstream)
+            ours = _run(wrap(fn), inputs, upstream)
         except Exception as e:  # reported, and a failure when the provider is fusedres
             report[provider] = {"pass": False, "judged": is_judged(provider), "error": f"{type(e).__name__}: {e}"}
             continue

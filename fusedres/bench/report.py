@@ -110,6 +110,8 @@ PARITY_RIGHT = {2, 3, 4, 5}
 
 
 def verdict(p: dict) -> str:
+    if p.get("note"):
+        return p["note"][:80]
     if p.get("error"):
         return f"{'FAIL' if p.get('judged') else 'error'}: {p['error']}"[:80]
     if p.get("pass") is None:
