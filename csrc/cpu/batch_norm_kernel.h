@@ -19,6 +19,19 @@ namespace fusedres::cpu::FUSEDRES_CPU_ISA {
 // Each channel still sums its rows in row order, so results do not change.
 constexpr int64_t kChannelBlock = 512;
 
+// body(o, c, lanes) over rows [begin, end) of channels_last (rows, c_total) data in that order:
+// o the element's offset, c its channel, a Vec of lanes channels at a time.
+template <typename acc_t, typename F>
+inline void for_channel_blocks(int64_t c_total, int64_t begin, int64_t end, const F& body) {
+  for (int64_t c0 = 0; c0 < c_total; c0 += kChannelBlock) {
+    const int64_t len = std::min(c_total - c0, kChannelBlock);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t o = r * c_total + c0;
+      for_vec<acc_t>(len, [&](int64_t i, auto lanes) { body(o + i, c0 + i, lanes); });
+    }
+  }
+}
+
 template <typename T, typename acc_t>
 void bn_stats_planes(const T* __restrict x, int64_t c_total, int64_t s, const acc_t* __restrict shift,
                      double* __restrict part_sum, double* __restrict part_sumsq, int64_t begin, int64_t end) {
@@ -38,19 +51,12 @@ void bn_stats_planes(const T* __restrict x, int64_t c_total, int64_t s, const ac
 template <typename T, typename acc_t>
 void bn_stats_rows(const T* __restrict x, int64_t c_total, const acc_t* __restrict shift, acc_t* __restrict s1,
                    acc_t* __restrict s2, int64_t begin, int64_t end) {
-  for (int64_t c0 = 0; c0 < c_total; c0 += kChannelBlock) {
-    const int64_t len = std::min(c_total - c0, kChannelBlock);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* __restrict row = x + r * c_total + c0;
-      for_vec<acc_t>(len, [&](int64_t i, auto lanes) {
-        using V = decltype(lanes);
-        const int64_t c = c0 + i;
-        const V d = V::load(row + i) - V::load(shift + c);
-        (V::load(s1 + c) + d).store(s1 + c);
-        (V::load(s2 + c) + d * d).store(s2 + c);
-      });
-    }
-  }
+  for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
+    using V = decltype(lanes);
+    const V d = V::load(x + o) - V::load(shift + c);
+    (V::load(s1 + c) + d).store(s1 + c);
+    (V::load(s2 + c) + d * d).store(s2 + c);
+  });
 }
 
 // Normalize + affine + residual + ReLU, (x - mean) * scale + bias rather than x * a + b: the
@@ -85,18 +91,11 @@ template <bool kResidual, bool kRelu, typename T, typename acc_t>
 void bn_apply_rows(const T* __restrict x, const T* __restrict res, T* __restrict out, int64_t c_total,
                    const acc_t* __restrict mean, const acc_t* __restrict scale, const acc_t* __restrict bias,
                    int64_t begin, int64_t end) {
-  for (int64_t c0 = 0; c0 < c_total; c0 += kChannelBlock) {
-    const int64_t len = std::min(c_total - c0, kChannelBlock);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t o = r * c_total + c0;
-      for_vec<acc_t>(len, [&](int64_t i, auto lanes) {
-        using V = decltype(lanes);
-        const int64_t c = c0 + i;
-        bn_out<kResidual, kRelu>(x + o + i, kResidual ? res + o + i : nullptr, out + o + i, V::load(mean + c),
-                                 V::load(scale + c), V::load(bias + c));
-      });
-    }
-  }
+  for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
+    using V = decltype(lanes);
+    bn_out<kResidual, kRelu>(x + o, kResidual ? res + o : nullptr, out + o, V::load(mean + c), V::load(scale + c),
+                             V::load(bias + c));
+  });
 }
 
 // g = dy blocked where out <= 0: torch's threshold_backward, so a NaN output passes its grad on.
@@ -133,22 +132,15 @@ template <bool kMask, bool kWriteG, typename T, typename acc_t>
 void bn_bwd_reduce_rows(const T* __restrict dy, const T* __restrict out, const T* __restrict x, T* __restrict g_out,
                         int64_t c_total, const acc_t* __restrict mean, acc_t* __restrict s1, acc_t* __restrict s2,
                         int64_t begin, int64_t end) {
-  for (int64_t c0 = 0; c0 < c_total; c0 += kChannelBlock) {
-    const int64_t len = std::min(c_total - c0, kChannelBlock);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t o = r * c_total + c0;
-      for_vec<acc_t>(len, [&](int64_t i, auto lanes) {
-        using V = decltype(lanes);
-        const int64_t c = c0 + i;
-        const V g = bn_grad<kMask, V>(dy + o + i, out + o + i);
-        if constexpr (kWriteG) {
-          g.store_exact(g_out + o + i);  // dy or 0: a value of T
-        }
-        (V::load(s1 + c) + g).store(s1 + c);
-        (V::load(s2 + c) + g * (V::load(x + o + i) - V::load(mean + c))).store(s2 + c);
-      });
+  for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
+    using V = decltype(lanes);
+    const V g = bn_grad<kMask, V>(dy + o, out + o);
+    if constexpr (kWriteG) {
+      g.store_exact(g_out + o);  // dy or 0: a value of T
     }
-  }
+    (V::load(s1 + c) + g).store(s1 + c);
+    (V::load(s2 + c) + g * (V::load(x + o) - V::load(mean + c))).store(s2 + c);
+  });
 }
 
 // grad_input = a_c * g - k_c * (x - mean_c) + b_c, the per-channel coefficients folding
@@ -178,18 +170,10 @@ template <bool kMask, typename T, typename acc_t>
 void bn_bwd_input_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x, T* __restrict dx,
                        int64_t c_total, const acc_t* __restrict mean, const acc_t* __restrict a,
                        const acc_t* __restrict k, const acc_t* __restrict b, int64_t begin, int64_t end) {
-  for (int64_t c0 = 0; c0 < c_total; c0 += kChannelBlock) {
-    const int64_t len = std::min(c_total - c0, kChannelBlock);
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t o = r * c_total + c0;
-      for_vec<acc_t>(len, [&](int64_t i, auto lanes) {
-        using V = decltype(lanes);
-        const int64_t c = c0 + i;
-        bn_dx<kMask>(grad + o + i, out + o + i, x + o + i, dx + o + i, V::load(mean + c), V::load(a + c),
-                     V::load(k + c), V::load(b + c));
-      });
-    }
-  }
+  for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
+    using V = decltype(lanes);
+    bn_dx<kMask>(grad + o, out + o, x + o, dx + o, V::load(mean + c), V::load(a + c), V::load(k + c), V::load(b + c));
+  });
 }
 
 } // namespace fusedres::cpu::FUSEDRES_CPU_ISA
