@@ -331,6 +331,14 @@ def test_quick_covers_every_op_form():
             assert any(f"/{form} " in label and f" {layout} " in label for label in labels), (form, layout)
 
 
+def test_cpu_sets_show_half_precision():
+    """bf16 rows in --quick and fp16 rows in --full on the CPU, for both families."""
+    for case_set, dtypes in (("quick", {torch.bfloat16}), ("full", {torch.bfloat16, torch.float16})):
+        cases = registry.select_cases(CPU, case_set)
+        for family in ("add_norm", "batch_norm"):
+            assert dtypes | {torch.float32} == {c.dtype for f, c in cases if f == family}, (case_set, family)
+
+
 def test_registry_filters():
     pick = lambda **kw: [c.label for _, c in registry.select_cases(CPU, "quick", **kw)]
     assert all(label.startswith("add_rms_norm") for label in pick(ops=["add_rms_norm"]))

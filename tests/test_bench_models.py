@@ -60,6 +60,35 @@ def test_cli_writes_results(tmp_path, monkeypatch, capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+def test_dtype_trains_under_autocast_and_infers_with_the_model_in_it(monkeypatch):
+    seen = []
+
+    def record(pair, mode, reps):
+        model = pair.variants["fused"]
+        with pair.autocast:
+            autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append((mode, next(model.parameters()).dtype, pair.batch.dtype, autocast))
+        return []
+
+    monkeypatch.setattr(models._Pair, "rows", record)
+    models.bench_model(tiny_case(), torch.device("cpu"), torch.bfloat16, reps=1)
+    assert seen == [
+        ("train", torch.float32, torch.float32, torch.bfloat16),
+        ("inference", torch.bfloat16, torch.bfloat16, None),
+    ]
+
+
+def test_cli_dtype_bf16_runs_both_modes(tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "default_cases", lambda device: {"tiny": tiny_case()})
+    argv = ["--models", "tiny", "--device", "cpu", "--reps", "1", "--dtype", "bf16", "--out", str(tmp_path)]
+    assert models.main(argv) == 0
+    data = json.loads((tmp_path / "models.json").read_text())
+    assert data["environment"]["autocast"] == "bfloat16"
+    assert [(r["mode"], r["variant"]) for r in data["rows"]] == [
+        (mode, variant) for mode in ("train", "inference") for variant in ("original", "fused")
+    ]
+
+
 def test_alternating_times_take_turns():
     order = []
     fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
@@ -194,9 +223,13 @@ def test_tails_restores_the_fused_function_after_recording():
     assert batch_norm.bn_add_relu is before
 
 
-def test_eval_rows_time_eager_fused_and_compile_with_freezing(tmp_path, monkeypatch):
-    """--models resnet50-eval: per dtype, eager, fused and torch.compile (Inductor with freezing;
-    aot_eager here, for speed) inference rows; the compiled row reports its compile time."""
+@pytest.mark.parametrize(
+    "dtype_args, dtypes", [([], ("float32", "bfloat16")), (["--dtype", "bf16"], ("bfloat16",))], ids=["both", "bf16"]
+)
+def test_eval_rows_time_eager_fused_and_compile_with_freezing(tmp_path, monkeypatch, dtype_args, dtypes):
+    """--models resnet50-eval: per dtype (fp32 and bf16, or the one --dtype names), eager, fused and
+    torch.compile (Inductor with freezing; aot_eager here, for speed) inference rows; the compiled
+    row reports its compile time."""
     import torch._inductor.config as inductor_config
 
     real_compile, frozen = torch.compile, []
@@ -207,11 +240,11 @@ def test_eval_rows_time_eager_fused_and_compile_with_freezing(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "compile", spy)
     monkeypatch.setattr(models, "eval_cases", lambda device: {"tiny-eval": tiny_block_case()})
-    args = ["--models", "tiny-eval", "--device", "cpu", "--reps", "1", "--out", str(tmp_path)]
+    args = ["--models", "tiny-eval", "--device", "cpu", "--reps", "1", "--out", str(tmp_path), *dtype_args]
     assert models.main(args) == 0
     rows = json.loads((tmp_path / "models.json").read_text())["rows"]
     assert [(r["dtype"], r["variant"]) for r in rows] == [
-        (dtype, variant) for dtype in ("float32", "bfloat16") for variant in ("original", "fused", "compiled freezing")
+        (dtype, variant) for dtype in dtypes for variant in ("original", "fused", "compiled freezing")
     ]
     assert frozen and all(frozen[:2])  # compiled (the warm-up calls) with freezing on
     for r in rows:

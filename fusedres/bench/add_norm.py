@@ -206,9 +206,15 @@ def quick_cases(device: torch.device) -> list[NormCase]:
             NormCase(GPU_TOKENS, 4096, torch.bfloat16, True, False),
             *feature_cases(device),
         ]
-    # The CPU speed target's shape (8192 x 1024 fp32, post-norm); pre-norm at half the rows.
+    # The CPU speed target's shape (8192 x 1024 fp32, post-norm); pre-norm at half the rows; bf16
+    # at the half-precision target's shape.
     fp32 = [NormCase(8192 if not pre else 4096, 1024, torch.float32, rms, pre) for rms, pre in FORMS]
-    return fp32 + feature_cases(device)
+    return fp32 + _cpu_half_cases(torch.bfloat16) + feature_cases(device)
+
+
+def _cpu_half_cases(dtype: torch.dtype) -> list[NormCase]:
+    """The CPU half-precision speed target's shape (4096 x 768, BERT-base / GPT-2 width), post-norm."""
+    return [NormCase(4096, 768, dtype, rms) for rms in (False, True)]
 
 
 def feature_cases(device: torch.device) -> list[NormCase]:
@@ -227,9 +233,11 @@ def feature_cases(device: torch.device) -> list[NormCase]:
 
 def full_cases(device: torch.device) -> list[NormCase]:
     if device.type != "cuda":
-        return quick_cases(device) + [
-            NormCase(8192, n, torch.float32, rms, pre) for rms, pre in FORMS for n in (768, 4096)
-        ]
+        return (
+            quick_cases(device)
+            + [NormCase(8192, n, torch.float32, rms, pre) for rms, pre in FORMS for n in (768, 4096)]
+            + _cpu_half_cases(torch.float16)
+        )
     return [
         *(NormCase(GPU_TOKENS, n, torch.bfloat16, rms, pre) for rms, pre in FORMS for n in MODEL_HIDDEN_SIZES),
         *(NormCase(GPU_TOKENS, n, torch.bfloat16, True, True, residual_in_fp32=True) for n in (4096, 8192)),

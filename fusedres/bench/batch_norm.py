@@ -137,12 +137,22 @@ def quick_cases(device: torch.device) -> list[BNCase]:
         later = [BNCase((GPU_BATCH, *_stage(st)), torch.bfloat16, True) for st in RESNET50_STAGES[1:]]
         return _modes(first, torch.bfloat16) + later
     # Training at the CPU speed target's shape (32 x 64 x 56 x 56, ResNet-50's first block);
-    # eval at stage 1's output width.
+    # eval at stage 1's output width; bf16 at the half-precision target's shape.
     train = [BNCase((32, 64, 56, 56), torch.float32, cl, True) for cl in (False, True)]
-    return train + [c for c in _modes((4, *_stage(RESNET50_STAGES[0])), torch.float32) if not c.training]
+    evals = [c for c in _modes((4, *_stage(RESNET50_STAGES[0])), torch.float32) if not c.training]
+    return train + evals + _cpu_half_cases(torch.bfloat16)
+
+
+def _cpu_half_cases(dtype: torch.dtype) -> list[BNCase]:
+    """The CPU half-precision speed target's shape: 16 x 256 x 28 x 28 channels_last, train and eval."""
+    return [BNCase((16, 256, 28, 28), dtype, True, training) for training in (True, False)]
 
 
 def full_cases(device: torch.device) -> list[BNCase]:
     if device.type != "cuda":
-        return quick_cases(device) + [BNCase((16, *_stage(st)), torch.float32, True) for st in RESNET50_STAGES]
+        return (
+            quick_cases(device)
+            + [BNCase((16, *_stage(st)), torch.float32, True) for st in RESNET50_STAGES]
+            + _cpu_half_cases(torch.float16)
+        )
     return [c for st in RESNET50_STAGES for c in _modes((GPU_BATCH, *_stage(st)), torch.bfloat16)]

@@ -1,13 +1,15 @@
 """End-to-end: a training step (forward, backward, optimizer) and inference of whole models,
 before and after fusedres.fuse(), with throughput and peak memory.
 
-python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--out DIR] [--compile]
+python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--dtype bf16|fp16|none]
+                                [--out DIR] [--compile]
 python -m fusedres.bench.models --models resnet50-eval resnet18-eval   # inference vs compile with freezing
 
 Models are built from configs with random weights (nothing is downloaded): torchvision's
 resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a Llama-like stack
-(LlamaModel). On a GPU the defaults are the issue's targets (bf16 autocast, resnet50 at batch
-256); on the CPU, small batches and fp32 so a run takes a few minutes. The original and fused
+(LlamaModel). On a GPU the defaults are the issue's targets (bf16, resnet50 at batch 256); on
+the CPU, small batches and fp32 so a run takes a few minutes. --dtype bf16 trains under autocast
+and runs inference with the model itself in bf16, as each is done in practice. The original and fused
 copies share initial weights and are timed in turns (step by step), so drift in the machine hits
 both alike.
 
@@ -188,27 +190,35 @@ def bench_model(
     notes: list[str] | None = None,
 ) -> list[dict]:
     """Rows for (train, inference) x (original, fused); with `compile`, then (train, inference) x
-    (compiled, fused compiled). Reasons for compiled rows left out go to `notes`."""
+    (compiled, fused compiled). Reasons for compiled rows left out go to `notes`. With a `dtype`,
+    training runs under autocast to it and inference runs the models in it (see in_dtype)."""
     torch.manual_seed(0)
     original = case.build().to(device)
     if case.channels_last:
         original = original.to(memory_format=torch.channels_last)
     fused = fusedres.fuse(copy.deepcopy(original))
-    batch = case.make_batch(device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    pair = _Pair(case, device, batch, autocast, {"original": original, "fused": fused})
-    rows = [row for mode in MODES for row in pair.rows(mode, reps)]
+    setups = {
+        mode: in_dtype(mode, {"original": original, "fused": fused}, case.make_batch(device), dtype) for mode in MODES
+    }
+    rows = [
+        row
+        for mode, (models, batch, ctx) in setups.items()
+        for row in _Pair(case, device, batch, ctx, models).rows(mode, reps)
+    ]
     if compile is None:
         return rows
     torch._dynamo.reset()  # a fresh cache per model: recompile limits count per code object
-    compiled = {
-        "compiled": torch.compile(original, backend=compile.backend),
-        "fused compiled": torch.compile(fused, backend=compile.backend),
-    }
-    pair = _Pair(case, device, batch, autocast, compiled, compile)
-    for mode in MODES:
+    wrappers = {}  # one torch.compile per model object: modes that run the same model share it
+
+    def compiled_of(model):
+        if id(model) not in wrappers:
+            wrappers[id(model)] = torch.compile(model, backend=compile.backend)
+        return wrappers[id(model)]
+
+    for mode, (models, batch, ctx) in setups.items():
+        compiled = {"compiled": compiled_of(models["original"]), "fused compiled": compiled_of(models["fused"])}
         try:
-            rows += pair.rows(mode, reps)
+            rows += _Pair(case, device, batch, ctx, compiled, compile).rows(mode, reps)
         except CompileTimeout as e:
             torch._dynamo.reset()
             if notes is not None:
@@ -217,6 +227,18 @@ def bench_model(
 
 
 MODES = ("train", "inference")
+
+
+def in_dtype(mode: str, models: dict, batch: torch.Tensor, dtype: torch.dtype | None):
+    """(models, batch, context) a mode runs with. Training in a low precision is autocast (fp32
+    master weights); inference runs the model itself in it, as it is deployed: copies of the
+    models, and the batch (unless it is token ids), cast to `dtype`."""
+    if dtype is None:
+        return models, batch, contextlib.nullcontext()
+    if mode == "train":
+        return models, batch, torch.autocast(batch.device.type, dtype=dtype)
+    cast = {name: copy.deepcopy(m).to(dtype) for name, m in models.items()}
+    return cast, batch.to(dtype) if batch.is_floating_point() else batch, contextlib.nullcontext()
 
 
 class _Pair:
@@ -384,9 +406,17 @@ def bench_eval(
     ]
 
 
-def _eval_rows(case: ModelCase, device: torch.device, reps: int, timeout_s: float | None, notes: list[str]):
+def _eval_rows(
+    case: ModelCase,
+    device: torch.device,
+    only: torch.dtype | None,
+    reps: int,
+    timeout_s: float | None,
+    notes: list[str],
+):
+    """The inference rows in `only` (the dtype --dtype names), else in each of EVAL_DTYPES."""
     rows = []
-    for dtype in EVAL_DTYPES:
+    for dtype in (only,) if only else EVAL_DTYPES:
         try:
             rows += bench_eval(case, device, dtype, reps, timeout_s, notes)
         except CompileTimeout as e:
@@ -413,6 +443,9 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16", "none": "none"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fusedres.bench.models", description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -423,7 +456,12 @@ def main(argv=None) -> int:
         "against torch.compile with freezing",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16, float16 or none (default: bf16 on GPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=sorted(DTYPE_NAMES),
+        help="training under autocast to it, inference with the model in it (default: bf16 on GPU, none on CPU)",
+    )
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default: 20 GPU, 5 CPU)")
     p.add_argument("--out", default=None, help="directory for models.json and models.md")
     c = p.add_argument_group("torch.compile")
@@ -438,7 +476,7 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "none")
+    dtype_name = DTYPE_NAMES[args.dtype or ("bf16" if device.type == "cuda" else "none")]
     dtype = None if dtype_name == "none" else getattr(torch, dtype_name)
     reps = args.reps or (20 if device.type == "cuda" else 5)
     compile_options = CompileOptions(args.compile_backend, args.compile_timeout or None) if args.compile else None
@@ -450,11 +488,14 @@ def main(argv=None) -> int:
         p.error(f"unknown model(s) {unknown}; choose from {list(cases)}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     compiled = f", torch.compile backend {args.compile_backend}" if args.compile else ""
-    print(f"fusedres {fusedres.__version__} end-to-end on {where}, autocast {dtype_name}{compiled}", flush=True)
+    precision = f"{dtype_name} (train: autocast, inference: model in {dtype_name})" if dtype else "float32"
+    print(f"fusedres {fusedres.__version__} end-to-end on {where}, {precision}{compiled}", flush=True)
     rows, notes = [], []
     for name in names:
         if name in evals:
-            rows += _eval_rows(evals[name], device, reps, args.compile_timeout or None, notes)
+            rows += _eval_rows(
+                evals[name], device, dtype if args.dtype else None, reps, args.compile_timeout or None, notes
+            )
             print(f"done {evals[name].name}", file=sys.stderr, flush=True)
             continue
         rows += bench_model(cases[name], device, dtype, reps, compile_options, notes)
