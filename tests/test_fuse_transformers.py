@@ -183,7 +183,10 @@ def test_hf_layer_whose_sum_reaches_its_norm_otherwise_is_skipped(monkeypatch):
     _, report = fusedres.fuse(model, report=True)
     assert not report.replaced and len(report.skipped) == 2
     reason = "LlamaDecoderLayer: residual + self.mlp(self.input_layernorm(hidden_states)) reaches "
-    assert report.skipped[0] == ("layers.0", reason + "self.post_attention_layernorm as hidden_states.clamp(-10, 10)")
+    assert report.skipped[0] == (
+        "layers.0",
+        reason + "self.post_attention_layernorm only through hidden_states.clamp(-10, 10)",
+    )
 
 
 class _ScaledRMSNorm(nn.Module):

@@ -65,6 +65,7 @@ class SiteTemplate:
     prenorm: bool
     text: str  # the add and its norm, as written
     sources: frozenset[str] = frozenset()  # x in the `self.x(...)` calls that made the operands
+    flags: tuple[tuple[str, bool], ...] = ()  # (x, v): only on the path where bool(self.x) is v
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Plan:
     sites: list[SiteTemplate] = field(default_factory=list)
     exits: list[SiteTemplate] = field(default_factory=list)
     entry: str | None = None  # the norm first applied to the block's input
+    entry_flags: tuple[tuple[str, bool], ...] = ()
     missed: list[str] = field(default_factory=list)  # add -> norm flows left alone, and why
 
 
@@ -193,6 +195,7 @@ class _Rewriter:
         self.names = names
         self.plan = Plan(fn)
         self.budget = _MAX_GROWTH * _size(fn)
+        self.flags: list[tuple[str, bool]] = []  # the flag tests (``if self.x:``) around the current statement
 
     # --- the branch of an add and the ops peeled off it ---------------------------------------
 
@@ -307,7 +310,7 @@ class _Rewriter:
 
     def _new_site(self, norm, wrappers, prenorm, text, sources) -> int:
         k = len(self.plan.sites)
-        self.plan.sites.append(SiteTemplate(k, norm, wrappers, prenorm, text, frozenset(sources)))
+        self.plan.sites.append(SiteTemplate(k, norm, wrappers, prenorm, text, frozenset(sources), tuple(self.flags)))
         return k
 
     @staticmethod
@@ -319,9 +322,10 @@ class _Rewriter:
         params = [a.arg for a in self.fn.args.posonlyargs + self.fn.args.args]
         defined = {p: -1 for p in params}
         self.fn.body = self._block(self.fn.body, [], defined)
-        for block in _blocks(self.fn):
+        for block, flags in _blocks(self.fn):
+            self.flags = list(flags)
             self._exits(block)
-        self.plan.entry = self._entry(params[1] if len(params) > 1 else None)
+        self._entry(params[1] if len(params) > 1 else None)
         return self.plan
 
     def _block(self, stmts: list[ast.stmt], after: list[ast.stmt], defined: dict[str, int]) -> list[ast.stmt]:
@@ -333,8 +337,11 @@ class _Rewriter:
             stmts[i] = stmt
             if isinstance(stmt, ast.If):
                 rest = stmts[i + 1 :] + after
-                stmt.body = self._block(stmt.body, rest, dict(defined))
-                stmt.orelse = self._block(stmt.orelse, rest, dict(defined))
+                flag = _flag(stmt.test)
+                for branch, value in (("body", True), ("orelse", False)):
+                    self.flags += [(flag[0], flag[1] == value)] if flag else []
+                    setattr(stmt, branch, self._block(getattr(stmt, branch), rest, dict(defined)))
+                    del self.flags[len(self.flags) - bool(flag) :]
                 out.append(stmt)
                 i += 1
                 continue
@@ -394,9 +401,11 @@ class _Rewriter:
                 return "sunk"
             if _reads_beyond_metadata(stmt, tracked):
                 for n in _post_order(stmt):
-                    if isinstance(n, ast.Call) and self_attr(n.func) in self.names.norms and _loads(n) & tracked:
+                    if isinstance(n, ast.Call) and self_attr(n.func) in self.names.norms and _reaches(n, tracked):
                         arg = ast.unparse(n.args[0]) if n.args else "no argument"
-                        self.plan.missed.append(f"{ast.unparse(add)} reaches self.{self_attr(n.func)} as {arg}")
+                        self.plan.missed.append(
+                            f"{ast.unparse(add)} reaches self.{self_attr(n.func)} only through {arg}"
+                        )
                         break
                 return None
             if isinstance(stmt, (ast.Return, ast.Raise)):
@@ -491,25 +500,58 @@ class _Rewriter:
         inner, residual, wrappers, dynamic, _ = self._split(add, target, prefix, defined)
         del block[len(prefix) : idx]  # wrapper statements merged into the exit
         e = len(self.plan.exits)
-        self.plan.exits.append(SiteTemplate(e, None, wrappers, True, ast.unparse(add)))
+        self.plan.exits.append(SiteTemplate(e, None, wrappers, True, ast.unparse(add), flags=tuple(self.flags)))
         return self._call(EXIT, e, inner, residual, dynamic)
 
-    def _entry(self, param: str | None) -> str | None:
+    def _entry(self, param: str | None) -> None:
+        """The first norm applied to the input `param` (or an alias), with its flag tests."""
         if param is None:
-            return None
+            return
         names = {param}
-        for stmt in self.fn.body:
-            alias = _alias(stmt)
-            if alias and alias[1] in names:
-                names.add(alias[0])
-                continue
-            for n in _post_order(stmt):
-                if isinstance(n, ast.Call) and (attr := self_attr(n.func)) in self.names.norms:
-                    if len(n.args) == 1 and isinstance(n.args[0], ast.Name) and n.args[0].id in names:
-                        return attr
-            if _stores(stmt) & names:
-                return None
-        return None
+
+        def scan(stmts, flags) -> bool:  # True: stop (found, or the input was rebound)
+            for stmt in stmts:
+                alias = _alias(stmt)
+                if alias and alias[1] in names:
+                    names.add(alias[0])
+                    continue
+                if isinstance(stmt, ast.If):
+                    flag = _flag(stmt.test)
+                    for branch, value in ((stmt.body, True), (stmt.orelse, False)):
+                        if scan(branch, flags + ((flag[0], flag[1] == value),) if flag else flags):
+                            return True
+                    continue
+                for n in _post_order(stmt):
+                    if isinstance(n, ast.Call) and (attr := self_attr(n.func)) in self.names.norms:
+                        if len(n.args) == 1 and isinstance(n.args[0], ast.Name) and n.args[0].id in names:
+                            self.plan.entry, self.plan.entry_flags = attr, flags
+                            return True
+                if _stores(stmt) & names:
+                    return True
+            return False
+
+        scan(self.fn.body, ())
+
+
+def _flag(test: ast.expr) -> tuple[str, bool] | None:
+    """("x", True) for ``self.x``, ("x", False) for ``not self.x``; ("hasattr x", True) for
+    ``hasattr(self, "x")``: tests an instance answers the same way every call."""
+    if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        inner = _flag(test.operand)
+        return (inner[0], not inner[1]) if inner else None
+    if (
+        isinstance(test, ast.Call)
+        and isinstance(test.func, ast.Name)
+        and test.func.id == "hasattr"
+        and len(test.args) == 2
+        and isinstance(test.args[0], ast.Name)
+        and test.args[0].id == "self"
+        and isinstance(test.args[1], ast.Constant)
+        and isinstance(test.args[1].value, str)
+    ):
+        return (f"hasattr {test.args[1].value}", True)
+    attr = self_attr(test)
+    return (attr, True) if attr else None
 
 
 def _dropout_args(call: ast.Call):
@@ -541,6 +583,20 @@ def _origins(expr: ast.expr, out: list[ast.stmt]) -> set[str]:
     return set()
 
 
+def _reaches(call: ast.Call, names: set[str]) -> bool:
+    """Whether `call`'s arguments read one of `names` through plain tensor ops, not through a
+    submodule (``self.layers(x)`` is a whole stack, not an op on the sum)."""
+    todo = list(call.args)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Name) and node.id in names:
+            return True
+        if isinstance(node, ast.Call) and self_attr(node.func):
+            continue
+        todo += list(ast.iter_child_nodes(node))
+    return False
+
+
 def _until_jump(stmts: list[ast.stmt]) -> list[ast.stmt]:
     """Statements up to the first return / raise / break / continue: the rest never runs."""
     for i, stmt in enumerate(stmts):
@@ -570,14 +626,17 @@ def _live(name: str, stmts: list[ast.stmt]) -> bool:
 
 
 def _blocks(fn: ast.FunctionDef):
-    """The function's body and every if-branch in it (the blocks a return can sit in)."""
-    todo = [fn.body]
+    """(block, its flag tests) for the function's body and every if-branch in it (the blocks a
+    return can sit in)."""
+    todo = [(fn.body, ())]
     while todo:
-        block = todo.pop()
-        yield block
+        block, flags = todo.pop()
+        yield block, flags
         for stmt in block:
             if isinstance(stmt, ast.If):
-                todo += [stmt.body, stmt.orelse]
+                flag = _flag(stmt.test)
+                for branch, value in ((stmt.body, True), (stmt.orelse, False)):
+                    todo.append((branch, flags + ((flag[0], flag[1] == value),) if flag else flags))
 
 
 def plan_forward(fn: ast.FunctionDef, names: Names) -> Plan:

@@ -166,6 +166,7 @@ class _Block:
     fused: list[str] = field(default_factory=list)  # site descriptions
     skipped: list[str] = field(default_factory=list)
     links: list = field(default_factory=list)
+    produces: bool = False  # has an exit on a path this instance takes
 
 
 def _analyze(name: str, module: nn.Module, probes: _Probes) -> _Block | str | None:
@@ -199,7 +200,9 @@ def _analyze(name: str, module: nn.Module, probes: _Probes) -> _Block | str | No
             spec = None
         applied, folded = sites.branch_ops(module, t.wrappers)
         site_objects.append(sites.Site(t.norm, spec, t.prenorm, applied, folded))
-        if t.text in seen:  # one source site on several paths (duplicated around an if)
+        if t.text in seen or not _on_path(
+            module, t.flags
+        ):  # one source site on several paths (duplicated around an if)
             continue
         seen[t.text] = True
         if reason:
@@ -208,7 +211,20 @@ def _analyze(name: str, module: nn.Module, probes: _Probes) -> _Block | str | No
             block.fused.append(_describe(t, spec, applied, folded))
     block.sites = tuple(site_objects)
     block.exits = tuple(sites.Exit(*sites.branch_ops(module, t.wrappers)) for t in plan.exits)
+    block.produces = any(_on_path(module, t.flags) for t in plan.exits)
     return block
+
+
+def _on_path(module: nn.Module, flags) -> bool:
+    """Whether this instance's flags (``if self.do_layer_norm_before:``) lead to the statement;
+    a site on a path the instance never takes is not reported."""
+    for attr, value in flags:
+        if attr.startswith("hasattr "):
+            if hasattr(module, attr.split(" ", 1)[1]) != value:
+                return False
+        elif type(getattr(module, attr, None)) is bool and getattr(module, attr) != value:
+            return False
+    return True
 
 
 def _describe(t, spec, applied, folded) -> str:
@@ -229,10 +245,9 @@ def _label(op) -> str:
 
 
 def _residual_adds(fn_def: ast.FunctionDef) -> bool:
-    """Whether the forward adds something to its input (or an alias of it); adding one of its own
-    parameters (a position embedding) does not count."""
-    params = [a.arg for a in fn_def.args.args]
-    names = set(params[1:2])
+    """Whether the forward adds something to one of its inputs (or an alias); adding one of the
+    module's own parameters (a position embedding) does not count."""
+    names = {a.arg for a in fn_def.args.args[1:]}
     for node in ast.walk(fn_def):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Name) and node.value.id in names:
             names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
@@ -264,7 +279,7 @@ class _Stacks:
     def producer(self, module: nn.Module) -> _Block | None:
         block = self.blocks.get(id(module))
         if block is not None:
-            return block if block.exits else None
+            return block if block.produces else None
         stack = _stack_in(module, identity_others=False)
         return self.producer(stack[-1]) if stack else None
 
@@ -272,7 +287,8 @@ class _Stacks:
         """(norm module, its spec) first applied to module's input, if fused ops compute it."""
         block = self.blocks.get(id(module))
         if block is not None:
-            norm = module._modules.get(block.plan.entry) if block.plan.entry else None
+            entry = block.plan.entry if _on_path(module, block.plan.entry_flags) else None
+            norm = module._modules.get(entry) if entry else None
             spec = self.probes.usable_norm(norm) if norm is not None else None
             return (norm, spec) if spec is not None else None
         stack = _stack_in(module, identity_others=True)
@@ -455,7 +471,8 @@ def fuse_blocks(model: nn.Module, report, skip: set[int]) -> None:
             report.skipped.append((name, f"{cls.__name__}: {found}"))
         elif found is not None:
             blocks[id(module)] = found
-    carried = _Stacks(model, blocks, probes).run(model)
+    stacks = _Stacks(model, blocks, probes)
+    carried = stacks.run(model)
     for block in blocks.values():
         cls_name = type(block.module).__name__
         if block.fused or block.links:
@@ -466,9 +483,13 @@ def fuse_blocks(model: nn.Module, report, skip: set[int]) -> None:
             what = "; ".join(parts)
             report.replaced.append((block.name, f"{cls_name}: {what}"))
             report.sites += len(block.fused) + len(block.links)
-        for reason in block.skipped:
+        for reason in block.skipped + block.plan.missed:
             report.skipped.append((block.name, f"{cls_name}: {reason}"))
-        if not block.fused and not block.links and not block.skipped and _residual_adds(_parsed(block.fn)):
-            why = "; ".join(block.plan.missed) or "no residual add in its forward feeds one of its norms"
-            report.skipped.append((block.name, f"{cls_name}: {why}"))
+        in_stack = isinstance(stacks.parents.get(id(block.module), (None,))[0], _CONTAINERS)
+        if (
+            in_stack
+            and not (block.plan.sites or block.links or block.plan.missed)
+            and _residual_adds(_parsed(block.fn))
+        ):
+            report.skipped.append((block.name, f"{cls_name}: none of its residual adds feeds one of its norms"))
     report.carried += carried
