@@ -388,3 +388,17 @@ def test_gemma_fuses_with_weight_offset(issue23):
     ids = torch.randint(3, 99, (2, 7))
     torch.testing.assert_close(fused(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-5, atol=1e-6)
     assert {c["weight_offset"] for c in issue23} == {1.0}
+
+
+def test_autocast_gives_eager_dtypes_and_values():
+    """bf16 autocast: a bf16 branch meets the fp32 residual stream; every output keeps eager's dtype."""
+    torch.manual_seed(0)
+    model = Stack().eval()
+    fused = fusedres.fuse(copy.deepcopy(model))
+    x = torch.randn(3, 4, N)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = fused(x), model(x)
+        layer_out, layer_expected = fused.layers[0](x), model.layers[0](x)
+    assert out.dtype == expected.dtype and layer_out.dtype == layer_expected.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(layer_out, layer_expected, rtol=2e-2, atol=2e-2)

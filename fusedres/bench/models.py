@@ -167,7 +167,7 @@ def default_cases(device: torch.device) -> dict[str, ModelCase]:
         "gpt2": _gpt2(2, 128, 4),
         "llama": _llama(2, 128, 4, 512),
         "qwen3-moe": _qwen3_moe(2, 128, 4, 512, 8),
-        "vit": _vit(8, 224, 6, 384),
+        "vit": _vit(8, 160, 6, 384),
     }
 
 
