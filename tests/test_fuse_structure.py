@@ -402,3 +402,30 @@ def test_autocast_gives_eager_dtypes_and_values():
     assert out.dtype == expected.dtype and layer_out.dtype == layer_expected.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(layer_out, layer_expected, rtol=2e-2, atol=2e-2)
+
+
+def test_carry_needs_the_same_grad_mode_and_no_inference_mode():
+    """Layer 0 under no_grad, the rest with grad (frozen lower layers): the carried y, made
+    without grad, must not stand in; under inference_mode nothing is carried at all."""
+    torch.manual_seed(0)
+    model = Stack()
+    fused = fusedres.fuse(copy.deepcopy(model))
+    x = torch.randn(2, 3, N)
+
+    def run(m):
+        with torch.no_grad():
+            h = m.layers[0](x)
+        for layer in m.layers[1:]:
+            h = layer(h)
+        out = m.norm(h)
+        out.sum().backward()
+        return out
+
+    torch.testing.assert_close(_seeded(run, fused), _seeded(run, model), rtol=1e-5, atol=1e-5)
+    for p, q in zip(fused.parameters(), model.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(_seeded(fused, x), _seeded(model, x), rtol=1e-5, atol=1e-5)
+    assert all(link.stash is None for link in _links(fused))

@@ -16,7 +16,9 @@ output_hidden_states, hooks and caches see what they saw. Where the consumer is 
 (another code path, a hook that replaced the output, an fp16 clamp) the link notices and turns
 itself off, and the blocks run as before. No carry under torch.compile (the compiler fuses the add
 into the norm itself), under saved-tensor hooks (activation checkpointing, which re-runs the
-producer), or when the consumer's weight is not a plain tensor (a sharded parameter).
+producer), under inference_mode (its tensors have no version counter, so an in-place edit of h by
+a hook could not be seen), or when the consumer's weight is not a plain tensor (a sharded
+parameter); nor when the consumer runs in another grad mode than the producer did.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from fusedres.convert.norms import norm_after_add
 logger = logging.getLogger("fusedres")
 
 _is_compiling = torch.compiler.is_compiling
+_inference_mode = torch.is_inference_mode_enabled
+_grad_enabled = torch.is_grad_enabled
 _saved_tensor_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 SITES, EXITS, LINK = "_fusedres_sites", "_fusedres_exits", "_fusedres_link"
 
@@ -180,8 +184,8 @@ class Site(_Fused):
 
 class Link:
     """A producer's last add, carried into `norm` (the next block's first, or the stack's final
-    norm: `wide_y`, its output is the model's). `stash` holds (h, h's version, y) from the
-    producer until the norm takes it."""
+    norm: `wide_y`, its output is the model's). `stash` holds (h, h's version, y, the grad
+    mode) from the producer until the norm takes it."""
 
     __slots__ = ("norm", "spec", "wide_y", "alive", "stash", "name")
 
@@ -210,7 +214,13 @@ class Exit(_Fused):
 
     def __call__(self, module, x, residual, dyn):
         link = self.link
-        if link is None or not link.alive or _is_compiling() or _saved_tensor_hooks(False) is not None:
+        if (
+            link is None
+            or not link.alive
+            or _is_compiling()
+            or _saved_tensor_hooks(False) is not None
+            or _inference_mode()  # inference tensors keep no version: an in-place edit would go unseen
+        ):
             return self.apply_all(module, x, dyn) + residual
         if link.stash is not None:
             link.disable("the previous output of the block before it never reached it")
@@ -224,7 +234,7 @@ class Exit(_Fused):
                 x = op.apply(module, x, dyn)
             return x + residual
         y, h = self.fused(module, norm, spec, x, residual, dyn, True, link.wide_y)
-        link.stash = (h, h._version, y)
+        link.stash = (h, h._version, y, _grad_enabled())
         return h
 
 
@@ -232,9 +242,12 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 
 
 def take(link: Link, t) -> torch.Tensor | None:
-    """The carried y, if `t` is the carried h (or a contiguous view of all of it), unmodified."""
-    h, version, y = link.stash
+    """The carried y, if `t` is the carried h (or a contiguous view of all of it), unmodified, and
+    the norm runs in the grad mode y was made in (a re-entrant checkpoint makes y without grad)."""
+    h, version, y, grad_enabled = link.stash
     link.stash = None
+    if grad_enabled != _grad_enabled():
+        return None
     if t is not h:
         if not (
             isinstance(t, torch.Tensor)
@@ -249,8 +262,6 @@ def take(link: Link, t) -> torch.Tensor | None:
         y = y.view(t.shape)
     if t._version != version:
         return None
-    if t.requires_grad and not y.requires_grad and torch.is_grad_enabled():
-        return None  # y was made without grad (a re-entrant checkpoint): it cannot stand in
     return y
 
 
