@@ -237,6 +237,17 @@ class _Rewriter:
                     continue
             return expr, tuple(wrappers), dynamic
 
+    def _wrapper_assignment(self, prev: ast.stmt, add: ast.BinOp, target: str) -> bool:
+        """Whether `prev` is ``b = wrapper(b)`` for an operand b of `add` that `add` rebinds."""
+        return (
+            isinstance(prev, ast.Assign)
+            and len(prev.targets) == 1
+            and isinstance(prev.targets[0], ast.Name)
+            and prev.targets[0].id == target
+            and any(isinstance(o, ast.Name) and o.id == target for o in (add.left, add.right))
+            and self._peelable(prev.value)
+        )
+
     def _peelable(self, expr: ast.expr) -> bool:
         if isinstance(expr, ast.Call) and len(expr.args) == 1 and not expr.keywords:
             if self_attr(expr.func) in self.names.wrappers:
@@ -391,6 +402,10 @@ class _Rewriter:
                 and self._afford(stmts[i:])
             ):
                 head, tail = stmts[i:j], stmts[j + 1 :]
+                # The branch's wrapper statement just before the add (OPT's F.dropout) goes along,
+                # so the site can still fold it.
+                if out and self._wrapper_assignment(out[-1], add, target) and not (_loads(stmt.test) & {target}):
+                    head = [out.pop()] + head
                 branch = ast.If(
                     stmt.test,
                     _until_jump(copy.deepcopy(head) + stmt.body + copy.deepcopy(tail)),
