@@ -9,7 +9,8 @@ Environment switches:
                            found; 0: CPU kernels only; 1: fail if the CUDA kernels cannot be built.
   FUSEDRES_NO_EXTENSION=1  build no C++ extension at all (Triton and reference backends only).
   FUSEDRES_FASTPATH=0|1    0: skip fusedres._fastpath; 1 (default): build it. It is the eager
-                           add_norm call as a C++ autograd node (csrc/fastpath/add_norm.cpp), built
+                           add_norm, batch_norm_add_relu and frozen-BN conv calls as C++ autograd
+                           nodes (csrc/fastpath/*.cpp), built
                            against torch's C++ and Python APIs, which have no stable ABI: it loads
                            only under the torch and CPython of the build (elsewhere fusedres runs
                            the same formula in Python).
@@ -66,6 +67,22 @@ def load_build_config():
 
 
 build_config = load_build_config()
+
+
+def generate_spec_headers() -> str:
+    """Writes the C++ headers derived from the operator spec (fusedres/spec/cpp.py) under
+    build/generated and returns that include directory. The spec is loaded by path, as a package
+    of its own: importing fusedres would need the extension being built."""
+    spec_dir = os.path.join(ROOT, "fusedres", "spec")
+    spec = importlib.util.spec_from_file_location(
+        "_fusedres_spec", os.path.join(spec_dir, "__init__.py"), submodule_search_locations=[spec_dir]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    out = os.path.join(ROOT, "build", "generated")
+    importlib.import_module("_fusedres_spec.cpp").write_headers(out)
+    return out
 
 
 def read_version() -> str:
@@ -201,6 +218,7 @@ def get_extensions():
         if use_cuda:
             extra_compile_args["nvcc"].append(f"-Xcompiler=-idirafter{inc}")
 
+    generated = generate_spec_headers()
     build_fastpath = os.environ.get("FUSEDRES_FASTPATH", "1") != "0"
     # fusedres/_extension.py compares these with the running torch before it loads _C.
     write_build_info(
@@ -223,7 +241,7 @@ def get_extensions():
     ext = extension(
         "fusedres._C",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc"), generated],
         extra_compile_args=extra_compile_args,
         # dlopen/dlsym (csrc/cpu/output_pool.cpp) live in libdl before glibc 2.34.
         libraries=["dl"] if platform.system() == "Linux" else [],
@@ -236,7 +254,7 @@ def get_extensions():
             CppExtension(
                 "fusedres._fastpath",
                 sorted(glob.glob(os.path.join("csrc", "fastpath", "*.cpp"))),
-                include_dirs=[os.path.join(ROOT, "csrc")],
+                include_dirs=[os.path.join(ROOT, "csrc"), generated],
                 # -g0 (unless FUSEDRES_DEBUG): Python's own CFLAGS add -g, which makes this 14 MB.
                 extra_compile_args={"cxx": opt + ([] if debug else ["-g0"]) + ["-fdiagnostics-color=always"]},
             )

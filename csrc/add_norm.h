@@ -1,55 +1,46 @@
-// Add & Norm: y = norm(h) * weight + bias with h = x + residual, LayerNorm or RMSNorm over the
-// last dimension. Declarations shared by the CPU and CUDA backends; the schema is in ops.cpp.
+// Add & Norm: h = residual + dropout(x) * rowscale * colscale, y = norm(h) * (weight +
+// weight_offset) + bias, LayerNorm or RMSNorm over the last dimension. What the CPU and CUDA
+// backends share: the named parameters of a call and its outputs. The operators' arguments and
+// outputs are declared in fusedres/spec/add_norm.py (AddNormFwdArgs / AddNormBwdArgs are
+// generated from it).
 #pragma once
 
-#include "tensors.h"
-
-#include <optional>
-#include <tuple>
+#include "checks.h"
 
 namespace fusedres {
 
-// The (rows, N) matrix behind a (..., N) operand: the leading dimensions collapse into rows
-// that are `stride` elements apart (N for a contiguous tensor). Kernels address element
-// (r, c) as base + r * stride + c.
-struct RowsView {
-  int64_t rows = 0;
-  int64_t cols = 0;
+using AddNormFwd = AddNormFwdArgs<Tensor>;
+using AddNormBwd = AddNormBwdArgs<Tensor>;
+
+// The residual features of a call, as kernels read them (absent ones are null / zero).
+struct AddNormFeatures {
+  double dropout_p = 0.0;
+  const int64_t* seed_offset = nullptr;  // (seed, offset), in the call's device memory
+  const void* rowscale = nullptr;        // M elements
+  DtypeCode rowscale_dtype = kF32;
+  const void* colscale = nullptr;        // N elements
+  DtypeCode colscale_dtype = kF32;
+  double weight_offset = 0.0;
+
+  // Whether x's branch is transformed before the add (then dx differs from dh).
+  bool transforms_x() const { return dropout_p > 0.0 || rowscale != nullptr || colscale != nullptr; }
+  bool any() const { return transforms_x() || weight_offset != 0.0; }
 };
 
-// The row stride of a (..., N) operand that passed the checks below.
-int64_t row_stride(const Tensor& t);
+// The named parameters of one call, returned by the checks; they feed the CPU and CUDA argument
+// structs.
+struct AddNormParams {
+  RowsView shape;
+  AddNormFeatures features;
+};
 
-// Memory-safety checks shared by every C++ backend: the shapes, strides and dtypes the kernels
-// index with. The user-facing errors (ValueError / TypeError naming the argument) are raised
-// before dispatch, by fusedres/_checks.py.
-RowsView check_add_norm_fwd_args(
-    const Tensor& x,
-    const std::optional<Tensor>& residual,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps);
+AddNormParams check_add_norm(const AddNormFwd& a);
+AddNormParams check_add_norm(const AddNormBwd& a);
 
-RowsView check_add_norm_bwd_args(
-    const Tensor& dy,
-    const std::optional<Tensor>& dh,
-    const Tensor& h,
-    const std::optional<Tensor>& residual,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const Tensor& mean,
-    const Tensor& rstd,
-    bool rms_norm);
-
-// (y, h, mean, rstd): y has x's shape, h too when stored (else (0,)), mean is (0,) for RMSNorm.
-std::tuple<Tensor, Tensor, Tensor, Tensor> alloc_add_norm_fwd_outputs(
-    const Tensor& x, RowsView shape, bool rms_norm, ScalarType h_dtype, bool store_h);
-
-// (dx, dresidual): h's shape; dresidual is (0,) when not requested.
-std::tuple<Tensor, Tensor> alloc_add_norm_bwd_row_outputs(
-    const Tensor& dy, const Tensor& h, std::optional<ScalarType> dresidual_dtype);
-
-// dweight / dbias: like's shape and dtype, or (0,) of dy's dtype when like is absent.
-Tensor alloc_param_grad(const Tensor& dy, const std::optional<Tensor>& like);
+// (y, h, mean, rstd, mask) as fusedres/spec/add_norm.py declares them.
+AddNormFwdResult<Tensor> alloc_add_norm_outputs(const AddNormFwd& a, RowsView shape);
+// (dx, dresidual, dweight, dbias, dcolscale): dresidual is (0,) unless dresidual_dtype is given;
+// each parameter grad has its parameter's shape and dtype, or is (0,) when it is absent.
+AddNormBwdResult<Tensor> alloc_add_norm_outputs(const AddNormBwd& a);
 
 } // namespace fusedres

@@ -9,6 +9,8 @@
 
 #include "cpu/output_pool.h"
 
+#include <fusedres/spec.h>
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
@@ -32,6 +34,20 @@ inline ScalarType stats_dtype(ScalarType x_dtype) {
   return x_dtype == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
 }
 
+// The spec's code of a supported float dtype (kernels that switch on a dtype at run time).
+inline DtypeCode dtype_code(ScalarType t) {
+  switch (t) {
+    case ScalarType::Double:
+      return kF64;
+    case ScalarType::Half:
+      return kF16;
+    case ScalarType::BFloat16:
+      return kBF16;
+    default:
+      return kF32;
+  }
+}
+
 inline int32_t shim_dtype(ScalarType t) {
   switch (t) {
     case ScalarType::Double:
@@ -42,6 +58,8 @@ inline int32_t shim_dtype(ScalarType t) {
       return aoti_torch_dtype_bfloat16();
     case ScalarType::Float:
       return aoti_torch_dtype_float32();
+    case ScalarType::Bool:
+      return aoti_torch_dtype_bool();
     default:
       STD_TORCH_CHECK(false, "fusedres: unsupported dtype");
   }

@@ -1,11 +1,10 @@
-"""Argument checks and layout rules, one of each per op family, shared by every backend.
+"""BatchNorm's argument checks and layout rules, shared by every backend.
 
-The public ops (fusedres/ops), the Triton operators (fusedres/triton) and the fake kernels all
-call these, so every backend raises the same errors: a TypeError or ValueError that names the
-argument and says what was expected. The C++ operators keep only the checks memory safety needs
-(csrc/add_norm.cpp, csrc/batch_norm.cpp); those cover every tensor argument of Add & Norm, so
-add_norm runs its C++ operators first and calls check_add_norm_args only once one has refused
-its arguments (fusedres/ops/add_norm.py, _add_norm).
+The public ops (fusedres/ops/batch_norm.py), the Triton operators (fusedres/triton) and the fake
+kernels all call these, so every backend raises the same errors: a TypeError or ValueError that
+names the argument and says what was expected. The C++ operators keep only the checks memory
+safety needs (csrc/batch_norm.cpp). Add & Norm's checks are derived from its spec instead
+(fusedres/spec/add_norm.py, fusedres/spec/python.py).
 
 They sit on the hot path of every call, so the common case costs a handful of attribute reads;
 the message is only built once a check has failed."""
@@ -17,13 +16,10 @@ import numbers
 
 import torch
 
+from fusedres.spec.python import stats_dtype
+
 FLOAT_DTYPES = frozenset((torch.float32, torch.float64, torch.float16, torch.bfloat16))
 _TENSOR = torch.Tensor
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The statistics / accumulation dtype: float64 for float64 data, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_float_tensor(name: str, t, *, optional: bool = False) -> None:
@@ -57,95 +53,9 @@ def _check_vector(name: str, t, n: int, what: str, device_of) -> None:
     _check_device(name, t, *device_of)
 
 
-# --- Add & Norm ------------------------------------------------------------------------------
-
-
 def _eps_ok(eps) -> bool:
     """eps is a positive finite float (the fast paths; check_positive says what is wrong)."""
     return type(eps) is float and 0 < eps < math.inf
-
-
-def check_add_norm_args(x, residual, weight, bias, eps, *, param_shape: tuple | None = None) -> float:
-    """Validates add_norm's arguments and returns eps as a float. weight and bias must have shape
-    (N,), N = x.shape[-1]; a module normalizing several trailing dims passes their shape as
-    param_shape (its parameters keep it; the kernels read them as N contiguous elements)."""
-    # The common case in one expression, written out (each helper call costs ~0.1 us here);
-    # anything unusual goes to the checks that name it.
-    try:
-        shape = x.shape
-        device = x.device
-        pshape = shape[-1:] if param_shape is None else param_shape
-        fast = (
-            x.dtype in FLOAT_DTYPES
-            and shape[-1] > 0
-            and _eps_ok(eps)
-            and (
-                residual is None
-                or (residual.shape == shape and residual.dtype in FLOAT_DTYPES and residual.device == device)
-            )
-            and (
-                weight is None or (weight.shape == pshape and weight.dtype in FLOAT_DTYPES and weight.device == device)
-            )
-            and (bias is None or (bias.shape == pshape and bias.dtype in FLOAT_DTYPES and bias.device == device))
-            and (weight is None or bias is None or weight.dtype == bias.dtype)
-            and (
-                param_shape is None
-                or ((weight is None or weight.is_contiguous()) and (bias is None or bias.is_contiguous()))
-            )
-        )
-    except (AttributeError, IndexError, TypeError):
-        fast = False
-    return eps if fast else _check_add_norm_args(x, residual, weight, bias, eps, param_shape)
-
-
-def _check_add_norm_args(x, residual, weight, bias, eps, param_shape) -> float:
-    check_float_tensor("x", x)
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (the normalized one)")
-    n = x.shape[-1]
-    if n == 0:
-        raise ValueError(f"the normalized (last) dimension of x must not be empty, got x of shape {tuple(x.shape)}")
-    if residual is not None:
-        check_float_tensor("residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
-        _check_device("residual", residual, "x", x)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        if param_shape is None:
-            _check_vector(name, t, n, "to match x's last dimension", ("x", x))
-        else:
-            check_float_tensor(name, t)
-            if t.shape != param_shape or not t.is_contiguous():
-                raise ValueError(f"{name} must be a contiguous tensor of shape {param_shape}, got {tuple(t.shape)}")
-            _check_device(name, t, "x", x)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    return check_positive("eps", eps)
-
-
-def _rows_readable(t: torch.Tensor) -> bool:
-    """Whether the kernels can read (..., N) tensor t in place: unit stride along N and leading
-    dims that collapse into rows of one stride (csrc/add_norm.cpp checks the same)."""
-    if t.dim() == 0 or (t.shape[-1] > 1 and t.stride(-1) != 1):
-        return False
-    expected = None
-    for size, stride in zip(reversed(t.shape[:-1]), reversed(t.stride()[:-1])):
-        if size <= 1:
-            continue
-        if stride < 0 or (expected is not None and stride != expected):
-            return False
-        expected = stride * size
-    return True
-
-
-def as_rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """t as the Add & Norm kernels read it: itself when contiguous or row-strided, else a
-    contiguous copy (incoming grads may be expanded or transposed views)."""
-    if t is None or t.is_contiguous() or _rows_readable(t):
-        return t
-    return t.contiguous()
 
 
 # --- BatchNorm + add + ReLU -------------------------------------------------------------------
@@ -272,70 +182,6 @@ def _check_elements(name: str, t, n: int, device) -> None:
         raise ValueError(f"{name} must have {n} contiguous elements, got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
-def _check_rows(name: str, t, like=None, like_name: str = "") -> None:
-    """t is a (..., N) float tensor the kernels can read in place (and has like's shape and device)."""
-    check_float_tensor(name, t)
-    if like is not None and t.shape != like.shape:
-        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
-    if not _rows_readable(t):
-        raise ValueError(f"{name} must have unit stride along its last dim and rows of one stride (make it contiguous)")
-
-
-def _check_dtype_arg(name: str, dtype, optional: bool = False) -> None:
-    if dtype is None and optional:
-        return
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {dtype}")
-
-
-def _param_shape(weight, bias, n: int) -> tuple | None:
-    t = weight if weight is not None else bias
-    return None if t is None or t.shape == (n,) else tuple(t.shape)
-
-
-def check_add_norm_fwd_op(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> None:
-    """add_norm_fwd's arguments as the operator takes them (the registered Triton operator and the
-    fake kernels; csrc/add_norm.cpp checks the same in C++)."""
-    n = x.shape[-1] if isinstance(x, torch.Tensor) and x.dim() > 0 else 0
-    check_add_norm_args(x, residual, weight, bias, eps, param_shape=_param_shape(weight, bias, n))
-    _check_rows("x", x)
-    if residual is not None:
-        _check_rows("residual", residual, x, "x")
-    _check_elements("weight", weight, n, x.device)
-    _check_elements("bias", bias, n, x.device)
-    _check_dtype_arg("h_dtype", h_dtype)
-
-
-def check_add_norm_bwd_op(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype) -> None:
-    """add_norm_bwd's arguments, as check_add_norm_fwd_op."""
-    check_float_tensor("h", h)
-    if h.dim() < 1 or h.shape[-1] == 0:
-        raise ValueError(f"h must have a non-empty last dimension, got shape {tuple(h.shape)}")
-    _check_rows("h", h)
-    for name, t in (("dy", dy), ("dh", dh), ("residual", residual)):
-        if t is not None:
-            _check_rows(name, t, h, "h")
-    n = h.shape[-1]
-    _check_elements("weight", weight, n, h.device)
-    _check_elements("bias", bias, n, h.device)
-    if weight is not None and bias is not None and weight.dtype != bias.dtype:
-        raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {bias.dtype}")
-    m, stats = h.numel() // n, stats_dtype(dy.dtype)
-    for name, t in (("rstd", rstd),) if rms_norm else (("rstd", rstd), ("mean", mean)):
-        if not (isinstance(t, torch.Tensor) and t.shape == (m,) and t.dtype == stats and t.is_contiguous()):
-            raise ValueError(f"{name} must be a contiguous ({m},) {stats} tensor (the forward's), got {_describe(t)}")
-        if t.device != h.device:
-            raise ValueError(f"{name} is on {t.device} but h is on {h.device}")
-    _check_dtype_arg("h_dtype", h_dtype)
-    _check_dtype_arg("dresidual_dtype", dresidual_dtype, optional=True)
-
-
-def _describe(t) -> str:
-    return f"{t.dtype}{tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _check_activation(name: str, t, input=None) -> None:

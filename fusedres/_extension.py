@@ -133,8 +133,9 @@ def _import_fastpath():
 
 
 def load_fastpath(importer: Callable[[], object] = _import_fastpath) -> tuple[object | None, str | None]:
-    """(fusedres._fastpath or None, why not): the eager add_norm call as a C++ autograd node.
-    Without it fusedres/ops/add_norm.py runs the same formula as a Python autograd.Function.
+    """(fusedres._fastpath or None, why not): the eager add_norm, batch_norm_add_relu and frozen-BN
+    conv calls as C++ autograd nodes. Without it fusedres/ops/{add_norm,batch_norm,conv_epilogue}.py
+    run the same formulas as Python autograd.Functions.
     FUSEDRES_FASTPATH=0 in the environment (read once, here, at import) turns it off."""
     if not EXTENSION_LOADED:
         return None, "needs fusedres._C"

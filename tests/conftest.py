@@ -29,22 +29,25 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(params=["fastpath", "function"])
 def autograd_path(request):
-    """Runs a test on each of add_norm's eager paths: the C++ autograd node (fusedres._fastpath,
-    built for one torch and CPython) and the Python autograd.Function that runs everywhere else.
-    The fast path serves the C++ backends; tests of other backends run once, as "function"."""
+    """Runs a test on each of the eager paths of add_norm, batch_norm_add_relu and the frozen-BN conv
+    under autograd: the C++ autograd nodes (fusedres._fastpath, built for one torch and CPython)
+    and the Python autograd.Functions that run everywhere else. The fast path serves the C++
+    backends; tests of other backends run once, as "function"."""
     from fusedres._extension import FASTPATH_ERROR
-    from fusedres.ops import add_norm
+    from fusedres.ops import add_norm, batch_norm, conv_epilogue
+
+    families = (add_norm, batch_norm, conv_epilogue)
 
     callspec = getattr(request.node, "callspec", None)
     backend = callspec.params.get("backend") if callspec else None  # None: the default, auto
     if request.param == "function":
-        with add_norm.without_fastpath():
+        with add_norm.without_fastpath(), batch_norm.without_fastpath(), conv_epilogue.without_fastpath():
             yield request.param
         return
     if backend not in (None, "auto", "cpu", "cuda"):
         pytest.skip(f"the fast path serves the cpu and cuda backends, not {backend}")
-    if not add_norm.has_fastpath():
-        pytest.skip(f"fusedres._fastpath: {FASTPATH_ERROR}")
+    if not all(f.has_fastpath() for f in families):
+        pytest.skip(f"fusedres._fastpath: {FASTPATH_ERROR or 'built without every family'}")
     yield request.param
 
 

@@ -264,19 +264,21 @@ def test_h_is_written_only_when_read(device, backend):
 def test_backward_with_recomputed_h_matches_stored_h(device, backend, dtype):
     """The backward op given x + residual (h recomputed) equals the one given the stored h."""
     skip_if_unusable(device, backend)
-    from fusedres.ops.add_norm import _KERNELS
+    from fusedres.ops.add_norm import _KERNELS, BwdArgs, FwdArgs
 
     torch.manual_seed(0)
     x = torch.randn(6, 77, device=device, dtype=dtype)
     residual = torch.randn(6, 77, device=device, dtype=torch.float32)
     weight, bias = torch.randn(77, device=device), torch.randn(77, device=device)
+    fwd, bwd = _KERNELS[backend].fwd_op, _KERNELS[backend].bwd_op
     for h_dtype in (torch.float32, dtype):
-        y, h, mean, rstd = _KERNELS[backend].fwd_op(x, residual, weight, bias, 1e-5, False, h_dtype, True)
+        args = FwdArgs(x, residual, weight, bias, 1e-5, False, h_dtype, True)
+        y, h, mean, rstd, _mask = fwd(*args)
         dy = torch.randn_like(y)
-        stored = _KERNELS[backend].bwd_op(dy, None, h, None, h_dtype, weight, bias, mean, rstd, False, torch.float32)
-        recomputed = _KERNELS[backend].bwd_op(
-            dy, None, x, residual, h_dtype, weight, bias, mean, rstd, False, torch.float32
-        )
+        given = dict(dy=dy, dh=None, h_dtype=h_dtype, weight=weight, bias=bias, mean=mean, rstd=rstd)
+        given.update(rms_norm=False, dresidual_dtype=torch.float32)
+        stored = bwd(*BwdArgs(h=h, x=None, residual=None, **given))
+        recomputed = bwd(*BwdArgs(h=None, x=x, residual=residual, **given))
         for a, b in zip(stored, recomputed):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 

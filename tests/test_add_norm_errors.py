@@ -46,7 +46,7 @@ CPU_BACKENDS = [b for b in ("cpu", "triton", "reference") if b in fusedres.avail
 @pytest.mark.parametrize("arg,make,exc,match", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
 def test_bad_argument_is_named(arg, make, exc, match, backend):
     """Every backend raises the same error: the C++ operators' own checks reject the call and
-    fusedres/_checks.py names the argument; the others are checked before the call."""
+    the spec's checks name the argument; the others are checked before the call."""
     args = good("cpu")
     bad = make(args)
     args[arg] = bad
@@ -105,25 +105,46 @@ def test_device_mismatch_is_named_meta():
 
 
 def test_rms_norm_errors_use_same_names():
+    """add_rms_norm names the argument as add_layer_norm does."""
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         fusedres.add_rms_norm(x, None, torch.randn(7))
 
 
 def test_cpp_op_rejects_out_of_bounds_shapes_directly():
-    """Calling the raw operator bypasses the Python checks; its own checks must still stop
-    anything that would index out of bounds."""
+    """Calling the raw operator bypasses the Python checks; its own checks (generated from the
+    spec, fusedres/spec/add_norm.py) must still stop anything that would index out of bounds."""
     if not fusedres.EXTENSION_LOADED:
         pytest.skip("fusedres._C not loaded")
+    from fusedres.ops.add_norm import BwdArgs, FwdArgs
+
+    fwd, bwd = torch.ops.fusedres.add_norm_fwd, torch.ops.fusedres.add_norm_bwd
     x = torch.randn(4, 16)
-    with pytest.raises(RuntimeError, match="residual must have shape"):
-        torch.ops.fusedres.add_norm_fwd(x, torch.randn(3, 16), None, None, 1e-5, False, torch.float32, False)
-    with pytest.raises(RuntimeError, match="weight must have shape"):
-        torch.ops.fusedres.add_norm_fwd(x, None, torch.randn(8), None, 1e-5, False, torch.float32, False)
-    with pytest.raises(RuntimeError, match="unit stride"):
-        torch.ops.fusedres.add_norm_fwd(x.t(), None, None, None, 1e-5, False, torch.float32, False)
-    y, h, mean, rstd = torch.ops.fusedres.add_norm_fwd(x, None, None, None, 1e-5, False, torch.float32, False)
-    with pytest.raises(RuntimeError, match="rstd must be"):
-        torch.ops.fusedres.add_norm_bwd(y, None, x, None, torch.float32, None, None, mean, rstd[:2], False, None)
-    with pytest.raises(RuntimeError, match="residual must have shape"):
-        torch.ops.fusedres.add_norm_bwd(y, None, x, x[:2], torch.float32, None, None, mean, rstd, False, None)
+    common = dict(eps=1e-5, rms_norm=False, h_dtype=torch.float32, store_h=False)
+    cases = [
+        (dict(residual=torch.randn(3, 16)), "residual must have shape"),
+        (dict(weight=torch.randn(8)), "weight must have 16 contiguous elements"),
+        (dict(x=x.t()), "unit stride"),
+        (dict(rowscale=torch.randn(3)), "rowscale must have 4 contiguous elements"),
+        (dict(colscale=torch.randn(4, 4)[:, 0]), "colscale must have 16 contiguous elements"),
+        (dict(dropout_p=0.5), "dropout_p > 0 needs seed_offset"),
+        (dict(dropout_p=0.5, seed_offset=torch.zeros(3, dtype=torch.int64)), "seed_offset must be a contiguous"),
+        (dict(weight_offset=1.0), "weight_offset needs a weight"),
+    ]
+    for change, match in cases:
+        args = dict(x=x, residual=None, weight=None, bias=None, **common)
+        args.update(change)
+        with pytest.raises(RuntimeError, match=match):
+            fwd(*FwdArgs(**args))
+    y, _h, mean, rstd, _mask = fwd(*FwdArgs(x=x, residual=None, weight=None, bias=None, **common))
+    backward = dict(dy=y, dh=None, h=None, x=x, residual=None, h_dtype=torch.float32, weight=None, bias=None)
+    backward.update(mean=mean, rstd=rstd, rms_norm=False, dresidual_dtype=None)
+    for change, match in [
+        (dict(rstd=rstd[:2]), "rstd must have 4 contiguous elements"),
+        (dict(residual=x[:2]), "residual must have shape"),
+        (dict(x=None), "add_norm_bwd needs h or x"),
+        (dict(mean=None), "LayerNorm's backward needs mean"),
+        (dict(colscale_grad=True), "colscale_grad needs x and colscale"),
+    ]:
+        with pytest.raises(RuntimeError, match=match):
+            bwd(*BwdArgs(**{**backward, **change}))

@@ -7,6 +7,7 @@ import torch
 
 import fusedres
 from fusedres._extension import EXTENSION_LOADED
+from fusedres.ops.add_norm import BwdArgs, FwdArgs
 
 needs_extension = pytest.mark.skipif(not EXTENSION_LOADED, reason=f"fusedres._C not loaded: {fusedres.EXTENSION_ERROR}")
 
@@ -19,25 +20,28 @@ def fwd_samples(device):
     w, b = torch.randn(33, device=device), torch.randn(33, device=device)
     bf = x.bfloat16()
     return [
-        (x, r, w, b, 1e-5, False, torch.float32, True),
-        (x, None, w, None, 1e-6, True, torch.float32, False),
-        (x, r, None, None, 1e-5, False, torch.float32, False),
-        (bf, r, w, b, 1e-5, False, torch.float32, True),  # bf16 x, fp32 residual stream
-        (wide[:, :33], r, w, b, 1e-5, True, torch.float32, True),  # row stride 40
-        (x.double(), r.double(), w.double(), b.double(), 1e-5, False, torch.float64, True),
+        FwdArgs(x, r, w, b, 1e-5, False, torch.float32, True),
+        FwdArgs(x, None, w, None, 1e-6, True, torch.float32, False),
+        FwdArgs(x, r, None, None, 1e-5, False, torch.float32, False),
+        FwdArgs(bf, r, w, b, 1e-5, False, torch.float32, True),  # bf16 x, fp32 residual stream
+        FwdArgs(wide[:, :33], r, w, b, 1e-5, True, torch.float32, True),  # row stride 40
+        FwdArgs(x.double(), r.double(), w.double(), b.double(), 1e-5, False, torch.float64, True),
     ]
 
 
 def bwd_samples(fwd, device):
     out = []
-    for x, r, w, b, eps, rms, h_dtype, _store_h in fwd_samples(device):
-        y, h, mean, rstd = fwd(x, r, w, b, eps, rms, h_dtype, True)
+    for a in fwd_samples(device):
+        y, h, mean, rstd, _mask = fwd(*a._replace(store_h=True))
+        mean = None if a.rms_norm else mean
         dy = torch.randn_like(y)
-        dres_dtype = r.dtype if r is not None and r.dtype != x.dtype else None
-        out.append((dy, torch.randn_like(h), h, None, h_dtype, w, b, mean, rstd, rms, dres_dtype))
-        out.append((dy, None, h, None, h_dtype, w, None, mean, rstd, rms, None))
+        r = a.residual
+        dres_dtype = r.dtype if r is not None and r.dtype != a.x.dtype else None
+        common = dict(h_dtype=a.h_dtype, weight=a.weight, mean=mean, rstd=rstd, rms_norm=a.rms_norm)
+        out.append(BwdArgs(dy, torch.randn_like(h), h, None, None, bias=a.bias, dresidual_dtype=dres_dtype, **common))
+        out.append(BwdArgs(dy, None, h, None, None, bias=None, dresidual_dtype=None, **common))
         if r is not None:  # h recomputed from x + residual
-            out.append((dy, None, x, r, h_dtype, w, b, mean, rstd, rms, dres_dtype))
+            out.append(BwdArgs(dy, None, None, a.x, r, bias=a.bias, dresidual_dtype=dres_dtype, **common))
     return out
 
 
@@ -51,7 +55,7 @@ def with_grads(args):
 def test_opcheck_cpp_ops_cpu():
     fwd = torch.ops.fusedres.add_norm_fwd
     for args in fwd_samples("cpu"):
-        torch.library.opcheck(fwd, with_grads(args) if args[-1] else args)
+        torch.library.opcheck(fwd, with_grads(args) if args.store_h else args)
     for args in bwd_samples(fwd, "cpu"):
         torch.library.opcheck(torch.ops.fusedres.add_norm_bwd, args)
 
@@ -66,7 +70,7 @@ def test_opcheck_gpu(backend):
     else:
         fwd, bwd = torch.ops.fusedres.add_norm_fwd_triton, torch.ops.fusedres.add_norm_bwd_triton
     for args in fwd_samples("cuda"):
-        torch.library.opcheck(fwd, with_grads(args) if args[-1] else args)
+        torch.library.opcheck(fwd, with_grads(args) if args.store_h else args)
     for args in bwd_samples(fwd, "cuda"):
         torch.library.opcheck(bwd, args)
 

@@ -107,7 +107,7 @@ def reference(x, residual, rm, rv, weight, bias, training, momentum, eps, relu):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_matches_fp64_reference(device, backend, case, dtype):
+def test_matches_fp64_reference(device, backend, case, dtype, autograd_path):
     skip_if_unusable(device, backend)
     if backend == "triton" and device == "cpu" and case.shape[1] > 512:
         pytest.skip("the wide-C cases are for the CPU kernels' channel blocks; minutes under the Triton interpreter")
@@ -142,13 +142,13 @@ def test_matches_fp64_reference(device, backend, case, dtype):
 
 # Activations over 4 MiB take the CPU kernels' huge-page path (csrc/cpu/huge_pages.h).
 @pytest.mark.parametrize("case", [Case((8, 64, 48, 48)), Case((8, 64, 48, 48), channels_last=True)], ids=str)
-def test_large_cpu_activations_match_fp64_reference(case):
-    test_matches_fp64_reference("cpu", "cpu", case, torch.float32)
+def test_large_cpu_activations_match_fp64_reference(case, autograd_path):
+    test_matches_fp64_reference("cpu", "cpu", case, torch.float32, autograd_path)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_statistics_stable_for_large_means(device, backend, channels_last):
+def test_statistics_stable_for_large_means(device, backend, channels_last, autograd_path):
     """fp32 data with mean 1e4 and std 1: a naive E[x^2] - E[x]^2 loses the variance entirely."""
     skip_if_unusable(device, backend)
     x = torch.randn(8, 4, 16, 16, dtype=torch.float64) + 1e4
@@ -165,7 +165,7 @@ def test_statistics_stable_for_large_means(device, backend, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("device,backend", device_backends(include_reference=False))
-def test_backward_is_deterministic(device, backend, channels_last):
+def test_backward_is_deterministic(device, backend, channels_last, autograd_path):
     skip_if_unusable(device, backend)
     torch.manual_seed(0)
     x = torch.randn(6, 8, 12, 12, device=device)
@@ -188,7 +188,7 @@ def test_backward_is_deterministic(device, backend, channels_last):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_gradcheck_float64(device, backend, channels_last, training):
+def test_gradcheck_float64(device, backend, channels_last, training, autograd_path):
     skip_if_unusable(device, backend)
     torch.manual_seed(0)
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, device=device)
@@ -276,7 +276,7 @@ def test_cpp_ops_reject_bad_layouts_directly():
 
 
 @pytest.mark.parametrize("device,backend", device_backends())
-def test_nan_propagates_like_eager(device, backend):
+def test_nan_propagates_like_eager(device, backend, autograd_path):
     """A NaN input makes its channel's statistics NaN; the ReLU's grad passes NaN outputs' grads on
     (threshold_backward blocks only out <= 0)."""
     skip_if_unusable(device, backend)

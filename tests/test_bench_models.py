@@ -192,3 +192,31 @@ def test_tails_restores_the_fused_function_after_recording():
     with pytest.raises(RuntimeError):
         tails.tail_calls(fusedres.fuse(case.build()), torch.randn(2, 5, 32, 32), contextlib.nullcontext())
     assert batch_norm.bn_add_relu is before
+
+
+def test_eval_rows_time_eager_fused_and_compile_with_freezing(tmp_path, monkeypatch):
+    """--models resnet50-eval: per dtype, eager, fused and torch.compile (Inductor with freezing;
+    aot_eager here, for speed) inference rows; the compiled row reports its compile time."""
+    import torch._inductor.config as inductor_config
+
+    real_compile, frozen = torch.compile, []
+
+    def spy(model, **kwargs):
+        compiled = real_compile(model, backend="aot_eager")
+        return lambda *a: frozen.append(inductor_config.freezing) or compiled(*a)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(models, "eval_cases", lambda device: {"tiny-eval": tiny_block_case()})
+    args = ["--models", "tiny-eval", "--device", "cpu", "--reps", "1", "--out", str(tmp_path)]
+    assert models.main(args) == 0
+    rows = json.loads((tmp_path / "models.json").read_text())["rows"]
+    assert [(r["dtype"], r["variant"]) for r in rows] == [
+        (dtype, variant) for dtype in ("float32", "bfloat16") for variant in ("original", "fused", "compiled freezing")
+    ]
+    assert frozen and all(frozen[:2])  # compiled (the warm-up calls) with freezing on
+    for r in rows:
+        assert r["mode"] == "inference" and r["median_ms"] > 0 and r["baseline"] == "original"
+        assert (r["compile_s"] is not None and r["compile_s"] > 0) == (r["variant"] == "compiled freezing")
+        assert r["err_vs_fp64"] >= 0 and r["within_rule"], r  # against a float64 copy, the tests' rule
+    md = (tmp_path / "models.md").read_text()
+    assert "compiled freezing" in md and "max |out - float64 copy|" in md

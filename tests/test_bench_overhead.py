@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fusedres
 from fusedres.bench import cli, overhead
-from fusedres.ops import add_norm
+from fusedres.ops import add_norm, batch_norm
 
 CPU = torch.device("cpu")
 BACKENDS = [b for b in fusedres.available_backends("cpu") if b != "triton"]
@@ -39,12 +39,13 @@ def test_cli_overhead_writes_every_case_and_backend(tmp_path, capsys):
     assert env["device_type"] == "cpu" and env["threads"] == 1 and env["torch"] == torch.__version__
     assert results["method"]["calls"] == 5 and results["method"]["repeats"] == 2
     rows = results["overhead"]
-    # With fusedres._fastpath, add-norm cases also time the Python path of each C++ backend.
+    # With fusedres._fastpath, add-norm and BatchNorm cases also time the Python path of each C++ backend.
     python_path = [f"{b} {overhead.PYTHON_PATH}" for b in BACKENDS if b in ("cpu", "cuda")]
+    families = {"add_norm": add_norm, "batch_norm": batch_norm}
     expected = [
         (c.label, b)
         for c in overhead.CASES
-        for b in BACKENDS + (python_path if c.family == "add_norm" and add_norm.has_fastpath() else [])
+        for b in BACKENDS + (python_path if families[c.family].has_fastpath() else [])
     ]
     assert [(r["case"], r["backend"]) for r in rows] == expected
     assert {r["case"] for r in rows} == {

@@ -93,7 +93,7 @@ def test_add_norm_without_grad_dispatches_one_op(backend, autograd_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
-def test_batch_norm_train_dispatches_at_most_three_ops_each_way(backend, memory_format):
+def test_batch_norm_train_dispatches_at_most_three_ops_each_way(backend, memory_format, autograd_path):
     skip_if_unusable("cpu", backend)
     torch.manual_seed(0)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=memory_format).requires_grad_()
@@ -110,7 +110,7 @@ def test_batch_norm_train_dispatches_at_most_three_ops_each_way(backend, memory_
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_norm_eval_dispatches_one_op(backend):
+def test_batch_norm_eval_dispatches_one_op(backend, autograd_path):
     skip_if_unusable("cpu", backend)
     module = fusedres.nn.BatchNormAddReLU2d(8).eval()
     x, r = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
@@ -183,6 +183,40 @@ def test_fastpath_runs_no_python_per_kernel(monkeypatch):
     assert calls  # the Python path did call them
     assert y.grad_fn.name() != y2.grad_fn.name()
     for a, b in zip((y, h, *grads), (y2, h2, *grads2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_fastpath_runs_no_python_per_kernel(monkeypatch, training, memory_format):
+    """With fusedres._fastpath, an eager batch_norm_add_relu call (forward, backward) is one crossing
+    into C++: the Python kernels are not called, and outputs, grads and running stats are the
+    Python path's, bit for bit."""
+    from fusedres.ops import batch_norm as module
+
+    if module._fastpath is None:
+        pytest.skip(f"fusedres._fastpath: {fusedres._extension.FASTPATH_ERROR}")
+    kernels = module._KERNELS["cpu"]
+    calls = []
+    spied = tuple(module._Kernels(*(lambda *a, fn=fn: calls.append(fn) or fn(*a) for fn in k)) for k in kernels)
+    monkeypatch.setitem(module._KERNELS, "cpu", spied)
+    torch.manual_seed(0)
+    x, r = (t.contiguous(memory_format=memory_format) for t in (torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)))
+    w, b = torch.rand(5) + 0.5, torch.randn(5)
+    results = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(module, "_fastpath", None)
+        leaves = _leaves(x, r, w, b)
+        rm, rv = torch.zeros(5), torch.ones(5)
+        with fusedres.use_backend("cpu"):
+            out = fusedres.batch_norm_add_relu(leaves[0], leaves[1], rm, rv, leaves[2], leaves[3], training)
+            grads = torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        results.append((out, *grads, rm, rv))
+        if fast:
+            assert calls == [] and "CppNode" in out.grad_fn.name()
+    assert calls  # the Python path did call them
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

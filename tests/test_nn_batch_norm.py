@@ -44,7 +44,7 @@ def randomize(module):
         pytest.param(BatchNormAddReLU3d, nn.BatchNorm3d, (2, 5, 3, 4, 4), id="3d"),
     ],
 )
-def test_matches_torch_module_over_steps(ours_cls, torch_cls, shape, kwargs):
+def test_matches_torch_module_over_steps(ours_cls, torch_cls, shape, kwargs, autograd_path):
     torch.manual_seed(0)
     theirs = randomize(torch_cls(5, **kwargs))
     ours = ours_cls(5, **kwargs)
@@ -83,7 +83,7 @@ class _Scaled(nn.Module):
         return 2 * w
 
 
-def test_parametrized_weight_is_used():
+def test_parametrized_weight_is_used(autograd_path):
     """A parametrization turns `weight` into a property (gone from _parameters): the module must
     still read it, as nn.BatchNorm2d does, not take the weight for absent."""
     from torch.nn.utils import parametrize
@@ -114,7 +114,7 @@ def make_block(residual: bool):
 
 
 @pytest.mark.parametrize("residual", [True, False], ids=["add", "noadd"])
-def test_conv_bn_relu_train_eval_switching(residual):
+def test_conv_bn_relu_train_eval_switching(residual, autograd_path):
     block, ref_conv, ref_bn = make_block(residual)
     assert list(block.state_dict()) == [
         "conv.weight",

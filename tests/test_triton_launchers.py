@@ -20,6 +20,8 @@ from fusedres.reference import add_norm_reference, batch_norm_add_relu_reference
 triton_add_norm = pytest.importorskip("fusedres.triton.add_norm")
 from fusedres.triton import batch_norm as triton_batch_norm  # noqa: E402
 
+FwdArgs, BwdArgs = triton_add_norm.FwdArgs, triton_add_norm.BwdArgs
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif("triton" not in available_backends(DEVICE), reason=f"triton cannot run on {DEVICE}")
 
@@ -39,6 +41,11 @@ def randn(*shape, dtype=torch.float32, gen, scale=1.0, shift=0.0):
 # --- Add & Norm ---------------------------------------------------------------------------------
 
 
+def bwd_of(dy, h, h_dtype, weight, bias, mean, rstd):
+    """The backward of a LayerNorm forward that stored h, without dh or a residual."""
+    return BwdArgs(dy, None, h, None, None, h_dtype, weight, bias, mean, rstd, False, None)
+
+
 def add_norm_case(
     x, residual, weight, bias, rms, *, dh=True, residual_in_fp32=False, store_h=True, recompute=False, gen
 ):
@@ -46,7 +53,8 @@ def add_norm_case(
     h_dtype = residual.dtype if residual is not None else x.dtype
     if residual_in_fp32:
         h_dtype = torch.promote_types(h_dtype, torch.float32)
-    y, h, mean, rstd = triton_add_norm.add_norm_fwd(x, residual, weight, bias, EPS, rms, h_dtype, store_h)
+    args = FwdArgs(x, residual, weight, bias, EPS, rms, h_dtype, store_h)
+    y, h, mean, rstd, _mask = triton_add_norm.add_norm_fwd(*args)
     m = x.numel() // x.shape[-1]
     stats = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
@@ -71,19 +79,21 @@ def add_norm_case(
     dh_in = randn(*x.shape[:-1], n + 1, dtype=h_dtype, gen=gen)[..., :n] if dh else None
     separate = residual is not None and residual.dtype != x.dtype
     recompute = recompute or not store_h  # without h the backward gets x (and residual: h is recomputed)
-    saved_h = x if recompute else h
-    dx, dres, dw, db = triton_add_norm.add_norm_bwd(
-        dy,
-        dh_in,
-        saved_h,
-        residual if recompute else None,
-        h_dtype,
-        weight,
-        bias,
-        mean,
-        rstd,
-        rms,
-        residual.dtype if separate else None,
+    dx, dres, dw, db, _ = triton_add_norm.add_norm_bwd(
+        *BwdArgs(
+            dy,
+            dh_in,
+            None if recompute else h,
+            x if recompute else None,
+            residual if recompute else None,
+            h_dtype,
+            weight,
+            bias,
+            None if rms else mean,
+            rstd,
+            rms,
+            residual.dtype if separate else None,
+        )
     )
     present = [t for t in inputs if t is not None]
     present64 = [t for t in inputs64 if t is not None]
@@ -178,10 +188,10 @@ def test_add_norm_optional_operands_and_mixed_dtypes():
     add_norm_case(x, x.clone(), w, None, True, residual_in_fp32=True, gen=gen)  # h fp32 from bf16 + bf16
     add_norm_case(x, r32, w, w.clone(), False, dh=False, recompute=True, gen=gen)  # h recomputed in bwd
     w2d = randn(4, n // 4, dtype=torch.float32, gen=gen)  # weight of any shape, N contiguous elements
-    y, h, mean, rstd = triton_add_norm.add_norm_fwd(x, None, w2d, w2d, EPS, False, x.dtype, True)
-    y_flat = triton_add_norm.add_norm_fwd(x, None, w2d.flatten(), w2d.flatten(), EPS, False, x.dtype, True)[0]
-    assert torch.equal(y, y_flat)
-    _, _, dw, db = triton_add_norm.add_norm_bwd(y, None, h, None, x.dtype, w2d, w2d, mean, rstd, False, None)
+    y, h, mean, rstd, _ = triton_add_norm.add_norm_fwd(*FwdArgs(x, None, w2d, w2d, EPS, False, x.dtype, True))
+    flat = FwdArgs(x, None, w2d.flatten(), w2d.flatten(), EPS, False, x.dtype, True)
+    assert torch.equal(y, triton_add_norm.add_norm_fwd(*flat)[0])
+    _, _, dw, db, _ = triton_add_norm.add_norm_bwd(*bwd_of(y, h, x.dtype, w2d, w2d, mean, rstd))
     assert dw.shape == w2d.shape and db.shape == w2d.shape and dw.dtype == torch.float32
 
 
@@ -190,9 +200,9 @@ def test_add_norm_param_grads_are_deterministic():
     n = 48
     x, dy = randn(11, n, gen=gen), randn(11, n, gen=gen)  # 11 rows: several programs, uneven
     w, b = randn(n, gen=gen), randn(n, gen=gen)
-    y, h, mean, rstd = triton_add_norm.add_norm_fwd(x, None, w, b, EPS, False, x.dtype, True)
-    first = triton_add_norm.add_norm_bwd(dy, None, h, None, x.dtype, w, b, mean, rstd, False, None)
-    second = triton_add_norm.add_norm_bwd(dy, None, h, None, x.dtype, w, b, mean, rstd, False, None)
+    y, h, mean, rstd, _ = triton_add_norm.add_norm_fwd(*FwdArgs(x, None, w, b, EPS, False, x.dtype, True))
+    first = triton_add_norm.add_norm_bwd(*bwd_of(dy, h, x.dtype, w, b, mean, rstd))
+    second = triton_add_norm.add_norm_bwd(*bwd_of(dy, h, x.dtype, w, b, mean, rstd))
     for a, b_ in zip(first, second):
         assert torch.equal(a, b_)
 
@@ -201,9 +211,9 @@ def test_add_norm_param_grads_are_deterministic():
 def test_add_norm_no_rows(shape):
     x = torch.empty(shape, device=DEVICE)
     w, b = torch.ones(8, device=DEVICE), torch.ones(8, device=DEVICE)
-    y, h, mean, rstd = triton_add_norm.add_norm_fwd(x, x, w, b, EPS, False, x.dtype, True)
+    y, h, mean, rstd, _ = triton_add_norm.add_norm_fwd(*FwdArgs(x, x, w, b, EPS, False, x.dtype, True))
     assert y.shape == shape and h.shape == shape and mean.shape == (0,) and rstd.shape == (0,)
-    dx, dres, dw, db = triton_add_norm.add_norm_bwd(x, None, h, None, x.dtype, w, b, mean, rstd, False, None)
+    dx, dres, dw, db, _ = triton_add_norm.add_norm_bwd(*bwd_of(x, h, x.dtype, w, b, mean, rstd))
     assert dx.shape == shape and torch.equal(dw, torch.zeros(8, device=DEVICE)) and torch.equal(db, dw)
 
 
@@ -211,16 +221,16 @@ def test_add_norm_registered_ops_check_their_arguments():
     fwd, bwd = torch.ops.fusedres.add_norm_fwd_triton, torch.ops.fusedres.add_norm_bwd_triton
     x, w = torch.randn(4, 8, device=DEVICE), torch.randn(8, device=DEVICE)
     with pytest.raises(ValueError, match="rows of one stride"):
-        fwd(x.t().contiguous().t(), None, w, None, EPS, False, x.dtype, False)
+        fwd(*FwdArgs(x.t().contiguous().t(), None, w, None, EPS, False, x.dtype, False))
     with pytest.raises(ValueError, match="weight"):
-        fwd(x, None, torch.randn(16, device=DEVICE)[::2], None, EPS, False, x.dtype, False)
+        fwd(*FwdArgs(x, None, torch.randn(16, device=DEVICE)[::2], None, EPS, False, x.dtype, False))
     with pytest.raises(ValueError, match="eps"):
-        fwd(x, None, w, None, -1.0, False, x.dtype, False)
-    y, h, mean, rstd = fwd(x, None, w, None, EPS, False, x.dtype, True)
+        fwd(*FwdArgs(x, None, w, None, -1.0, False, x.dtype, False))
+    y, h, mean, rstd, _ = fwd(*FwdArgs(x, None, w, None, EPS, False, x.dtype, True))
     with pytest.raises(ValueError, match="mean"):
-        bwd(y, None, h, None, x.dtype, w, None, mean[:2], rstd, False, None)
-    with pytest.raises(ValueError, match="rstd"):
-        bwd(y, None, h, None, x.dtype, w, None, mean, rstd.double(), False, None)
+        bwd(*bwd_of(y, h, x.dtype, w, None, mean[:2], rstd))
+    with pytest.raises(TypeError, match="rstd"):
+        bwd(*bwd_of(y, h, x.dtype, w, None, mean, rstd.double()))
 
 
 def test_add_norm_opcheck():
@@ -229,16 +239,17 @@ def test_add_norm_opcheck():
     w, b = randn(33, gen=gen), randn(33, gen=gen)
     wide = randn(6, 40, gen=gen)[:, :33]
     fwd_samples = [
-        (x, r, w, b, EPS, False, torch.float32, True),
-        (wide, None, w, None, 1e-6, True, torch.float32, False),
-        (x.bfloat16(), r, w, b, EPS, False, torch.float32, True),
+        FwdArgs(x, r, w, b, EPS, False, torch.float32, True),
+        FwdArgs(wide, None, w, None, 1e-6, True, torch.float32, False),
+        FwdArgs(x.bfloat16(), r, w, b, EPS, False, torch.float32, True),
     ]
     fwd, bwd = torch.ops.fusedres.add_norm_fwd_triton, torch.ops.fusedres.add_norm_bwd_triton
     for args in fwd_samples:
         torch.library.opcheck(fwd, args)
-    y, h, mean, rstd = fwd(*fwd_samples[2])
-    torch.library.opcheck(bwd, (y, h, h, None, torch.float32, w, b, mean, rstd, False, torch.float32))
-    torch.library.opcheck(bwd, (y, None, fwd_samples[2][0], r, torch.float32, w, None, mean, rstd, False, None))
+    y, h, mean, rstd, _ = fwd(*fwd_samples[2])
+    bf = fwd_samples[2].x
+    torch.library.opcheck(bwd, BwdArgs(y, h, h, None, None, torch.float32, w, b, mean, rstd, False, torch.float32))
+    torch.library.opcheck(bwd, BwdArgs(y, None, None, bf, r, torch.float32, w, None, mean, rstd, False, None))
 
 
 # --- BatchNorm + add + ReLU ---------------------------------------------------------------------
@@ -534,8 +545,9 @@ def compile_for_sm90() -> None:
             x = torch.randn(4, n, dtype=dtype)
             w = torch.ones(n, dtype=param_dtype(dtype))
             b = None if rms else w
-            y, h, mean, rstd = an.add_norm_fwd(x, x, w, b, EPS, rms, dtype, True, launch=compile_instead)
-            an.add_norm_bwd(x, x, h, None, dtype, w, b, mean, rstd, rms, None, launch=compile_instead)
+            y, h, mean, rstd, _ = an.add_norm_fwd(*FwdArgs(x, x, w, b, EPS, rms, dtype, True), launch=compile_instead)
+            bwd = BwdArgs(x, x, h, None, None, dtype, w, b, None if rms else mean, rstd, rms, None)
+            an.add_norm_bwd(*bwd, launch=compile_instead)
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         for channels_last in (False, True):
             x = to_layout(torch.randn(4, 64, 14, 14, dtype=dtype), channels_last)

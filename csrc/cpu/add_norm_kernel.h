@@ -280,11 +280,175 @@ void add_norm_bwd_rows(const AddNormBwdRows& a, const acc_t* w, acc_t* dw, acc_t
   });
 }
 
+// --- the residual features (fusedres/spec/add_norm.py) -------------------------------------------
+// Calls with dropout, rowscale or colscale, with the mask written, or in place take these row
+// kernels: they work through the row buffers of the mixed-dtype path (the conversions are
+// load_row/store_row), and draw a row's Philox bits once into `bits` (N uint32 of scratch).
+
+// bits[i] = the Philox bits of element (r, i) (csrc/philox.h's layout), when dropout is on.
+inline void draw_row_bits(const RowFeatures& f, int64_t r, int64_t n, uint32_t* __restrict bits) {
+  if (f.dropout) {
+    philox::fill_bits(f.key, f.offset, r * n, n, bits);
+  }
+}
+
+// buf[i] *= (keep ? scale : 0) * rowscale[r] (* cs[i] when cs is given), in that order: x's
+// branch in the forward, and dx from dL/dh in the backward (the chain rule multiplies the same
+// factors). A dropped NaN stays NaN (times 0), as F.dropout's x * mask does.
+template <typename acc_t>
+inline void scale_branch(const RowFeatures& f, int64_t r, int64_t n, const acc_t* __restrict cs,
+                         const uint32_t* __restrict bits, acc_t* __restrict buf) {
+  if (f.dropout) {
+    const acc_t scale = static_cast<acc_t>(f.scale);
+    const uint32_t thr = f.threshold;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] *= bits[i] >= thr ? scale : acc_t(0);
+    }
+  }
+  if (f.rowscale) {
+    acc_t rs = 1;
+    visit_float(f.rowscale_dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      rs = static_cast<acc_t>(static_cast<const T*>(f.rowscale)[r]);
+    });
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] *= rs;
+    }
+  }
+  if (cs) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] *= cs[i];
+    }
+  }
+}
+
+// Forward with features: h = residual + branch(x), rounded to h_dtype; y = norm(h) * w + b (w
+// already holds weight + weight_offset). In place (y is x, h is residual) each row is read whole
+// before it is written. Statistics are written where their pointers are given.
+template <typename acc_t>
+void add_norm_fwd_rows_features(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
+                                const acc_t* __restrict cs, acc_t* __restrict buf, uint32_t* __restrict bits,
+                                int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  const acc_t eps = static_cast<acc_t>(a.eps);
+  const RowFeatures& f = a.features;
+  for (int64_t r = begin; r < end; ++r) {
+    draw_row_bits(f, r, n, bits);
+    load_row(a.x.row(r), a.x.dtype, n, buf);
+    scale_branch(f, r, n, cs, bits, buf);
+    if (a.residual) {
+      add_row(a.residual.row(r), a.residual.dtype, n, buf);
+    }
+    round_row(buf, n, a.h_dtype);
+    if (a.h) {
+      store_row(buf, n, a.h.dtype, a.h.row(r));
+    }
+    const acc_t mean = a.rms_norm ? acc_t(0) : row_sum(buf, n) * inv_n;
+    const acc_t rstd = acc_t(1) / std::sqrt(row_sum_sq_dev(buf, mean, n) * inv_n + eps);
+    if (a.mean) {
+      static_cast<acc_t*>(a.mean)[r] = mean;
+    }
+    if (a.rstd) {
+      static_cast<acc_t*>(a.rstd)[r] = rstd;
+    }
+    if (a.mask) {
+      bool* __restrict keep = a.mask + r * n;
+      const uint32_t thr = f.threshold;
+      const bool dropout = f.dropout;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        keep[i] = !dropout || bits[i] >= thr;
+      }
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      buf[i] = (buf[i] - mean) * rstd * w[i] + b[i];
+    }
+    store_row(buf, n, a.y.dtype, a.y.row(r));
+  }
+}
+
+// Backward with features: the norm's backward as add_norm_bwd_rows_typed, then dresidual = dL/dh,
+// dcolscale += dL/dh * branch(x) without colscale, and dx = dL/dh scaled as the branch was.
+template <typename acc_t>
+void add_norm_bwd_rows_features(const AddNormBwdRows& a, const acc_t* __restrict w, const acc_t* __restrict cs,
+                                acc_t* __restrict dw, acc_t* __restrict db, acc_t* __restrict dcs,
+                                acc_t* __restrict xhat, acc_t* __restrict g, acc_t* __restrict hbuf,
+                                uint32_t* __restrict bits, int64_t begin, int64_t end) {
+  const int64_t n = a.n;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
+  const RowFeatures& f = a.features;
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
+    const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
+    draw_row_bits(f, r, n, bits);
+    if (a.recompute_h) {  // exactly as the forward formed it
+      load_row(a.x.row(r), a.x.dtype, n, hbuf);
+      scale_branch(f, r, n, cs, bits, hbuf);
+      if (a.residual) {
+        add_row(a.residual.row(r), a.residual.dtype, n, hbuf);
+      }
+      round_row(hbuf, n, a.h_dtype);
+    } else {
+      load_row(a.h.row(r), a.h.dtype, n, hbuf);
+    }
+    load_row(a.dy.row(r), a.dy.dtype, n, g);
+    acc_t sum_gx = 0, sum_g = 0;
+#pragma omp simd reduction(+ : sum_gx, sum_g)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xh = (hbuf[i] - mean) * rstd;
+      const acc_t d = g[i];
+      const acc_t gw = d * w[i];
+      dw[i] += d * xh;
+      db[i] += d;
+      xhat[i] = xh;
+      g[i] = gw;
+      sum_gx += gw * xh;
+      sum_g += gw;
+    }
+    const acc_t c1 = sum_gx * inv_n;
+    const acc_t c2 = a.rms_norm ? acc_t(0) : sum_g * inv_n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      g[i] = (g[i] - xhat[i] * c1 - c2) * rstd;
+    }
+    if (a.dh) {
+      add_row(a.dh.row(r), a.dh.dtype, n, g);
+    }
+    if (a.dresidual) {
+      store_row(g, n, a.dresidual.dtype, a.dresidual.row(r));
+    }
+    if (dcs) {
+      load_row(a.x.row(r), a.x.dtype, n, hbuf);
+      scale_branch(f, r, n, static_cast<const acc_t*>(nullptr), bits, hbuf);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        dcs[i] += g[i] * hbuf[i];
+      }
+    }
+    scale_branch(f, r, n, cs, bits, g);
+    store_row(g, n, a.dx.dtype, a.dx.row(r));
+  }
+}
+
 template void add_norm_fwd_rows<float>(const AddNormFwdRows&, const float*, const float*, float*, int64_t, int64_t);
 template void add_norm_fwd_rows<double>(const AddNormFwdRows&, const double*, const double*, double*, int64_t, int64_t);
 template void add_norm_bwd_rows<float>(const AddNormBwdRows&, const float*, float*, float*, float*, float*, float*,
                                        int64_t, int64_t);
 template void add_norm_bwd_rows<double>(const AddNormBwdRows&, const double*, double*, double*, double*, double*,
                                         double*, int64_t, int64_t);
+template void add_norm_fwd_rows_features<float>(const AddNormFwdRows&, const float*, const float*, const float*,
+                                                float*, uint32_t*, int64_t, int64_t);
+template void add_norm_fwd_rows_features<double>(const AddNormFwdRows&, const double*, const double*, const double*,
+                                                 double*, uint32_t*, int64_t, int64_t);
+template void add_norm_bwd_rows_features<float>(const AddNormBwdRows&, const float*, const float*, float*, float*,
+                                                float*, float*, float*, float*, uint32_t*, int64_t, int64_t);
+template void add_norm_bwd_rows_features<double>(const AddNormBwdRows&, const double*, const double*, double*,
+                                                 double*, double*, double*, double*, double*, uint32_t*, int64_t,
+                                                 int64_t);
 
 } // namespace fusedres::cpu::FUSEDRES_CPU_ISA

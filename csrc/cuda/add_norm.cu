@@ -1,5 +1,5 @@
 // Add & Norm CUDA kernels: h = x + residual, y = norm(h) * weight + bias (LayerNorm or
-// RMSNorm over the last dimension), and the matching backward. Schemas: csrc/ops.cpp.
+// RMSNorm over the last dimension), and the matching backward. Arguments: fusedres/spec/add_norm.py.
 // Eager spec: fusedres/reference/add_norm.py.
 //
 // Both directions are memory bound (a handful of flops per element), so the design goal is one
@@ -1038,22 +1038,27 @@ void run_fwd_16(const FwdCall& c, bool r_f32, bool h_f32, bool w_f32) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
-    const Tensor& x,
-    const std::optional<Tensor>& residual,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    double eps,
-    bool rms_norm,
-    ScalarType h_dtype,
-    bool store_h) {
-  const RowsView shape = check_add_norm_fwd_args(x, residual, weight, bias, eps);
+// Until the CUDA kernels implement them (issue 23): the residual features are refused here.
+void refuse_features(const AddNormParams& p, bool store_mask) {
+  STD_TORCH_CHECK(!p.features.any() && !store_mask,
+      "fusedres: dropout_p, rowscale, colscale, weight_offset and the dropout mask are not implemented by the CUDA "
+      "backend yet");
+}
+
+AddNormFwdResult<Tensor> add_norm_fwd_cuda(const AddNormFwd& a) {
+  const AddNormParams p = check_add_norm(a);
+  refuse_features(p, a.store_mask);
+  const RowsView shape = p.shape;
+  const Tensor& x = a.x;
+  const ScalarType h_dtype = a.h_dtype;
+  const bool store_h = a.store_h;
   STD_TORCH_CHECK(x.is_cuda(), "fusedres: add_norm_fwd (CUDA) expects CUDA tensors");
   STD_TORCH_CHECK(shape.cols <= (int64_t{1} << 30), "fusedres: N is too large");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  auto [y, h, mean, rstd] = alloc_add_norm_fwd_outputs(x, shape, rms_norm, h_dtype, store_h);
+  auto out = alloc_add_norm_outputs(a, shape);
+  auto& [y, h, mean, rstd, mask] = out;
   if (shape.rows == 0) {
-    return {y, h, mean, rstd};
+    return out;
   }
 
   const ScalarType xt = x.scalar_type();
@@ -1065,19 +1070,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
   auto has_kernel = [&](ScalarType t) {
     return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
   };
-  std::optional<Tensor> r = residual;
+  std::optional<Tensor> r = a.residual;
   if (r && !has_kernel(r->scalar_type())) {
     r = torch::stable::to(*r, acc);
   }
-  std::optional<Tensor> w = weight;
-  std::optional<Tensor> b = bias;
+  std::optional<Tensor> w = a.weight;
+  std::optional<Tensor> b = a.bias;
   if (w && !has_kernel(w->scalar_type())) {
     w = torch::stable::to(*w, acc);
   }
   if (b && !has_kernel(b->scalar_type())) {
     b = torch::stable::to(*b, acc);
   }
-  // check_add_norm_fwd_args guarantees bias has weight's dtype, and both went through the same
+  // check_add_norm_fwd guarantees bias has weight's dtype, and both went through the same
   // conversion rule, so one W type serves both.
   const ScalarType wt = w ? w->scalar_type() : (b ? b->scalar_type() : xt);
   const bool r_f32 = r && r->scalar_type() == ScalarType::Float && xt != ScalarType::Float;
@@ -1104,8 +1109,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
   call.mean = &mean;
   call.rstd = &rstd;
   call.shape = shape;
-  call.eps = eps;
-  call.rms = rms_norm;
+  call.eps = a.eps;
+  call.rms = a.rms_norm;
   call.store_h = store_h;
   call.hround = hround;
   call.stream = current_stream(x.get_device_index());
@@ -1129,7 +1134,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_fwd_cuda(
   if (h_via_buffer) {
     torch::stable::copy_(h, h_buf);
   }
-  return {y, h, mean, rstd};
+  return out;
 }
 
 struct BwdCall {
@@ -1299,20 +1304,11 @@ void launch_param_grads(const BwdCall& c, Tensor* dweight, Tensor* dbias) {
 // stable dispatcher); a - (-1) * b is the same IEEE operation, signed zeros included.
 Tensor add(const Tensor& a, const Tensor& b) { return torch::stable::subtract(a, b, -1.0); }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
-    const Tensor& dy,
-    const std::optional<Tensor>& dh,
-    const Tensor& h_or_x,
-    const std::optional<Tensor>& residual,
-    ScalarType h_dtype,
-    const std::optional<Tensor>& weight,
-    const std::optional<Tensor>& bias,
-    const Tensor& mean,
-    const Tensor& rstd,
-    bool rms_norm,
-    std::optional<ScalarType> dresidual_dtype) {
-  const RowsView shape =
-      check_add_norm_bwd_args(dy, dh, h_or_x, residual, weight, bias, mean, rstd, rms_norm);
+AddNormBwdResult<Tensor> add_norm_bwd_cuda(const AddNormBwd& a) {
+  const AddNormParams p = check_add_norm(a);
+  refuse_features(p, false);
+  const RowsView shape = p.shape;
+  const Tensor& dy = a.dy;
   STD_TORCH_CHECK(dy.is_cuda(), "fusedres: add_norm_bwd (CUDA) expects CUDA tensors");
   STD_TORCH_CHECK(shape.cols <= (int64_t{1} << 30), "fusedres: N is too large");
   const int device = dy.get_device_index();
@@ -1321,21 +1317,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   const ScalarType acc = stats_dtype(xt);
 
   // GPUs have no reason to skip writing h in the forward (a write costs what a read does), so
-  // the fused path reads it. Given the residual, h_or_x is x and h is recomputed (a cold path,
-  // in torch ops) exactly as the forward formed it: both operands in the accumulation dtype,
-  // added there, rounded to h_dtype.
-  Tensor h = h_or_x;
-  if (residual.has_value()) {
-    STD_TORCH_CHECK(is_supported_float(h_dtype),
-                    "fusedres: h_dtype must be float32, float64, float16 or bfloat16");
-    if (shape.rows > 0) {
-      const Tensor sum = add(torch::stable::to(h_or_x, acc), torch::stable::to(*residual, acc));
-      h = torch::stable::to(sum, h_dtype);
-    }
+  // the fused path reads it. Without it, h is recomputed from x (+ residual) (a cold path, in
+  // torch ops) exactly as the forward formed it: both operands in the accumulation dtype, added
+  // there, rounded to h_dtype; without a residual, x stands for h (x.to(h_dtype) only widens).
+  Tensor h = a.h ? *a.h : *a.x;
+  if (!a.h && a.residual && shape.rows > 0) {
+    const Tensor sum = add(torch::stable::to(*a.x, acc), torch::stable::to(*a.residual, acc));
+    h = torch::stable::to(sum, a.h_dtype);
   }
-  auto [dx, dres] = alloc_add_norm_bwd_row_outputs(dy, h, dresidual_dtype);
-  Tensor dweight = alloc_param_grad(dy, weight);
-  Tensor dbias = alloc_param_grad(dy, bias);
+  auto out = alloc_add_norm_outputs(a);
+  auto& [dx, dres, dweight, dbias, dcolscale] = out;
+  const std::optional<ScalarType> dresidual_dtype = a.dresidual_dtype;
+  const Tensor& mean = a.rms_norm ? a.rstd : *a.mean;
+  const Tensor& rstd = a.rstd;
+  const std::optional<Tensor>& weight = a.weight;
+  const std::optional<Tensor>& bias = a.bias;
+  const std::optional<Tensor>& dh = a.dh;
+  const bool rms_norm = a.rms_norm;
 
   BwdCall call{};
   call.dy = &dy;
@@ -1362,7 +1360,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
   };
   if (shape.rows == 0) {
     param_grads();
-    return {dx, dres, dweight, dbias};
+    return out;
   }
 
   // Same policy as the forward: kernels for h / weight of dy's dtype or float32, anything
@@ -1424,14 +1422,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> add_norm_bwd_cuda(
     torch::stable::copy_(dres, dres_buf);
   }
   param_grads();
-  return {dx, dres, dweight, dbias};
+  return out;
 }
 
 }  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("add_norm_fwd", TORCH_BOX(&add_norm_fwd_cuda));
-  m.impl("add_norm_bwd", TORCH_BOX(&add_norm_bwd_cuda));
+  m.impl("add_norm_fwd", TORCH_BOX((&add_norm_fwd_entry<Tensor, &add_norm_fwd_cuda>)));
+  m.impl("add_norm_bwd", TORCH_BOX((&add_norm_bwd_entry<Tensor, &add_norm_bwd_cuda>)));
 }
 
 }  // namespace fusedres

@@ -1,6 +1,6 @@
 // BatchNorm (+ residual) (+ ReLU) CUDA kernels: batch statistics, the fused forward
 // out = relu(xhat * weight + bias + residual), and the two backward passes. Schemas and exact
-// semantics: csrc/ops.cpp. Eager spec: fusedres/reference/batch_norm.py.
+// semantics: fusedres/spec/batch_norm.py. Eager spec: fusedres/reference/batch_norm.py.
 //
 // Every op is memory bound (a few flops per element), so each pass reads its inputs from HBM
 // once and writes its output once; per-channel work (combining partials, the coefficients of

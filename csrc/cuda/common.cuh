@@ -2,6 +2,8 @@
 // stream / error / device-query helpers over torch's stable C shim.
 #pragma once
 
+#include "tensors.h"
+
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/Exception.h>
@@ -136,22 +138,9 @@ int blocks_per_sm(int device, int threads) {
 // nullptr (an absent operand) counts as aligned.
 inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Run-time element types, for data touched once per channel or column (per-channel vectors,
-// running statistics, parameter grads), where a switch costs less than more instantiations.
-enum DtypeCode : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-inline int dtype_code(torch::headeronly::ScalarType t) {
-  switch (t) {
-    case torch::headeronly::ScalarType::Double:
-      return kF64;
-    case torch::headeronly::ScalarType::Half:
-      return kF16;
-    case torch::headeronly::ScalarType::BFloat16:
-      return kBF16;
-    default:
-      return kF32;
-  }
-}
+// Run-time element types (DtypeCode, tensors.h), for data touched once per channel or column
+// (per-channel vectors, running statistics, parameter grads), where a switch costs less than
+// more instantiations.
 
 // Element i of p, exactly, as a double.
 __device__ __forceinline__ double ld_any(const void* p, int code, int64_t i) {

@@ -13,12 +13,16 @@
 // torch; anywhere else, fusedres/ops/add_norm.py runs the same formula in Python
 // (_AddNormFunction). The tests run both (tests/test_add_norm.py, `autograd_path`).
 //
-// The caller (fusedres/ops/add_norm.py: _run) has chosen a C++ backend (cpu or cuda), checked
-// eps and that weight and bias are vectors, and found plain tensors, no functorch transform and
-// no compilation; the operators check the rest, and a failure is re-diagnosed in Python.
+// The caller (fusedres/ops/add_norm.py: _add_norm) has chosen a C++ backend (cpu or cuda),
+// checked eps and that weight and bias are vectors, drawn the dropout RNG state, and found plain
+// tensors, no functorch transform and no compilation; the operators check the rest, and a
+// failure is re-diagnosed in Python. The operators' arguments and their order come from the spec
+// (fusedres/spec/add_norm.py, through the generated fusedres/spec.h); `plan` is a copy of
+// fusedres/ops/add_norm.py's (this module cannot call Python), tested against it for every
+// combination of its inputs (tests/test_add_norm_plan.py).
 #include "fastpath/module.h"
 
-#include <torch/extension.h>
+#include <fusedres/spec.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -31,34 +35,57 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
-using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using FwdArgs = AddNormFwdArgs<Tensor>;
+using BwdArgs = AddNormBwdArgs<Tensor>;
 
-// The operators of csrc/ops.cpp, called below Autograd: dispatch modes and subclasses below it
-// (FakeTensorMode, op counters) still see them.
-Outputs add_norm_fwd(const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    double eps, bool rms_norm, ScalarType h_dtype, bool store_h) {
+// The operators, called below Autograd: dispatch modes and subclasses below it (FakeTensorMode,
+// op counters) still see them.
+AddNormFwdResult<Tensor> add_norm_fwd(const FwdArgs& a) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedres::add_norm_fwd", "")
-                             .typed<Outputs(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                 double, bool, ScalarType, bool)>();
+                             .typed<AddNormFwdSignature<Tensor>>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h);
+  return call_add_norm_fwd(op, a);
 }
 
-Outputs add_norm_bwd(const Tensor& dy, const OptTensor& dh, const Tensor& h, const OptTensor& residual,
-    ScalarType h_dtype, const OptTensor& weight, const OptTensor& bias, const Tensor& mean, const Tensor& rstd,
-    bool rms_norm, std::optional<ScalarType> dresidual_dtype) {
+AddNormBwdResult<Tensor> add_norm_bwd(const BwdArgs& a) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fusedres::add_norm_bwd", "")
-                             .typed<Outputs(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-                                 ScalarType, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, bool,
-                                 std::optional<ScalarType>)>();
+                             .typed<AddNormBwdSignature<Tensor>>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype);
+  return call_add_norm_bwd(op, a);
+}
+
+// fusedres/ops/add_norm.py's Plan and plan(): what a call's arguments decide.
+struct Plan {
+  ScalarType h_dtype;
+  bool store_h;  // the forward writes h
+  bool saves_h;  // the backward reads the stored h; else it recomputes h from x (+ residual)
+  bool saves_x;  // the backward reads x: to recompute h, or for dcolscale
+  std::optional<ScalarType> dresidual_dtype;  // the residual's grad as a tensor of its own
+  bool colscale_grad;
+};
+
+Plan plan(ScalarType x_dtype, std::optional<ScalarType> residual_dtype, bool residual_in_fp32, bool prenorm,
+    bool needs_grad, bool recompute_h, bool transforms_x, bool colscale_grad) {
+  Plan p{};
+  p.h_dtype = residual_dtype.value_or(x_dtype);
+  if (residual_in_fp32) {
+    p.h_dtype = c10::promoteTypes(p.h_dtype, at::kFloat);
+  }
+  const bool h_is_x = !residual_dtype && !transforms_x;
+  p.store_h = prenorm || (needs_grad && !(h_is_x || recompute_h));
+  p.saves_h = p.store_h;
+  p.colscale_grad = colscale_grad && needs_grad;
+  p.saves_x = !p.store_h || p.colscale_grad;
+  if (residual_dtype && (*residual_dtype != x_dtype || transforms_x)) {
+    p.dresidual_dtype = residual_dtype;
+  }
+  return p;
 }
 
 // Whether the kernels read t in place: unit stride along the last dim and leading dims that
-// collapse into rows of one stride (as fusedres/_checks.py: _rows_readable).
+// collapse into rows of one stride (as fusedres/spec: _rows_readable).
 bool rows_readable(const Tensor& t) {
   const int64_t dim = t.dim();
   if (dim == 0 || (t.size(dim - 1) > 1 && t.stride(dim - 1) != 1)) {
@@ -88,7 +115,7 @@ OptTensor as_rows(const OptTensor& t) {
   return t.has_value() ? OptTensor(as_rows(*t)) : std::nullopt;
 }
 
-// The kernels read weight and bias as N contiguous elements.
+// The kernels read weight, bias and the scales as contiguous elements.
 OptTensor contiguous(const OptTensor& t) {
   return t.has_value() && !t->is_contiguous() ? OptTensor(t->contiguous()) : t;
 }
@@ -97,110 +124,197 @@ OptTensor defined_or_none(const Tensor& t) {
   return t.defined() ? OptTensor(t) : std::nullopt;
 }
 
+const Tensor& or_undefined(const OptTensor& t) {
+  static const Tensor undefined;
+  return t.has_value() ? *t : undefined;
+}
+
 bool requires_grad(const OptTensor& t) {
   return t.has_value() && t->requires_grad();
 }
 
-// The formula of fusedres/ops/add_norm.py (_save, _backward_with).
+// What the backward needs besides the saved tensors (fusedres/ops/add_norm.py: _Call), kept in
+// the context as integers: named here, encoded in one place.
+struct Call {
+  Plan plan;
+  double eps;
+  bool rms_norm;
+  double dropout_p;
+  double weight_offset;
+  ScalarType x_dtype;
+  bool prenorm;
+  bool has_residual;  // for needs_input_grad, which counts the tensors given
+  bool has_weight;
+  bool has_bias;
+  bool has_colscale;
+
+  static constexpr const char* kInts = "call";
+  static constexpr const char* kDoubles = "call_f";
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data[kInts] = std::vector<int64_t>{static_cast<int64_t>(plan.h_dtype), plan.store_h, plan.saves_h,
+        plan.saves_x, plan.dresidual_dtype ? static_cast<int64_t>(*plan.dresidual_dtype) : -1, plan.colscale_grad,
+        rms_norm, static_cast<int64_t>(x_dtype), prenorm, has_residual, has_weight, has_bias, has_colscale};
+    ctx->saved_data[kDoubles] = std::vector<double>{eps, dropout_p, weight_offset};
+  }
+
+  static Call load(AutogradContext* ctx) {
+    const auto i = ctx->saved_data[kInts].toIntVector();
+    const auto f = ctx->saved_data[kDoubles].toDoubleVector();
+    Call c{};
+    c.plan = Plan{static_cast<ScalarType>(i[0]), i[1] != 0, i[2] != 0, i[3] != 0,
+        i[4] >= 0 ? std::optional<ScalarType>(static_cast<ScalarType>(i[4])) : std::nullopt, i[5] != 0};
+    c.rms_norm = i[6] != 0;
+    c.x_dtype = static_cast<ScalarType>(i[7]);
+    c.prenorm = i[8] != 0;
+    c.has_residual = i[9] != 0;
+    c.has_weight = i[10] != 0;
+    c.has_bias = i[11] != 0;
+    c.has_colscale = i[12] != 0;
+    c.eps = f[0];
+    c.dropout_p = f[1];
+    c.weight_offset = f[2];
+    return c;
+  }
+};
+
+// The formula of fusedres/ops/add_norm.py (_save, _backward_with). The differentiable inputs come
+// first: x, residual, weight, bias, colscale.
 struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& residual,
-      const OptTensor& weight, const OptTensor& bias, double eps, bool rms_norm, ScalarType h_dtype, bool store_h,
-      bool prenorm) {
-    auto [y, h, mean, rstd] = add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h);
-    // Backward needs the tensor that was normalized: the stored h, or x (+ residual, added back
-    // by the backward kernel) when h was not written.
+      const OptTensor& weight, const OptTensor& bias, const OptTensor& colscale, const OptTensor& rowscale,
+      const OptTensor& seed_offset, const Call& call, bool store_mask) {
+    const Plan& p = call.plan;
+    auto [y, h, mean, rstd, mask] = add_norm_fwd({.x = x, .residual = residual, .weight = weight, .bias = bias,
+        .eps = call.eps, .rms_norm = call.rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
+        .dropout_p = call.dropout_p, .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale,
+        .weight_offset = call.weight_offset, .store_mask = store_mask});
     const Tensor none;
-    const Tensor& w = weight.has_value() ? *weight : none;
-    const Tensor& b = bias.has_value() ? *bias : none;
-    if (store_h) {
-      ctx->save_for_backward({h, none, w, b, mean, rstd});
-    } else {
-      ctx->save_for_backward({x, residual.has_value() ? *residual : none, w, b, mean, rstd});
-    }
-    // x's grad has x's dtype (dy's); residual's is a tensor of its own when its dtype differs.
-    const ScalarType x_dtype = x.scalar_type();
-    const bool own_dresidual = residual.has_value() && residual->scalar_type() != x_dtype;
-    ctx->saved_data["meta"] = std::vector<int64_t>{rms_norm, static_cast<int64_t>(h_dtype),
-        static_cast<int64_t>(x_dtype), own_dresidual ? static_cast<int64_t>(residual->scalar_type()) : -1,
-        residual.has_value(), weight.has_value()};
-    if (!prenorm) {
-      return {y};
-    }
+    ctx->save_for_backward({p.saves_h ? h : none, p.saves_x ? x : none, p.saves_h ? none : or_undefined(residual),
+        or_undefined(weight), or_undefined(bias), call.rms_norm ? none : mean, rstd, or_undefined(seed_offset),
+        or_undefined(rowscale), or_undefined(colscale)});
+    call.save(ctx);
     ctx->set_materialize_grads(false);  // a grad for y or h alone: no zeros of the other's size
-    return {y, h};
+    variable_list out{y};
+    if (call.prenorm) {
+      out.push_back(h);
+    }
+    if (store_mask) {
+      ctx->mark_non_differentiable({mask});
+      out.push_back(mask);
+    }
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const Tensor& h = saved[0];
-    const auto meta = ctx->saved_data["meta"].toIntVector();
-    const bool rms_norm = meta[0] != 0;
-    const auto h_dtype = static_cast<ScalarType>(meta[1]);
-    const auto x_dtype = static_cast<ScalarType>(meta[2]);
-    // needs_input_grad counts the tensors that were given (x, then residual, weight, bias when not None).
-    const size_t residual_edge = 1, weight_edge = residual_edge + meta[4], bias_edge = weight_edge + meta[5];
+    const Call call = Call::load(ctx);
+    const Plan& p = call.plan;
+    const OptTensor h = defined_or_none(saved[0]), x = defined_or_none(saved[1]);
+    // needs_input_grad counts the tensors that were given: x, then the optional ones present.
+    size_t edge = 1;
+    auto needs = [&](bool present) { return present && ctx->needs_input_grad(edge++); };
     const bool needs_x = ctx->needs_input_grad(0);
-    const bool needs_residual = meta[4] && ctx->needs_input_grad(residual_edge);
-    const bool needs_weight = meta[5] && ctx->needs_input_grad(weight_edge);
-    const bool needs_bias = saved[3].defined() && ctx->needs_input_grad(bias_edge);
+    const bool needs_residual = needs(call.has_residual);
+    const bool needs_weight = needs(call.has_weight);
+    const bool needs_bias = needs(call.has_bias);
+    const bool needs_colscale = needs(call.has_colscale);
 
+    const Tensor& like = h ? *h : *x;
     const Tensor dy = grads[0].defined() ? as_rows(grads[0])
-                                         : at::zeros(h.sizes(), h.options().dtype(x_dtype));  // only h was used
-    const OptTensor dh = grads.size() > 1 && grads[1].defined() ? OptTensor(as_rows(grads[1])) : std::nullopt;
-    std::optional<ScalarType> dresidual_dtype;
-    if (needs_residual && meta[3] >= 0) {
-      dresidual_dtype = static_cast<ScalarType>(meta[3]);
-    }
-    auto [dx, dresidual, dweight, dbias] = add_norm_bwd(dy, dh, h, defined_or_none(saved[1]), h_dtype,
-        defined_or_none(saved[2]), needs_bias ? defined_or_none(saved[3]) : std::nullopt, saved[4], saved[5],
-        rms_norm, dresidual_dtype);
-    // x and residual get the same grad (dL/dh); one tensor serves both when dtypes agree. The
-    // other inputs (eps, rms_norm, h_dtype, store_h, prenorm) get none.
+                                         : at::zeros(like.sizes(), like.options().dtype(call.x_dtype));  // only h used
+    const OptTensor dh = call.prenorm && grads[1].defined() ? OptTensor(as_rows(grads[1])) : std::nullopt;
+    const std::optional<ScalarType> dresidual_dtype = needs_residual ? p.dresidual_dtype : std::nullopt;
+    const OptTensor residual = defined_or_none(saved[2]), weight = defined_or_none(saved[3]);
+    const OptTensor bias = needs_bias ? defined_or_none(saved[4]) : std::nullopt, mean = defined_or_none(saved[5]);
+    const OptTensor seed_offset = defined_or_none(saved[7]), rowscale = defined_or_none(saved[8]),
+                    colscale = defined_or_none(saved[9]);
+    auto [dx, dresidual, dweight, dbias, dcolscale] = add_norm_bwd({.dy = dy, .dh = dh, .h = h, .x = x,
+        .residual = residual, .h_dtype = p.h_dtype, .weight = weight, .bias = bias, .mean = mean, .rstd = saved[6],
+        .rms_norm = call.rms_norm, .dresidual_dtype = dresidual_dtype, .dropout_p = call.dropout_p,
+        .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale, .weight_offset = call.weight_offset,
+        .colscale_grad = p.colscale_grad && needs_colscale});
+    // x and residual get the same grad (dL/dh) unless x's branch is transformed or the dtypes
+    // differ. The other inputs get none.
     const Tensor none;
     return {needs_x ? dx : none, needs_residual ? (dresidual_dtype ? dresidual : dx) : none,
-        needs_weight ? dweight : none, needs_bias ? dbias : none, none, none, none, none, none};
+        needs_weight ? dweight : none, needs_bias ? dbias : none, needs_colscale ? dcolscale : none, none, none,
+        none, none};
   }
 };
 
-// y, or (y, h) with prenorm: fusedres.ops.add_norm's contract (h's dtype and when h is written
-// are decided as fusedres/ops/add_norm.py: _run decides them).
+// y; (y, h) with prenorm; the mask appended with return_mask: fusedres.ops.add_norm's contract.
 py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    double eps, bool rms_norm, bool prenorm, bool residual_in_fp32) {
-  ScalarType h_dtype = residual.has_value() ? residual->scalar_type() : x.scalar_type();
-  if (residual_in_fp32) {
-    h_dtype = c10::promoteTypes(h_dtype, at::kFloat);
-  }
+    double eps, bool rms_norm, bool prenorm, bool residual_in_fp32, double dropout_p, const OptTensor& rowscale,
+    const OptTensor& colscale, double weight_offset, bool return_mask, const OptTensor& seed_offset) {
   const bool needs_grad = at::GradMode::is_enabled() &&
-      (requires_grad(weight) || x.requires_grad() || requires_grad(residual) || requires_grad(bias));
-  // h is written only when someone reads it: prenorm returns it; a backward reads it, except on
-  // the CPU, whose backward adds the residual back instead.
-  const bool store_h = prenorm || (needs_grad && residual.has_value() && !x.is_cpu());
-  Tensor y, h;
+      (requires_grad(weight) || x.requires_grad() || requires_grad(residual) || requires_grad(bias) ||
+          requires_grad(colscale));
+  const bool transforms_x = dropout_p > 0.0 || rowscale.has_value() || colscale.has_value();
+  const std::optional<ScalarType> residual_dtype =
+      residual ? std::optional<ScalarType>(residual->scalar_type()) : std::nullopt;
+  const Plan p = plan(x.scalar_type(), residual_dtype, residual_in_fp32, prenorm, needs_grad, x.is_cpu(),
+      transforms_x, requires_grad(colscale));
+  Tensor y, h, mask;
   {
     // As aten's own Python bindings do: other Python threads run while the kernels do.
     py::gil_scoped_release no_gil;
     const Tensor rows = as_rows(x);
-    const OptTensor residual_rows = as_rows(residual), w = contiguous(weight), b = contiguous(bias);
+    const OptTensor residual_rows = as_rows(residual), w = contiguous(weight), b = contiguous(bias),
+                    rs = contiguous(rowscale), cs = contiguous(colscale);
     if (needs_grad) {
-      variable_list out = AddNormFunction::apply(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h, prenorm);
+      const Call call{p, eps, rms_norm, dropout_p, weight_offset, x.scalar_type(), prenorm, residual.has_value(),
+          weight.has_value(), bias.has_value(), colscale.has_value()};
+      variable_list out = AddNormFunction::apply(rows, residual_rows, w, b, cs, rs, seed_offset, call, return_mask);
       y = std::move(out[0]);
       if (prenorm) {
         h = std::move(out[1]);
       }
+      if (return_mask) {
+        mask = std::move(out.back());
+      }
     } else {
-      std::tie(y, h, std::ignore, std::ignore) =
-          add_norm_fwd(rows, residual_rows, w, b, eps, rms_norm, h_dtype, store_h);
+      std::tie(y, h, std::ignore, std::ignore, mask) = add_norm_fwd({.x = rows, .residual = residual_rows, .weight = w,
+          .bias = b, .eps = eps, .rms_norm = rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
+          .dropout_p = dropout_p, .seed_offset = seed_offset, .rowscale = rs, .colscale = cs,
+          .weight_offset = weight_offset, .store_mask = return_mask});
     }
   }
-  return prenorm ? py::object(py::make_tuple(y, h)) : py::cast(y);
+  if (!prenorm && !return_mask) {
+    return py::cast(y);
+  }
+  py::list out;
+  out.append(y);
+  if (prenorm) {
+    out.append(h);
+  }
+  if (return_mask) {
+    out.append(mask);
+  }
+  return py::tuple(out);
+}
+
+// plan() for the tests (tests/test_add_norm_plan.py compares it with fusedres/ops/add_norm.py's):
+// (h_dtype, store_h, saves_h, saves_x, dresidual_dtype or None, colscale_grad).
+py::tuple add_norm_plan(ScalarType x_dtype, std::optional<ScalarType> residual_dtype, bool residual_in_fp32,
+    bool prenorm, bool needs_grad, bool recompute_h, bool transforms_x, bool colscale_grad) {
+  const Plan p = plan(x_dtype, residual_dtype, residual_in_fp32, prenorm, needs_grad, recompute_h, transforms_x,
+      colscale_grad);
+  return py::make_tuple(p.h_dtype, p.store_h, p.saves_h, p.saves_x,
+      p.dresidual_dtype ? py::cast(*p.dresidual_dtype) : py::none(), p.colscale_grad);
 }
 
 } // namespace
 
 void register_add_norm(py::module_& m) {
-  m.def("add_norm", &add_norm, "add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, "
-        "residual_in_fp32) -> y, or (y, h) with prenorm");
+  m.def("add_norm", &add_norm,
+      "add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, dropout_p, rowscale, "
+      "colscale, weight_offset, return_mask, seed_offset) -> y, or (y, [h], [mask])",
+      py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("rms_norm"),
+      py::arg("prenorm"), py::arg("residual_in_fp32"), py::arg("dropout_p") = 0.0, py::arg("rowscale") = py::none(),
+      py::arg("colscale") = py::none(), py::arg("weight_offset") = 0.0, py::arg("return_mask") = false,
+      py::arg("seed_offset") = py::none());
+  m.def("add_norm_plan", &add_norm_plan);
 }
 
 } // namespace fusedres
-

@@ -7,5 +7,7 @@
 namespace fusedres {
 
 void register_add_norm(py::module_& m);
+void register_batch_norm(py::module_& m);
+void register_conv_epilogue(py::module_& m);
 
 } // namespace fusedres

@@ -2,6 +2,7 @@
 before and after fusedres.fuse(), with throughput and peak memory.
 
 python -m fusedres.bench.models [--models resnet50 gpt2 llama qwen3-moe vit] [--device cuda|cpu] [--out DIR] [--compile]
+python -m fusedres.bench.models --models resnet50-eval resnet18-eval   # inference vs compile with freezing
 
 Models are built from configs with random weights (nothing is downloaded): torchvision's
 resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model), a Llama-like stack
@@ -340,6 +341,113 @@ class _Pair:
         ]
 
 
+# --- inference against torch.compile with freezing -------------------------------------------------
+# `--models resnet50-eval resnet18-eval`: eager, fuse() and torch.compile with Inductor's freezing
+# (folded BN, prepacked oneDNN convs: what a user wanting CPU speed picks), in fp32 and with the
+# model in bf16, channels_last, timed in turns. The compiled row's `compile_s` is its first call
+# (compilation) plus warm-up, reported beside its steady-state time.
+
+EVAL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _resnet_eval(arch: str, batch: int, size: int) -> ModelCase:
+    def build():
+        from torchvision import models as tv
+
+        return getattr(tv, arch)()
+
+    return ModelCase(
+        f"{arch} eval b{batch} {size}px",
+        "images",
+        build,
+        lambda dev: torch.randn(batch, 3, size, size, device=dev).contiguous(memory_format=torch.channels_last),
+        batch,
+        channels_last=True,
+    )
+
+
+def eval_cases(device: torch.device) -> dict[str, ModelCase]:
+    batch = 8 if device.type == "cpu" else 256
+    return {
+        "resnet50-eval": _resnet_eval("resnet50", batch, 224),
+        "resnet18-eval": _resnet_eval("resnet18", batch, 224),
+    }
+
+
+def bench_eval(
+    case: ModelCase,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int,
+    timeout_s: float | None = None,
+    notes: list[str] | None = None,
+) -> list[dict]:
+    """Rows for eager, fused and torch.compile(freezing=True) inference of `case` in `dtype`, each
+    with its output's largest distance to a float64 copy of the model (`err_vs_fp64`) and whether
+    that is within the tests' rule (2x eager's distance + atol), also written to `notes`."""
+    import torch._inductor.config as inductor_config
+
+    from fusedres.testing import max_abs_error, parity_bound, ref_scale
+
+    torch.manual_seed(0)
+    original = case.build().to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+    fused = fusedres.fuse(copy.deepcopy(original))
+    torch._dynamo.reset()
+    compiled = torch.compile(original)
+    batch = case.make_batch(device).to(dtype)
+    fns = {}
+    for name, model in (("original", original), ("fused", fused), ("compiled freezing", compiled)):
+        fns[name] = torch.no_grad()(lambda model=model: model(batch))
+    compile_s = {}
+    with inductor_config.patch(freezing=True):
+        for name, fn in fns.items():  # warm-up: compilation, prepacking, allocator
+            start = time.perf_counter()
+            with time_box(timeout_s if name.startswith("compiled") else None):
+                for _ in range(2):
+                    fn()
+            compile_s[name] = time.perf_counter() - start if name.startswith("compiled") else None
+    timings = {name: quantiles(t) for name, t in alternating_times(fns, device, reps).items()}
+    label = f"{case.name} {str(dtype).removeprefix('torch.')}"
+    with torch.no_grad():
+        ref = copy.deepcopy(original).double()(batch.double())
+        errors = {name: max_abs_error(fn().double(), ref) for name, fn in fns.items()}
+    bound = parity_bound(errors["original"], dtype, ref_scale(ref))
+    if notes is not None:
+        listed = ", ".join(f"{name} {err:.3g}" for name, err in errors.items())
+        notes.append(f"{label}: max |out - float64 copy|: {listed}; the rule's bound {bound:.3g}")
+    return [
+        {
+            "model": label,
+            "mode": "inference",
+            "variant": name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "median_ms": t.median_ms,
+            "p20_ms": t.p20_ms,
+            "p80_ms": t.p80_ms,
+            "throughput": case.items_per_batch / (t.median_ms * 1e-3),
+            "unit": f"{case.unit}/s",
+            "peak_mem_gb": None,
+            "speedup": timings["original"].median_ms / t.median_ms,
+            "baseline": "original",
+            "compile_s": compile_s[name],
+            "err_vs_fp64": errors[name],
+            "within_rule": errors[name] <= bound,
+        }
+        for name, t in timings.items()
+    ]
+
+
+def _eval_rows(case: ModelCase, device: torch.device, reps: int, timeout_s: float | None, notes: list[str]):
+    rows = []
+    for dtype in EVAL_DTYPES:
+        try:
+            rows += bench_eval(case, device, dtype, reps, timeout_s, notes)
+        except CompileTimeout as e:
+            torch._dynamo.reset()
+            notes.append(f"{case.name} {dtype}: left out: {e}")
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     compiled = any(r.get("compile_s") is not None for r in rows)
     bounded = any("bound" in r for r in rows)
@@ -364,7 +472,13 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fusedres.bench.models", description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="*", default=None, help="resnet50, gpt2, llama (default: all)")
+    p.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        help="resnet50, gpt2, llama, qwen3-moe, vit (default: all); resnet50-eval, resnet18-eval: inference in fp32 and bf16 "
+        "against torch.compile with freezing",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16, float16 or none (default: bf16 on GPU)")
     p.add_argument("--reps", type=int, default=None, help="timed steps per variant (default: 20 GPU, 5 CPU)")
@@ -387,7 +501,8 @@ def main(argv=None) -> int:
     compile_options = CompileOptions(args.compile_backend, args.compile_timeout or None) if args.compile else None
     cases = default_cases(device)
     names = args.models or list(cases)
-    unknown = sorted(set(names) - set(cases))
+    evals = eval_cases(device)
+    unknown = sorted(set(names) - set(cases) - set(evals))
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(cases)}")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -395,6 +510,10 @@ def main(argv=None) -> int:
     print(f"fusedres {fusedres.__version__} end-to-end on {where}, autocast {dtype_name}{compiled}", flush=True)
     rows, notes = [], []
     for name in names:
+        if name in evals:
+            rows += _eval_rows(evals[name], device, reps, args.compile_timeout or None, notes)
+            print(f"done {evals[name].name}", file=sys.stderr, flush=True)
+            continue
         rows += bench_model(cases[name], device, dtype, reps, compile_options, notes)
         print(f"done {cases[name].name}", file=sys.stderr, flush=True)
     table = format_rows(rows)
@@ -406,7 +525,7 @@ def main(argv=None) -> int:
         env = {"device": where, "torch": torch.__version__, "fusedres": fusedres.__version__, "autocast": dtype_name}
         if args.compile:
             env["compile_backend"] = args.compile_backend
-        cases_run = [asdict(cases[n])["name"] for n in names]
+        cases_run = [asdict({**cases, **evals}[n])["name"] for n in names]
         with open(os.path.join(args.out, "models.json"), "w") as f:
             json.dump({"environment": env, "rows": rows, "cases": cases_run, "notes": notes}, f)
         with open(os.path.join(args.out, "models.md"), "w") as f:

@@ -39,6 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fusedres
 from fusedres.bench import report
 from fusedres.ops import add_norm as add_norm_ops
+from fusedres.ops import batch_norm as batch_norm_ops
 
 SCHEMA = 1
 TARGETS = {"fwd no_grad": 2.0, "fwd+bwd": 1.25}  # fused / eager host time, at most
@@ -379,10 +380,11 @@ def run_case(case: OverheadCase, device: torch.device, backends: list[str], opti
     count_launches = device.type == "cuda" if options.launches is None else options.launches
     warmup = options.warmup if options.warmup is not None else max(20, options.calls // 5)
     contexts = {"eager": contextlib.nullcontext, **{b: partial(fusedres.use_backend, b) for b in backends}}
-    if case.family == "add_norm" and add_norm_ops.has_fastpath():
+    family = _FASTPATH_FAMILIES.get(case.family)
+    if family is not None and family.has_fastpath():
         # The Python autograd path too: what runs where fusedres._fastpath does not load.
         for b in (b for b in backends if b in ("cpu", "cuda")):
-            contexts[f"{b} {PYTHON_PATH}"] = partial(_on_python_path, b)
+            contexts[f"{b} {PYTHON_PATH}"] = partial(_on_python_path, b, family)
     sides = {name: (eager if name == "eager" else fused) for name in contexts}
     stats: dict[str, dict] = {}
     with torch.set_grad_enabled(case.backward):
@@ -406,11 +408,12 @@ def run_case(case: OverheadCase, device: torch.device, backends: list[str], opti
 
 
 PYTHON_PATH = "python-path"  # a row label's suffix: the backend without fusedres._fastpath
+_FASTPATH_FAMILIES = {"add_norm": add_norm_ops, "batch_norm": batch_norm_ops}  # the ops modules with a fast path
 
 
 @contextlib.contextmanager
-def _on_python_path(backend: str):
-    with fusedres.use_backend(backend), add_norm_ops.without_fastpath():
+def _on_python_path(backend: str, family=add_norm_ops):
+    with fusedres.use_backend(backend), family.without_fastpath():
         yield
 
 

@@ -7,7 +7,7 @@ import numbers
 import torch
 from torch import nn
 
-from fusedres.ops.add_norm import _add_norm
+from fusedres.ops.add_norm import _add_norm, _features
 
 
 def _as_shape(normalized_shape) -> tuple[int, ...]:
@@ -19,14 +19,21 @@ def _as_shape(normalized_shape) -> tuple[int, ...]:
 class _AddNorm(nn.Module):
     rms_norm: bool
 
-    def __init__(self, normalized_shape, eps, elementwise_affine, bias, prenorm, residual_in_fp32, device, dtype):
+    def __init__(self, normalized_shape, eps, elementwise_affine, bias, options: dict, factory: dict):
+        """options: the subclass's prenorm, residual_in_fp32, dropout_p and weight_offset."""
         super().__init__()
         self.normalized_shape = _as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.prenorm = prenorm
-        self.residual_in_fp32 = residual_in_fp32
-        factory = {"device": device, "dtype": dtype}
+        self.prenorm = options["prenorm"]
+        self.residual_in_fp32 = options["residual_in_fp32"]
+        dropout_p, weight_offset = options["dropout_p"], options["weight_offset"]
+        if not (isinstance(dropout_p, int | float) and 0.0 <= dropout_p < 1.0):
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        if weight_offset and not elementwise_affine:
+            raise ValueError("weight_offset needs a weight (elementwise_affine=True)")
+        self.dropout_p = float(dropout_p)
+        self.weight_offset = float(weight_offset)
         ones = nn.Parameter(torch.ones(self.normalized_shape, **factory)) if elementwise_affine else None
         zeros = nn.Parameter(torch.zeros(self.normalized_shape, **factory)) if elementwise_affine and bias else None
         # As in nn.LayerNorm, absent parameters are registered as None.
@@ -39,9 +46,12 @@ class _AddNorm(nn.Module):
         if x.shape[-k:] != shape:
             raise ValueError(f"x must end with normalized_shape {shape}, got x of shape {tuple(x.shape)}")
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        # Dropout in training only: eval() (and p = 0) is exactly the plain op.
+        p = self.dropout_p if self.training else 0.0
+        features = _features(p, None, None, self.weight_offset, False)
         if k == 1:
             return _add_norm(
-                x, residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32
+                x, residual, self.weight, self.bias, eps, self.rms_norm, self.prenorm, self.residual_in_fp32, features
             )
         # Several trailing dims are normalized together: the activations are flattened into one
         # (a view when possible); the parameters keep their shape (the kernels read them as N
@@ -57,6 +67,7 @@ class _AddNorm(nn.Module):
             self.rms_norm,
             self.prenorm,
             self.residual_in_fp32,
+            features,
             param_shape=shape,
         )
         if self.prenorm:
@@ -67,7 +78,12 @@ class _AddNorm(nn.Module):
         text = f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
         if not self.rms_norm:
             text += f", bias={self.bias is not None}"
-        return text + f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
+        text += f", prenorm={self.prenorm}, residual_in_fp32={self.residual_in_fp32}"
+        if self.dropout_p:
+            text += f", dropout_p={self.dropout_p}"
+        if self.weight_offset:
+            text += f", weight_offset={self.weight_offset}"
+        return text
 
     def _adopt(self, module: nn.Module) -> _AddNorm:
         # Share the Parameter objects, so optimizers and tied weights keep pointing at them.
@@ -86,6 +102,9 @@ class AddLayerNorm(_AddNorm):
         normalized_shape, eps, elementwise_affine, bias, device, dtype: as nn.LayerNorm.
         prenorm: forward returns (y, h), h = x + residual being the next block's residual.
         residual_in_fp32: keep h in float32 (a low-precision model with an fp32 residual stream).
+        dropout_p: dropout on x before the add, in training only (BERT's hidden dropout); eval()
+            gives exactly the plain op.
+        weight_offset: added to the weight (in fp32) when normalizing.
 
     Shape:
         forward(x, residual=None): x and residual (..., *normalized_shape); y and h likewise.
@@ -108,14 +127,20 @@ class AddLayerNorm(_AddNorm):
         *,
         prenorm: bool = False,
         residual_in_fp32: bool = False,
+        dropout_p: float = 0.0,
+        weight_offset: float = 0.0,
         device=None,
         dtype=None,
     ):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, prenorm, residual_in_fp32, device, dtype)
+        options = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32, dropout_p=dropout_p)
+        options.update(weight_offset=weight_offset)
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, options, dict(device=device, dtype=dtype))
 
     @classmethod
-    def from_module(cls, module: nn.LayerNorm, *, prenorm: bool = False, residual_in_fp32: bool = False):
-        """An AddLayerNorm sharing `module`'s parameters."""
+    def from_module(
+        cls, module: nn.LayerNorm, *, prenorm: bool = False, residual_in_fp32: bool = False, dropout_p: float = 0.0
+    ):
+        """An AddLayerNorm sharing `module`'s parameters (dropout_p: the branch's dropout)."""
         if not isinstance(module, nn.LayerNorm):
             raise TypeError(f"module must be an nn.LayerNorm, got {type(module).__name__}")
         new = cls(
@@ -125,6 +150,7 @@ class AddLayerNorm(_AddNorm):
             module.bias is not None,
             prenorm=prenorm,
             residual_in_fp32=residual_in_fp32,
+            dropout_p=dropout_p,
             device="meta",
         )
         return new._adopt(module)
@@ -141,6 +167,8 @@ class AddRMSNorm(_AddNorm):
         prenorm: forward returns (y, h): Llama's ``residual = hidden + attn_out`` and the norm of
             it, in one pass.
         residual_in_fp32: keep h in float32.
+        dropout_p: dropout on x before the add, in training only (Phi-3's residual dropout).
+        weight_offset: added to the weight in fp32: 1.0 for Gemma's ``x * (1 + w)``.
 
     Shape:
         forward(x, residual=None): x and residual (..., *normalized_shape); y and h likewise.
@@ -161,24 +189,75 @@ class AddRMSNorm(_AddNorm):
         *,
         prenorm: bool = False,
         residual_in_fp32: bool = False,
+        dropout_p: float = 0.0,
+        weight_offset: float = 0.0,
         device=None,
         dtype=None,
     ):
-        super().__init__(normalized_shape, eps, elementwise_affine, False, prenorm, residual_in_fp32, device, dtype)
+        options = dict(prenorm=prenorm, residual_in_fp32=residual_in_fp32, dropout_p=dropout_p)
+        options.update(weight_offset=weight_offset)
+        super().__init__(normalized_shape, eps, elementwise_affine, False, options, dict(device=device, dtype=dtype))
         del self._parameters["bias"]  # nn.RMSNorm has no bias parameter at all
         self.bias = None
 
     @classmethod
-    def from_module(cls, module: nn.RMSNorm, *, prenorm: bool = False, residual_in_fp32: bool = False):
-        """An AddRMSNorm sharing `module`'s weight."""
-        if not isinstance(module, nn.RMSNorm):
-            raise TypeError(f"module must be an nn.RMSNorm, got {type(module).__name__}")
+    def from_module(
+        cls, module: nn.Module, *, prenorm: bool = False, residual_in_fp32: bool = False, dropout_p: float = 0.0
+    ):
+        """An AddRMSNorm sharing `module`'s weight: an nn.RMSNorm, or an RMS norm of another library
+        with a `weight` and an `eps` / `variance_epsilon` (transformers' Llama-style w * xhat, or
+        Gemma's (1 + w) * xhat, told apart by what the module computes: `rms_norm_offset`)."""
+        if isinstance(module, nn.RMSNorm):
+            shape, eps, affine, offset = module.normalized_shape, module.eps, module.elementwise_affine, 0.0
+        else:
+            offset = rms_norm_offset(module)
+            if offset is None:
+                raise TypeError(
+                    f"module must be an nn.RMSNorm or compute w * xhat or (1 + w) * xhat over its weight's "
+                    f"size, got {type(module).__name__}"
+                )
+            shape, eps, affine = tuple(module.weight.shape), _eps_of(module), True
         new = cls(
-            module.normalized_shape,
-            module.eps,
-            module.elementwise_affine,
+            shape,
+            eps,
+            affine,
             prenorm=prenorm,
             residual_in_fp32=residual_in_fp32,
+            dropout_p=dropout_p,
+            weight_offset=offset,
             device="meta",
         )
         return new._adopt(module)
+
+
+def _eps_of(module: nn.Module) -> float | None:
+    for name in ("eps", "variance_epsilon"):
+        value = getattr(module, name, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+@torch.no_grad()
+def rms_norm_offset(module: nn.Module) -> float | None:
+    """0.0 if `module` computes rms_norm(x) * w, 1.0 if rms_norm(x) * (1 + w) (Gemma), over its
+    1-D `weight` with its own eps; None if neither (or it has no such weight or eps). Probed on a
+    fixed float32 input, so it holds whatever the module's class (a modular transformers copy)."""
+    weight = getattr(module, "weight", None)
+    eps = _eps_of(module)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
+        return None
+    n = weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(2, n, generator=gen) * 3.0 + 0.5).to(weight.device)
+    try:
+        out = module(probe.to(weight.dtype)).float()
+    except Exception:  # a module that takes other inputs is not a plain norm
+        return None
+    xhat = torch.nn.functional.rms_norm(probe, (n,), eps=eps)
+    w = weight.float()
+    tol = 1e-3 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
+    for offset in (0.0, 1.0):
+        if torch.allclose(out, xhat * (w + offset), rtol=tol, atol=tol):
+            return offset
+    return None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fusedres.ops.batch_norm import batch_norm_add_relu, bias_add_relu, sync_batch_norm_add_relu
+from fusedres.ops.batch_norm import batch_norm_add_relu, sync_batch_norm_add_relu
+from fusedres.ops.conv_epilogue import conv_frozen_bn, fold
 
 
 def _sync_enabled(bn: nn.Module) -> bool:
@@ -76,58 +77,53 @@ def bn_add_relu(
     )
 
 
-def _fold_versions(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tuple((id(t), t._version) if t is not None else None for t in tensors)
+# BatchNorm modules that always normalize with fixed statistics, whatever their training flag, by
+# exact class (fusedres imports neither library). timm's FrozenBatchNorm2d is torchvision's class.
+FROZEN_BN_CLASSES = frozenset(("torchvision.ops.misc.FrozenBatchNorm2d",))
+_frozen_types: dict[type, bool] = {}
 
 
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """conv's weight and bias with eval-mode bn folded in (differentiable), computed in fp32 (or
-    float64 for a float64 conv) and returned in the conv weight's dtype."""
+def is_frozen_bn(bn: nn.Module) -> bool:
+    """Whether `bn` is a frozen BatchNorm (torchvision's / timm's FrozenBatchNorm2d)."""
+    cls = type(bn)
+    frozen = _frozen_types.get(cls)
+    if frozen is None:
+        frozen = _frozen_types[cls] = f"{cls.__module__}.{cls.__qualname__}" in FROZEN_BN_CLASSES
+    return frozen
+
+
+def uses_batch_statistics(bn: nn.Module) -> bool:
+    """Whether `bn` normalizes with the batch's statistics (training, or no running stats to use),
+    as nn.BatchNorm2d decides; frozen BatchNorms never do."""
+    return not is_frozen_bn(bn) and (bn.training or not bn.track_running_stats or bn.running_mean is None)
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """conv's weight and bias with `bn`'s running statistics folded in (differentiable), computed in
+    fp32 (fp64 for an fp64 conv) and returned in the conv weight's dtype."""
     if bn.running_mean is None or bn.running_var is None:
         raise RuntimeError("eval-mode folding needs running stats (track_running_stats=True)")
-    w = conv.weight
-    acc = torch.promote_types(w.dtype, torch.float32)
-    invstd = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-    scale = invstd * bn.weight.to(acc) if bn.weight is not None else invstd
-    folded_w = (w.to(acc) * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-    conv_bias = conv.bias.to(acc) if conv.bias is not None else torch.zeros_like(scale)
-    shift = bn.bias.to(acc) if bn.bias is not None else torch.zeros_like(scale)
-    folded_b = ((conv_bias - bn.running_mean.to(acc)) * scale + shift).to(w.dtype)
-    return folded_w, folded_b
-
-
-def _folded_params(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm):
-    params = [conv.weight, conv.bias, bn.weight, bn.bias]
-    needs_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    if needs_grad or torch.compiler.is_compiling():
-        return fold_conv_bn(conv, bn)
-    # Cached on the BN module as a plain attribute (never in the state_dict), keyed by the
-    # tensors' versions: an optimizer step or a running-stat update refolds.
-    versions = _fold_versions(conv, bn)
-    cached = bn.__dict__.get("_fusedres_folded")
-    if cached is None or cached[0] != versions:
-        with torch.no_grad():
-            cached = (versions, *fold_conv_bn(conv, bn))
-        bn.__dict__["_fusedres_folded"] = cached
-    return cached[1], cached[2]
+    w, b, _scale, _invstd = fold(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+    return w.to(conv.weight.dtype), b.to(conv.weight.dtype)
 
 
 def conv_bn_add_relu(
-    conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+    conv: nn.Conv2d,
+    bn: nn.Module,
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    *,
+    relu: bool = True,
+    consume_residual: bool = False,
 ) -> torch.Tensor:
-    """relu(bn(conv(x)) + residual). Training (or BN without running stats): the conv, then the
-    fused BN kernel. Eval: BN folded into the conv's weight and bias, then one bias + add + ReLU
-    pass, instead of BN, add and ReLU each re-reading the activation. Compiled eval: torch's
-    own ops, which the compiler fuses into the conv's epilogue itself (an opaque bias + add + ReLU
-    op there measured 0.79x torch.compile of the plain model, resnet50 inference on a CPU)."""
-    if bn.training or not bn.track_running_stats or bn.running_mean is None:
-        return bn_add_relu(bn, conv(x), residual)
-    if torch.compiler.is_compiling():
-        out = nn.functional.batch_norm(conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return torch.relu(out if residual is None else out + residual)
-    weight, bias = _folded_params(conv, bn)
-    return bias_add_relu(conv._conv_forward(x, weight, None), bias, residual)
+    """relu(bn(conv(x)) + residual). With batch statistics (training): the conv, then the fused BN
+    kernels. With fixed statistics (eval, a frozen BN, a BN in eval while the conv fine-tunes): BN
+    folded into the conv and one fused library call, oneDNN's on the CPU, cuDNN's on a GPU
+    (fusedres.ops.conv_epilogue.conv_frozen_bn, which also says when the residual may be written
+    over: `consume_residual`). relu=False gives conv-BN(-add) alone."""
+    if uses_batch_statistics(bn):
+        return bn_add_relu(bn, conv(x), residual, relu=relu)
+    return conv_frozen_bn(conv, bn, x, residual, relu=relu, consume_residual=consume_residual)
 
 
 class _BatchNormAddReLU:
@@ -240,14 +236,15 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 class ConvBNAddReLU2d(nn.Module):
     """``relu(bn(conv(x)) + residual)``.
 
-    Training: the conv, then the fused BN kernels (batch statistics). Eval: BN folded into the
-    conv's weight and bias, then one bias + add + ReLU pass. The folded weights are derived on
-    the fly (cached while the parameters and running stats are unchanged and no grad is needed);
-    the state_dict holds only conv.* and bn.*.
+    Training (batch statistics): the conv, then the fused BN kernels. Eval, or a
+    FrozenBatchNorm2d: BN folded into the conv and one fused library call (oneDNN on the CPU,
+    cuDNN on a GPU), with grads through the fold when the conv or BN's affine parameters train.
+    The folded and prepacked weights are cached while the parameters and running stats are
+    unchanged; the state_dict holds only conv.* and bn.*.
 
     Args:
         conv: an nn.Conv2d with bn.num_features output channels.
-        bn: an nn.BatchNorm2d (or BatchNormAddReLU2d), shared, not copied.
+        bn: an nn.BatchNorm2d (or BatchNormAddReLU2d), or a FrozenBatchNorm2d; shared, not copied.
 
     Shape:
         forward(x, residual=None): x the conv's input; residual the conv output's shape.
@@ -259,23 +256,25 @@ class ConvBNAddReLU2d(nn.Module):
         >>> out = block(torch.randn(2, 64, 14, 14), torch.randn(2, 64, 14, 14))
     """
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    def __init__(self, conv: nn.Conv2d, bn: nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        if not isinstance(bn, nn.BatchNorm2d):
-            raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
-        if conv.out_channels != bn.num_features:
-            raise ValueError(f"conv has {conv.out_channels} output channels but bn has {bn.num_features} features")
+        frozen = is_frozen_bn(bn)
+        if not frozen and not isinstance(bn, nn.BatchNorm2d):
+            raise TypeError(f"bn must be an nn.BatchNorm2d or a FrozenBatchNorm2d, got {type(bn).__name__}")
+        features = bn.weight.shape[0] if frozen else bn.num_features
+        if conv.out_channels != features:
+            raise ValueError(f"conv has {conv.out_channels} output channels but bn has {features} features")
         self.conv = conv
-        self.bn = bn if isinstance(bn, BatchNormAddReLU2d) else BatchNormAddReLU2d.from_module(bn)
+        self.bn = bn if frozen or isinstance(bn, BatchNormAddReLU2d) else BatchNormAddReLU2d.from_module(bn)
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d):
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.Module):
         return cls(conv, bn)
 
     def folded_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """conv weight and bias with eval-mode BN folded in (differentiable)."""
+        """conv weight and bias with BN's running statistics folded in (differentiable)."""
         return fold_conv_bn(self.conv, self.bn)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,6 +292,8 @@ __all__ = [
     "bn_add_relu",
     "conv_bn_add_relu",
     "fold_conv_bn",
+    "is_frozen_bn",
+    "uses_batch_statistics",
     "BatchNormAddReLU1d",
     "BatchNormAddReLU2d",
     "BatchNormAddReLU3d",

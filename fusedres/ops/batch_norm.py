@@ -1,8 +1,8 @@
 """BatchNorm (+ residual) (+ ReLU): the ResNet block tail relu(bn(conv(x)) + identity).
 
-The operators are declared once in csrc/ops.cpp (C++ kernels: CPU and CUDA) and defined with the
-same schemas in fusedres/triton/batch_norm.py (Triton). This module adds what every backend
-shares: fake kernels, one autograd formula, and the public functions.
+The operators are declared once in fusedres/spec/batch_norm.py; the C++ kernels (CPU and CUDA)
+and the Triton kernels (fusedres/triton/batch_norm.py) implement them. This module adds what
+every backend shares: fake kernels, one autograd formula, and the public functions.
 fusedres/reference/batch_norm.py is the spec.
 
 Per call, training: `batch_norm_stats` (batch mean and variance; the running stats are updated
@@ -12,11 +12,15 @@ inside its kernel) and `batch_norm_add_relu_fwd` (normalize + add + ReLU); backw
 (invstd is formed inside the kernel). As for Add & Norm, eager calls the kernels from
 `_BatchNormFunction`, torch.compile the registered operators, both with the same formula;
 synchronized BatchNorm takes the eager path with an all-gather of the statistics and an
-all-reduce of the backward's sums.
+all-reduce of the backward's sums. Where fusedres._fastpath loaded (built for this torch and
+CPython), eager calls on the C++ backends take it instead of `_BatchNormFunction`: one call into
+C++, which runs the same formula as a C++ autograd node (csrc/fastpath/batch_norm.cpp; the tests
+run both).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -31,24 +35,19 @@ from fusedres._checks import (
     check_bn_fwd_op,
     check_bn_stats_op,
     like_input,
-    stats_dtype,
 )
-from fusedres._extension import EXTENSION_LOADED
+from fusedres._extension import EXTENSION_LOADED, FASTPATH
 from fusedres.backends import resolve_backend
-from fusedres.ops._eager import below_autograd, direct, plain
+from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
 from fusedres.reference.batch_norm import batch_norm_add_relu_reference
+from fusedres.spec import batch_norm as spec
+from fusedres.spec.python import allocate, empty_like_device
 
 _is_compiling = torch.compiler.is_compiling
 _increment_version = torch._C._increment_version
 _grad_enabled = torch.is_grad_enabled
 
-OP_NAMES = (
-    "batch_norm_stats",
-    "batch_norm_combine_stats",
-    "batch_norm_add_relu_fwd",
-    "batch_norm_add_relu_bwd_reduce",
-    "batch_norm_add_relu_bwd_input",
-)
+OP_NAMES = tuple(op.name for op in spec.FAMILY.ops)
 
 
 class _Kernels(NamedTuple):
@@ -83,36 +82,16 @@ else:
 # --- fake kernels ------------------------------------------------------------------------------
 
 
-def _stats_fake(input, running_mean, running_var, momentum):
-    check_bn_stats_op(input, running_mean, running_var, momentum)
-    c, stats = input.shape[1], stats_dtype(input.dtype)
-    return input.new_empty((c,), dtype=stats), input.new_empty((c,), dtype=stats)
+def _fake(op, check):
+    def fake(*args):
+        check(*args)
+        return allocate(op, args, empty_like_device)
+
+    return fake
 
 
-def _combine_fake(stats, running_mean, running_var, momentum):
-    check_bn_combine_op(stats, running_mean, running_var, momentum)
-    c = (stats.shape[1] - 1) // 2
-    return stats.new_empty((c,)), stats.new_empty((c,))
-
-
-def _fwd_fake(input, residual, weight, bias, mean, var, eps, relu, training, count):
-    check_bn_fwd_op(input, residual, weight, bias, mean, var, eps, relu, training, count)
-    return torch.empty_like(input)
-
-
-def _bwd_reduce_fake(grad_out, out, input, mean, var, eps, relu, write_grad_residual):
-    check_bn_bwd_reduce_op(grad_out, out, input, mean, var, eps, relu, write_grad_residual)
-    c, stats = input.shape[1], stats_dtype(input.dtype)
-    g = torch.empty_like(input) if write_grad_residual else input.new_empty((0,))
-    return input.new_empty((c,), dtype=stats), input.new_empty((c,), dtype=stats), g
-
-
-def _bwd_input_fake(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu):
-    check_bn_bwd_input_op(grad, out, input, mean, var, eps, weight, sum_dy, sum_dy_xhat, count, training, relu)
-    return torch.empty_like(input)
-
-
-FAKES = dict(zip(OP_NAMES, (_stats_fake, _combine_fake, _fwd_fake, _bwd_reduce_fake, _bwd_input_fake)))
+_CHECKS = (check_bn_stats_op, check_bn_combine_op, check_bn_fwd_op, check_bn_bwd_reduce_op, check_bn_bwd_input_op)
+FAKES = {op.name: _fake(op, check) for op, check in zip(spec.FAMILY.ops, _CHECKS)}
 
 if EXTENSION_LOADED:
     for _name, _fake in FAKES.items():
@@ -264,6 +243,42 @@ def _run(kernels, input, residual, weight, bias, running_mean, running_var, mome
         return _forward(registered, input, residual, weight, bias, *rest)[0]
 
 
+# The eager call as one crossing into a C++ autograd node (csrc/fastpath/batch_norm.cpp), where
+# fusedres._fastpath loaded (built for this torch and CPython); else _run's Python Function.
+_fastpath = getattr(FASTPATH, "batch_norm_add_relu", None)
+_SELF_CHECKING = frozenset(("cpu", "cuda"))
+
+
+def has_fastpath() -> bool:
+    """Whether eager calls take fusedres._fastpath (else the Python autograd Function)."""
+    return _fastpath is not None
+
+
+@contextlib.contextmanager
+def without_fastpath():
+    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
+    bench measures it against; not thread-safe: a process-wide switch)."""
+    global _fastpath
+    saved, _fastpath = _fastpath, None
+    try:
+        yield
+    finally:
+        _fastpath = saved
+
+
+def _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training):
+    """The fused op on checked arguments, on a kernel backend, without a process group."""
+    if (
+        _fastpath is not None
+        and backend in _SELF_CHECKING
+        and not _is_compiling()
+        and plain_tensors(input, residual, weight, bias)
+    ):
+        return _fastpath(input, residual, weight, bias, running_mean, running_var, training, momentum, eps, relu)
+    kernels = _KERNELS[backend]
+    return _run(kernels, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, None)
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
@@ -318,20 +333,8 @@ def batch_norm_add_relu(
         return batch_norm_add_relu_reference(
             input, residual, running_mean, running_var, weight, bias, training, momentum, eps, relu=relu
         )
-    return _run(
-        _KERNELS[backend],
-        input,
-        residual,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        float(momentum),
-        eps,
-        relu,
-        training,
-        None,
-    )
+    momentum = float(momentum)
+    return _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training)
 
 
 def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, relu: bool = True):
@@ -350,7 +353,7 @@ def bias_add_relu(input: torch.Tensor, bias: torch.Tensor, residual: torch.Tenso
         out = input + bias.reshape(1, -1, *([1] * (input.dim() - 2))).to(input.dtype)
         out = out + residual if residual is not None else out
         return torch.relu(out) if relu else out
-    return _run(_KERNELS[backend], input, residual, None, bias, None, None, 0.0, 1.0, relu, False, None)
+    return _call(backend, input, residual, None, bias, None, None, 0.0, 1.0, relu, False)
 
 
 def sync_batch_norm_add_relu(

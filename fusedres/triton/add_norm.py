@@ -1,29 +1,24 @@
 """Add & Norm (h = x + residual, y = LayerNorm/RMSNorm(h) * weight + bias) as Triton kernels.
 
-Semantics are those of the C++ operators declared in csrc/ops.cpp (the eager spec is
+The operators' arguments and outputs are those of fusedres/spec/add_norm.py (the eager spec is
 fusedres/reference/add_norm.py). Two ways in:
 
 * Eager launchers, plain functions that launch the kernels directly (fusedres/ops calls them from
   its autograd.Function; the public entry point has validated the arguments):
-
-  - ``add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h) -> (y, h, mean, rstd)``
-  - ``add_norm_bwd(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm,
-    dresidual_dtype) -> (dx, dresidual, dweight, dbias)``
-
-  x, residual, dy, dh, h: (..., N) with unit stride along N and leading dims that collapse into
-  rows of one stride (a contiguous tensor, or a row-strided slice of one); M = numel / N rows.
-  y, h, dx, dresidual are contiguous with x's (h's) shape; mean is (M,) ((0,) for RMSNorm), rstd
-  (M,); weight and bias are N contiguous elements of any shape; dweight / dbias have their
-  shape and dtype ((0,) when absent). In the backward, a given `residual` means `h` is x and
-  h = x + residual (rounded to h_dtype) is recomputed in the kernel, not read.
+  ``add_norm_fwd(*args)`` and ``add_norm_bwd(*args)``, args in the spec's order (``FwdArgs`` /
+  ``BwdArgs``). Row operands have unit stride along N and leading dims that collapse into rows
+  of one stride (a contiguous tensor, or a row-strided slice of one); M = numel / N rows; weight
+  and bias are N contiguous elements of any shape. In the backward, h (stored) is read when
+  given, else h = x + residual (rounded to h_dtype) is recomputed in the kernel.
 
 * The registered operators ``fusedres::add_norm_fwd_triton`` / ``fusedres::add_norm_bwd_triton``,
-  with csrc/ops.cpp's schemas (for torch.compile and opcheck; fusedres/ops adds autograd). They
-  validate their arguments with fusedres._checks, then run the launcher: compiled, as
+  with the spec's schemas (for torch.compile and opcheck; fusedres/ops adds autograd). They
+  validate their arguments with the spec's checks, then run the launcher: compiled, as
   ``torch.library.triton_op`` with ``wrap_triton`` applied to the kernels (the launcher's
   ``launch`` argument), so torch.compile sees the kernels; under Triton's interpreter
   (TRITON_INTERPRET=1, which ``wrap_triton`` does not accept) as an opaque
-  ``torch.library.custom_op`` whose fake implementation only allocates the outputs.
+  ``torch.library.custom_op`` whose fake implementation only allocates the outputs
+  (fusedres/triton/register.py).
 
 Arithmetic is in float32, or float64 when x (forward) / dy (backward) is float64: the statistics
 dtype, also that of mean and rstd. On CPU tensors the kernels run under the interpreter
@@ -48,7 +43,7 @@ integer arguments on == 1 and on divisibility by 16, except those in ``do_not_sp
 
 * ``_add_norm_fwd_kernel``: H_CODE (h_dtype as ``_DTYPE_CODE``), IS_RMS, SINGLE_BLOCK, BLOCK_N;
   optional residual, weight, bias, h (stored or not), mean (None for RMSNorm).
-* ``_add_norm_bwd_kernel``: H_CODE (0 unless h is recomputed from x + residual), IS_RMS,
+* ``_add_norm_bwd_kernel``: H_CODE (_KEEP unless h is recomputed from x + residual), IS_RMS,
   SINGLE_BLOCK, BLOCK_N; optional dh, residual, weight, mean, dresidual, dweight / dbias partials.
 * ``_column_sum_kernel``: BLOCK_P, BLOCK_N; optional dweight / dbias partials.
 """
@@ -56,22 +51,24 @@ integer arguments on == 1 and on divisibility by 16, except those in ``do_not_sp
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-import re
 import struct
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
-from fusedres._checks import check_add_norm_bwd_op, check_add_norm_fwd_op, stats_dtype
+from fusedres.spec import DTYPE_CODES
+from fusedres.spec import add_norm as spec
+from fusedres.spec.python import allocate, arguments, checker
+from fusedres.triton.register import INTERPRETED as _INTERPRETED
+from fusedres.triton.register import register_op
 
-# Whether @triton.jit produces interpreted kernels (Triton reads TRITON_INTERPRET when a kernel
-# is defined, i.e. at import of this module).
-_INTERPRETED = bool(triton.knobs.runtime.interpret)
+FwdArgs = arguments(spec.FWD)
+BwdArgs = arguments(spec.BWD)
+check_fwd = checker(spec.FWD)
+check_bwd = checker(spec.BWD)
 
 # ----------------------------------------------------------------------------------------------
 # Kernels: helpers shared with fusedres/triton/batch_norm.py
@@ -104,18 +101,20 @@ def _round_to(v, DST: tl.constexpr):
     return out
 
 
-# A dtype as a kernel constant: torch.compile's kernel wrapper passes ints, not Triton dtypes.
-_DTYPE_CODE = {torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4}
+# A dtype as a kernel constant (the spec's DTYPE_CODES, shared with the C++ kernels): torch.compile's
+# kernel wrapper passes ints, not Triton dtypes. _KEEP: no rounding.
+_DTYPE_CODE = {getattr(torch, name): code for name, code in DTYPE_CODES.items()}
+_KEEP = -1
 
 
 @triton.jit
 def _round_to_code(v, CODE: tl.constexpr):
-    # _round_to the dtype of _DTYPE_CODE CODE; 0 (or float64, which holds every value of v) keeps v.
-    if CODE == 1:
+    # _round_to the dtype of code CODE; _KEEP (or float64, which holds every value of v) keeps v.
+    if CODE == 0:
         out = _round_to(v, tl.float32)
-    elif CODE == 3:
+    elif CODE == 2:
         out = _round_to(v, tl.float16)
-    elif CODE == 4:
+    elif CODE == 3:
         out = _round_to(v, tl.bfloat16)
     else:
         out = v
@@ -341,7 +340,7 @@ def _add_norm_bwd_kernel(
     M,
     N,
     rows_per_program,
-    H_CODE: tl.constexpr,  # h_dtype (_DTYPE_CODE) when R is given, else 0
+    H_CODE: tl.constexpr,  # h_dtype (_DTYPE_CODE) when R is given, else _KEEP
     IS_RMS: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -572,23 +571,29 @@ def _cdiv(a, b):
 # ----------------------------------------------------------------------------------------------
 
 
-def _fwd_outputs(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h):
-    n = x.shape[-1]
-    m = x.numel() // n
-    stats = stats_dtype(x.dtype)
-    device = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=device)
-    h = torch.empty(x.shape if store_h else (0,), dtype=h_dtype, device=device)
-    mean = torch.empty((0,) if rms_norm else (m,), dtype=stats, device=device)
-    rstd = torch.empty((m,), dtype=stats, device=device)
-    return y, h, mean, rstd
+def _empty(shape, dtype, like, strides=None):
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, launch=_direct):
-    """h = x + residual (rounded to h_dtype), y = norm(h) * weight + bias. Returns (y, h, mean,
-    rstd) as csrc/ops.cpp's add_norm_fwd. `launch` wraps each kernel before it is launched
-    (wrap_triton inside the registered operator)."""
-    y, h, mean, rstd = outputs = _fwd_outputs(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h)
+def _refuse_features(a) -> None:
+    # Until the Triton kernels implement them (issue 23).
+    if a.dropout_p > 0.0 or a.rowscale is not None or a.colscale is not None or a.weight_offset != 0.0:
+        raise NotImplementedError(
+            "fusedres: dropout_p, rowscale, colscale and weight_offset are not implemented by the Triton backend yet"
+        )
+
+
+def add_norm_fwd(*args, launch=_direct):
+    """fusedres/spec/add_norm.py's add_norm_fwd: h = x + residual (rounded to h_dtype), y =
+    norm(h) * weight + bias. `launch` wraps each kernel before it is launched (wrap_triton inside
+    the registered operator)."""
+    a = FwdArgs(*args)
+    _refuse_features(a)
+    outputs = allocate(spec.FWD, args, _empty)
+    y, h, mean, rstd, mask = outputs
+    if a.store_mask:
+        mask.fill_(True)  # no dropout: every element kept
+    x, residual = a.x, a.residual
     m = rstd.shape[0]
     if m == 0:
         return outputs
@@ -599,17 +604,17 @@ def add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, lau
     launch(_add_norm_fwd_kernel)[(m,)](
         x,
         residual,
-        weight,
-        bias,
+        a.weight,
+        a.bias,
         y,
-        h if store_h else None,
-        None if rms_norm else mean,
+        h if a.store_h else None,
+        None if a.rms_norm else mean,
         rstd,
         *strides,
         n,
-        *_split_float(eps),
-        H_CODE=_DTYPE_CODE[h_dtype],
-        IS_RMS=rms_norm,
+        *_split_float(a.eps),
+        H_CODE=_DTYPE_CODE[a.h_dtype],
+        IS_RMS=a.rms_norm,
         SINGLE_BLOCK=cfg.single_block,
         BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps,
@@ -617,31 +622,17 @@ def add_norm_fwd(x, residual, weight, bias, eps, rms_norm, h_dtype, store_h, lau
     return outputs
 
 
-def _bwd_outputs(dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype):
-    device = dy.device
-    dx = torch.empty(h.shape, dtype=dy.dtype, device=device)
-    if dresidual_dtype is None:
-        dresidual = torch.empty((0,), dtype=dy.dtype, device=device)
-    else:
-        dresidual = torch.empty(h.shape, dtype=dresidual_dtype, device=device)
-    return dx, dresidual, _param_grad(weight, dy), _param_grad(bias, dy)
-
-
-def _param_grad(param, dy):
-    if param is None:
-        return torch.empty((0,), dtype=dy.dtype, device=dy.device)
-    return torch.empty(param.shape, dtype=param.dtype, device=dy.device)
-
-
-def add_norm_bwd(
-    dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype, launch=_direct, sm_count=None
-):
-    """Backward of add_norm_fwd. Returns (dx, dresidual, dweight, dbias) as csrc/ops.cpp's
-    add_norm_bwd; `launch` as in add_norm_fwd; `sm_count`: plan the grid for that many SMs instead
-    of dy's device's (fusedres/triton/aot.py plans for a target GPU)."""
-    dx, dresidual, dweight, dbias = outputs = _bwd_outputs(
-        dy, dh, h, residual, h_dtype, weight, bias, mean, rstd, rms_norm, dresidual_dtype
-    )
+def add_norm_bwd(*args, launch=_direct, sm_count=None):
+    """Backward of add_norm_fwd (fusedres/spec/add_norm.py's add_norm_bwd). `launch` as in
+    add_norm_fwd; `sm_count`: plan the grid for that many SMs instead of dy's device's
+    (fusedres/triton/aot.py plans for a target GPU)."""
+    a = BwdArgs(*args)
+    _refuse_features(a)
+    dx, dresidual, dweight, dbias, dcolscale = outputs = allocate(spec.BWD, args, _empty)
+    dy, weight, bias, rstd = a.dy, a.weight, a.bias, a.rstd
+    # The normalized h: the stored one, or x (+ residual, added back and rounded as the forward did).
+    h = a.h if a.h is not None else a.x
+    residual = a.residual if a.h is None else None
     n = h.shape[-1]
     m = rstd.shape[0]
     cfg = add_norm_bwd_config(int(n), dy.dtype, _INTERPRETED)
@@ -652,17 +643,17 @@ def add_norm_bwd(
     dw_part = None if weight is None else torch.empty((programs, n), dtype=stats, device=dy.device)
     db_part = None if bias is None else torch.empty((programs, n), dtype=stats, device=dy.device)
     if m > 0:
-        strides = (_row_stride(dy), 0 if dh is None else _row_stride(dh), _row_stride(h))
+        strides = (_row_stride(dy), 0 if a.dh is None else _row_stride(a.dh), _row_stride(h))
         launch(_add_norm_bwd_kernel)[(programs,)](
             dy,
-            dh,
+            a.dh,
             h,
             residual,
             weight,
-            None if rms_norm else mean,
+            None if a.rms_norm else a.mean,
             rstd,
             dx,
-            None if dresidual_dtype is None else dresidual,
+            None if a.dresidual_dtype is None else dresidual,
             dw_part,
             db_part,
             *strides,
@@ -670,8 +661,8 @@ def add_norm_bwd(
             m,
             n,
             rows_per_program,
-            H_CODE=0 if residual is None else _DTYPE_CODE[h_dtype],
-            IS_RMS=rms_norm,
+            H_CODE=_KEEP if residual is None else _DTYPE_CODE[a.h_dtype],
+            IS_RMS=a.rms_norm,
             SINGLE_BLOCK=cfg.single_block,
             BLOCK_N=cfg.block_n,
             num_warps=cfg.num_warps,
@@ -689,77 +680,11 @@ def add_norm_bwd(
 # ----------------------------------------------------------------------------------------------
 
 
-_ANNOTATIONS = {
-    "Tensor": torch.Tensor,
-    "Tensor?": torch.Tensor | None,
-    "float": float,
-    "bool": bool,
-    "int": int,
-    "ScalarType": torch.dtype,
-    "ScalarType?": torch.dtype | None,
-}
+def add_norm_inplace(*args, launch=_direct):
+    """fusedres/spec/add_norm.py's add_norm_inplace: h into residual, y into x."""
+    raise NotImplementedError("fusedres: add_norm_inplace is not implemented by the Triton backend yet")
 
 
-def _signature_of(schema: str) -> inspect.Signature:
-    """The Python signature that torch.library's schema inference turns back into `schema`."""
-    arguments, returns = schema[1:].split(") -> ")
-    params = []
-    for argument in arguments.split(", "):
-        kind, name = argument.rsplit(" ", 1)
-        kind = re.sub(r"\(\w+!\)", "", kind)  # Tensor(a!)? -> Tensor?: mutation is declared apart
-        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=_ANNOTATIONS[kind]))
-    n_out = returns.count("Tensor")
-    result = torch.Tensor if n_out == 1 else tuple[(torch.Tensor,) * n_out]
-    return inspect.Signature(params, return_annotation=result)
-
-
-def _register_op(schema, launcher, outputs, check, kernels, mutates_args=()):
-    """Registers fusedres::<launcher's name>_triton with `schema` (csrc/ops.cpp's for the C++ op
-    of the launcher's name): the arguments are checked with `check`, then `launcher` runs.
-
-    Compiled Triton: ``torch.library.triton_op`` (launcher(..., launch=wrap_triton)), so
-    torch.compile and export trace into the kernels, and fake tensors run the launcher itself
-    (wrap_triton launches nothing on them). `kernels` are recorded for AOTAutograd's cache key,
-    which triton_op finds by reading source for literal wrap_triton(kernel) calls.
-
-    Interpreter: ``torch.library.custom_op`` running the launcher as is (wrap_triton does not take
-    interpreted kernels), with `outputs` (the launcher's allocations alone) as the fake."""
-    qualname = f"fusedres::{launcher.__name__}_triton"
-
-    if _INTERPRETED:
-
-        def run(*args):
-            check(*args)
-            return launcher(*args)
-
-        op = torch.library.custom_op(qualname, run, mutates_args=mutates_args, schema=schema)
-        op.register_fake(outputs)
-        return op
-
-    def run_traced(*args):
-        check(*args)
-        return launcher(*args, launch=wrap_triton)
-
-    # torch 2.11's triton_op infers the schema from the function even when given one: give it
-    # the signature the schema spells.
-    run_traced.__signature__ = _signature_of(schema)
-    op = triton_op(qualname, run_traced, mutates_args=mutates_args, schema=schema)
-    kernel_table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
-    if isinstance(kernel_table, dict):
-        kernel_table[qualname] = list(kernels)
-    return op
-
-
-# csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
-_FWD = (
-    "(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms_norm, ScalarType h_dtype, "
-    "bool store_h) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-_BWD = (
-    "(Tensor dy, Tensor? dh, Tensor h, Tensor? residual, ScalarType h_dtype, Tensor? weight, Tensor? bias, "
-    "Tensor mean, Tensor rstd, bool rms_norm, ScalarType? dresidual_dtype) -> (Tensor, Tensor, Tensor, Tensor)"
-)
-add_norm_fwd_triton = _register_op(_FWD, add_norm_fwd, _fwd_outputs, check_add_norm_fwd_op, (_add_norm_fwd_kernel,))
-add_norm_bwd_triton = _register_op(
-    _BWD, add_norm_bwd, _bwd_outputs, check_add_norm_bwd_op, (_add_norm_bwd_kernel, _column_sum_kernel)
-)
+add_norm_fwd_triton = register_op(spec.FWD, add_norm_fwd, check_fwd, (_add_norm_fwd_kernel,))
+add_norm_bwd_triton = register_op(spec.BWD, add_norm_bwd, check_bwd, (_add_norm_bwd_kernel, _column_sum_kernel))
+add_norm_inplace_triton = register_op(spec.INPLACE, add_norm_inplace, checker(spec.INPLACE), (_add_norm_fwd_kernel,))

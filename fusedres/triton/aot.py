@@ -93,31 +93,33 @@ _USES_SM_COUNT = {"add_norm_bwd", "batch_norm_stats", "batch_norm_add_relu_bwd_r
 
 
 def add_norm_calls(call, case, inputs, grad: bool) -> None:
-    """fusedres/ops/add_norm.py: _add_norm, _setup_context, _backward_with."""
+    """fusedres/ops/add_norm.py: plan, _run, _save, _backward_with (a GPU backend: h is stored
+    for the backward rather than recomputed)."""
+    from fusedres.ops.add_norm import BwdArgs, FwdArgs, plan
+
     x, residual, weight, bias = inputs
-    h_dtype = (residual if residual is not None else x).dtype
-    if case.residual_in_fp32:
-        h_dtype = torch.promote_types(h_dtype, torch.float32)
-    store_h = case.prenorm or (grad and residual is not None)  # the backward reads h (off the CPU)
-    y, h, mean, rstd = call("add_norm_fwd", x, residual, weight, bias, case.eps, case.rms_norm, h_dtype, store_h)
+    p = plan(x, residual, case.residual_in_fp32, case.prenorm, grad, False, False, False)
+    fwd = FwdArgs(x, residual, weight, bias, case.eps, case.rms_norm, p.h_dtype, p.store_h)
+    y, h, mean, rstd, _mask = call("add_norm_fwd", *fwd)
     if not grad:
         return
-    recompute = residual if not store_h and residual is not None else None
     dh = torch.empty_like(h) if case.prenorm else None
-    separate = residual is not None and residual.dtype != x.dtype
     call(
         "add_norm_bwd",
-        torch.empty_like(y),
-        dh,
-        h if store_h else x,
-        recompute,
-        h_dtype,
-        weight,
-        bias,
-        mean,
-        rstd,
-        case.rms_norm,
-        residual.dtype if separate else None,
+        *BwdArgs(
+            torch.empty_like(y),
+            dh,
+            h if p.saves_h else None,
+            x if p.saves_x else None,
+            None if p.saves_h else residual,
+            p.h_dtype,
+            weight,
+            bias,
+            None if case.rms_norm else mean,
+            rstd,
+            case.rms_norm,
+            p.dresidual_dtype,
+        ),
     )
 
 

@@ -1,9 +1,9 @@
 """BatchNorm (+ residual) (+ ReLU) as Triton kernels.
 
-Semantics are those of the C++ operators declared in csrc/ops.cpp (eager spec:
+Semantics are those of the operators declared in fusedres/spec/batch_norm.py (eager spec:
 fusedres/reference/batch_norm.py). As in fusedres/triton/add_norm.py, each op is an eager launcher
 (a plain function that launches the kernels; the public entry point has validated the arguments)
-and a registered operator ``fusedres::<name>_triton`` with csrc/ops.cpp's schema that validates
+and a registered operator ``fusedres::<name>_triton`` with the spec's schema that validates
 its arguments and runs the launcher (``triton_op`` + ``wrap_triton``; ``custom_op`` when
 interpreted). The launchers, with the arguments of the C++ ops:
 
@@ -79,18 +79,19 @@ from fusedres._checks import (
     check_bn_stats_op,
     stats_dtype,
 )
+from fusedres.spec import batch_norm as spec
 from fusedres.triton.add_norm import (
     _INTERPRETED,
     _cdiv,
     _direct,
     _f64_arg,
     _hint,
-    _register_op,
     _round_to,
     _rsqrt_rn,
     _sm_count,
     _split_float,
 )
+from fusedres.triton.register import register_op
 
 # ----------------------------------------------------------------------------------------------
 # Kernels: reductions (statistics, backward sums) and their merge
@@ -673,40 +674,16 @@ def batch_norm_add_relu_bwd_input(
 # ----------------------------------------------------------------------------------------------
 
 
-# csrc/ops.cpp's schemas (tests/test_schemas.py compares them).
-_RUNNING = "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum) -> (Tensor mean, Tensor var)"
-_FWD = (
-    "(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, Tensor? mean, Tensor? var, float eps, bool relu, "
-    "bool training, int count) -> Tensor"
-)
-_BWD_REDUCE = (
-    "(Tensor grad_out, Tensor out, Tensor input, Tensor? mean, Tensor? var, float eps, bool relu, "
-    "bool write_grad_residual) -> (Tensor, Tensor, Tensor)"
-)
-_BWD_INPUT = (
-    "(Tensor grad, Tensor? out, Tensor input, Tensor? mean, Tensor? var, float eps, Tensor? weight, "
-    "Tensor? sum_dy, Tensor? sum_dy_xhat, int count, bool training, bool relu) -> Tensor"
-)
-_MUTATED = ("running_mean", "running_var")
 _REDUCE_KERNELS = (_reduce_partials_kernel, _merge_partials_kernel)
 
-batch_norm_stats_triton = _register_op(
-    f"(Tensor input, {_RUNNING}", batch_norm_stats, _stats_outputs, check_bn_stats_op, _REDUCE_KERNELS, _MUTATED
+batch_norm_stats_triton = register_op(spec.STATS, batch_norm_stats, check_bn_stats_op, _REDUCE_KERNELS)
+batch_norm_combine_stats_triton = register_op(
+    spec.COMBINE_STATS, batch_norm_combine_stats, check_bn_combine_op, (_combine_stats_kernel,)
 )
-batch_norm_combine_stats_triton = _register_op(
-    f"(Tensor stats, {_RUNNING}",
-    batch_norm_combine_stats,
-    _combine_outputs,
-    check_bn_combine_op,
-    (_combine_stats_kernel,),
-    _MUTATED,
+batch_norm_add_relu_fwd_triton = register_op(spec.FWD, batch_norm_add_relu_fwd, check_bn_fwd_op, (_elementwise_kernel,))
+batch_norm_add_relu_bwd_reduce_triton = register_op(
+    spec.BWD_REDUCE, batch_norm_add_relu_bwd_reduce, check_bn_bwd_reduce_op, _REDUCE_KERNELS
 )
-batch_norm_add_relu_fwd_triton = _register_op(
-    _FWD, batch_norm_add_relu_fwd, _like_input, check_bn_fwd_op, (_elementwise_kernel,)
-)
-batch_norm_add_relu_bwd_reduce_triton = _register_op(
-    _BWD_REDUCE, batch_norm_add_relu_bwd_reduce, _bwd_reduce_outputs, check_bn_bwd_reduce_op, _REDUCE_KERNELS
-)
-batch_norm_add_relu_bwd_input_triton = _register_op(
-    _BWD_INPUT, batch_norm_add_relu_bwd_input, _bwd_input_outputs, check_bn_bwd_input_op, (_elementwise_kernel,)
+batch_norm_add_relu_bwd_input_triton = register_op(
+    spec.BWD_INPUT, batch_norm_add_relu_bwd_input, check_bn_bwd_input_op, (_elementwise_kernel,)
 )
