@@ -10,10 +10,13 @@ norms), so an fp64 comparison holds to fp32's precision only.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 D, HEADS, FF, VOCAB = 32, 4, 37, 99
 
@@ -106,7 +109,23 @@ def _torchvision_vit():
 
 
 _VIT_KW = dict(img_size=16, patch_size=8, embed_dim=D, depth=2, num_heads=HEADS, mlp_ratio=1.0)
-_WEIGHT_OFFSET = "computes (1+w)*x_hat: needs weight_offset (fusedres does not support it yet)"
+
+
+def _gemma(config: str, model: str):
+    """A Gemma model whose norm weights are not all zero (Gemma starts them at w = 0, where
+    (1 + w) and w cannot be told apart by the outputs)."""
+    make = _hf(config, model, **_LLAMA, head_dim=8)
+
+    def build():
+        m = make()
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if "norm" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+        return m
+
+    return build
+
 
 FAMILIES = [
     # decoders: one add inside each layer, one carried into the next layer's (or the final) norm
@@ -153,9 +172,11 @@ FAMILIES = [
         4,
         fp32_norms=True,
     ),  # fmt: skip
-    Family("gemma", _hf("GemmaConfig", "GemmaModel", **_LLAMA, head_dim=8), "ids", 0, True, _WEIGHT_OFFSET),
-    Family("gemma2", _hf("Gemma2Config", "Gemma2Model", **_LLAMA, head_dim=8), "ids", 0, True, _WEIGHT_OFFSET),
-    Family("gemma3", _hf("Gemma3TextConfig", "Gemma3TextModel", **_LLAMA, head_dim=8), "ids", 0, True, _WEIGHT_OFFSET),
+    # (1 + w) norms, through weight_offset; Gemma 2/3's sandwich: the norm after each sublayer
+    # stays, the add goes into the next norm
+    Family("gemma", _gemma("GemmaConfig", "GemmaModel"), "ids", 4, fp32_norms=True),
+    Family("gemma2", _gemma("Gemma2Config", "Gemma2Model"), "ids", 4, fp32_norms=True),
+    Family("gemma3", _gemma("Gemma3TextConfig", "Gemma3TextModel"), "ids", 4, fp32_norms=True),
     Family("phi3", _hf("Phi3Config", "Phi3Model", **_LLAMA, resid_pdrop=0.1), "ids", 4, fp32_norms=True),
     Family("granite", _hf("GraniteConfig", "GraniteModel", **_LLAMA, residual_multiplier=0.5), "ids", 4, True),
     Family("smollm3", _hf("SmolLM3Config", "SmolLM3Model", **_LLAMA), "ids", 4, fp32_norms=True),
@@ -306,3 +327,53 @@ FAMILIES = [
 ]
 
 BY_NAME = {f.name: f for f in FAMILIES}
+
+
+# --- the fused dropout's masks, replayed in the original model ----------------------------------
+
+
+@contextlib.contextmanager
+def recording(masks: list):
+    """The fused ops keep each dropout call's (p, x, mask) in `masks`, in call order."""
+    from fusedres.ops import add_norm
+
+    def spy(op):
+        def call(*args, dropout_p=0.0, **kwargs):
+            if not dropout_p:
+                return op(*args, **kwargs)
+            *out, mask = op(*args, dropout_p=dropout_p, return_dropout_mask=True, **kwargs)
+            masks.append((dropout_p, args[0].detach().clone(), mask))
+            return out[0] if len(out) == 1 else tuple(out)
+
+        return call
+
+    with mock.patch.object(add_norm, "add_layer_norm", spy(add_norm.add_layer_norm)):
+        with mock.patch.object(add_norm, "add_rms_norm", spy(add_norm.add_rms_norm)):
+            yield
+
+
+@contextlib.contextmanager
+def replaying(masks: list | None):
+    """torch's dropout replays the next kept mask when its call matches it (same p, the same
+    input up to rounding: not the embeddings' dropout of the same size), drawing the seed the
+    fused call drew, so that the random stream goes on alike."""
+    import fusedres
+
+    dropout = F.dropout
+
+    def replay(input, p=0.5, training=True, inplace=False):
+        if masks and training and masks[0][0] == p and _same(masks[0][1], input):
+            mask = masks.pop(0)[2]
+            fusedres.philox_seed_offset(input.device)  # what the fused call drew
+            return input * (mask.view(input.shape).to(input.dtype) * (1.0 / (1.0 - p)))
+        return dropout(input, p, training, inplace)
+
+    with mock.patch.object(F, "dropout", replay):
+        yield
+
+
+def _same(x: torch.Tensor, t: torch.Tensor) -> bool:
+    if x.numel() != t.numel():
+        return False
+    x, t = x.double().reshape(-1), t.detach().double().reshape(-1)
+    return bool(((x - t).abs() <= 1e-5 * (1 + t.abs())).all())

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from fuse_families import BY_NAME, FAMILIES, Family
+from fuse_families import BY_NAME, FAMILIES, Family, recording, replaying
 
 import fusedres
 
@@ -26,11 +26,16 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() / max(1.0, b.double().abs().max().item())
 
 
-def _run(family: Family, model, train: bool) -> torch.Tensor:
-    """fp64 forward and backward of sum(out * g), the dropout draws seeded alike."""
+def _run(family: Family, model, train: bool, masks: list | None = None, record: bool = False) -> torch.Tensor:
+    """fp64 forward and backward of sum(out * g), the random draws seeded alike. The fused dropout
+    draws its mask by Philox, not as torch's dropout does: `record` keeps each fused call's mask
+    in `masks`; else the dropouts of the original model whose call matches the next kept mask
+    (same p, same size) replay it, drawing the seed the fused call drew, so that the random stream
+    goes on alike."""
     model.train(train)
     torch.manual_seed(1234)
-    out = family.output(model(**family.make_inputs(torch.float64)))
+    with recording(masks) if record else replaying(masks):
+        out = family.output(model(**family.make_inputs(torch.float64)))
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
     (out * g).sum().backward()
     return out
@@ -57,7 +62,10 @@ def test_family_matches_the_original_in_fp64(name, train, built):
     original = copy.deepcopy(built(name))
     fused, report = fusedres.fuse(copy.deepcopy(original), report=True)
     assert list(fused.state_dict()) == list(original.state_dict())
-    out, expected = _run(family, fused, train), _run(family, original, train)
+    masks = []
+    out = _run(family, fused, train, masks, record=True)
+    expected = _run(family, original, train, masks)
+    assert not masks, f"{name}: {len(masks)} fused dropout mask(s) not replayed"
     tol = 1e-5 if family.fp32_norms else 1e-10
     assert _max_rel(out, expected) <= tol, f"{name}: output off by {_max_rel(out, expected):.3g}"
     for (pname, p), q in zip(fused.named_parameters(), original.parameters()):

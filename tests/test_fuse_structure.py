@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from fuse_families import recording, replaying
 from torch import nn
 
 import fusedres
@@ -97,6 +98,17 @@ def _seeded(fn, *args, seed=7, **kwargs):
     return fn(*args, **kwargs)
 
 
+def _replayed(fused, original, *args):
+    """(fused(*args), original(*args)), seeded alike, the fused dropout's masks replayed in the original."""
+    masks = []
+    with recording(masks):
+        out = _seeded(fused, *args)
+    with replaying(masks):
+        expected = _seeded(original, *args)
+    assert not masks
+    return out, expected
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_forms_match_and_are_reported(train):
     torch.manual_seed(0)
@@ -105,15 +117,20 @@ def test_forms_match_and_are_reported(train):
         fused, report = fusedres.fuse(copy.deepcopy(model), report=True)
         x = torch.randn(2, 5, N, dtype=torch.float64)
         for extra in (None, torch.rand(N, dtype=torch.float64)):
-            out, shape = _seeded(fused, x, extra)
-            expected, _ = _seeded(model, x, extra)
+            masks = []
+            with recording(masks):
+                out, shape = _seeded(fused, x, extra)
+            assert len(masks) == train  # the fused dropout (training), replayed in the original
+            with replaying(masks):
+                expected, _ = _seeded(model, x, extra)
+            assert not masks
             torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         [(name, what)] = report.replaced
         assert "self.n1(x + self.f1(x)) (LayerNorm w*xhat+b, eps=1e-05)" in what
         # s: through the reshape, the metadata read and the if (duplicated into both branches)
         assert "h + self.f2(h) -> self.n2 (LayerNorm w*xhat+b, eps=1e-05, prenorm" in what
         assert "s + u -> self.n4 (LayerNorm w*xhat+b, eps=1e-05, prenorm" in what  # with the dropout before it
-        assert "F.dropout applied by torch first until add_norm takes dropout_p" in what
+        assert "s + u -> self.n4 (LayerNorm w*xhat+b, eps=1e-05, prenorm, +F.dropout folded)" in what
         assert report.sites == 3 and not report.skipped
 
 
@@ -224,7 +241,7 @@ def test_stack_carries_every_layer_output(train):
         ("layers", "2 of 2 block outputs + residual fused into the next block's input_norm; the last into norm")
     ]
     x = torch.randn(3, 4, N, dtype=torch.float64, requires_grad=True)
-    out, expected = _seeded(fused, x), _seeded(model, x)
+    out, expected = _replayed(fused, model, x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)  # RMSNorm in fp32, as transformers'
     g = torch.randn_like(out)
     (gx,) = torch.autograd.grad(out, x, g)
@@ -276,54 +293,79 @@ def test_a_copied_model_carries_on_its_own():
     assert not {id(link) for link in _links(twin)} & {id(link) for link in _links(fused)}
 
 
-# --- issue 23's features, against a stand-in ------------------------------------------------------
+# --- issue 23's features ---------------------------------------------------------------------------
 
 
-def _stand_in(rms: bool, calls: list):
-    """add_layer_norm / add_rms_norm with issue 23's keywords, in eager PyTorch."""
+_NO_FEATURES = dict(dropout_p=0.0, rowscale=None, colscale=None, weight_offset=0.0)
 
-    def op(x, residual=None, weight=None, *args, prenorm=False, residual_in_fp32=False, dropout_p=0.0,
-           rowscale=None, colscale=None, weight_offset=0.0, return_dropout_mask=False):  # fmt: skip
-        bias, eps = (None, *args) if rms else args
-        calls.append(dict(dropout_p=dropout_p, rowscale=rowscale, colscale=colscale, weight_offset=weight_offset))
-        branch = x
-        if dropout_p:
-            branch = F.dropout(branch, dropout_p)
-        if rowscale is not None:
-            branch = branch * rowscale[..., None]
-        if colscale is not None:
-            branch = branch * colscale
-        h_dtype = residual.dtype if not residual_in_fp32 else torch.promote_types(residual.dtype, torch.float32)
-        h = (residual + branch).to(h_dtype)
-        if rms:
-            y = F.rms_norm(h, h.shape[-1:], None, eps)
-        else:
-            y = F.layer_norm(h, h.shape[-1:], None, None, eps)
-        y = y * (weight + weight_offset) if weight is not None else y
-        y = (y + bias if bias is not None else y).to(x.dtype)
-        return (y, h) if prenorm else y
 
-    return op
+def _recorder(op, calls: list):
+    def call(*args, **kwargs):
+        calls.append({k: kwargs.get(k, d) for k, d in _NO_FEATURES.items()})
+        return op(*args, **kwargs)
+
+    return call
 
 
 @pytest.fixture
 def issue23(monkeypatch):
-    """The fused ops with issue 23's keywords (a stand-in): every call's keywords are recorded."""
+    """The fused ops, every call's feature keywords recorded."""
     from fusedres.ops import add_norm
 
     calls = []
-    monkeypatch.setattr(add_norm, "add_layer_norm", _stand_in(False, calls))
-    monkeypatch.setattr(add_norm, "add_rms_norm", _stand_in(True, calls))
-    features.supported.cache_clear()
-    assert all(features.supported(f) for f in features.FEATURES)
-    yield calls
-    features.supported.cache_clear()
+    monkeypatch.setattr(add_norm, "add_layer_norm", _recorder(add_norm.add_layer_norm, calls))
+    monkeypatch.setattr(add_norm, "add_rms_norm", _recorder(add_norm.add_rms_norm, calls))
+    assert features.available(torch.device("cpu")) == features.ALL
+    return calls
 
 
 def test_features_are_asked_in_one_place():
     assert {f: features.supported(f) for f in features.FEATURES} == {
         f: f in __import__("inspect").signature(fusedres.add_layer_norm).parameters for f in features.FEATURES
     }
+    assert features.available(torch.device("cpu")) == features.ALL  # the CPU kernels and the reference
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=8, embed_dim=N, depth=2, num_heads=4, init_values=0.5, drop_path_rate=0.5
+    )
+
+
+@pytest.mark.parametrize(
+    "build,shape,lacking",
+    [(_timm_vit, (4, 3, 16, 16), features.ALL), (Stack, (2, 5, N), frozenset({features.DROPOUT}))],
+    ids=["vit-none", "stack-no-dropout"],
+)
+def test_a_backend_without_the_features_gets_them_from_torch(monkeypatch, issue23, build, shape, lacking):
+    """On a backend whose kernels lack a feature, the op it stands for runs in torch in front of
+    the fused call, the rest still folds: the result is the original's, random draws included."""
+    from fusedres.backends import resolve_backend
+
+    torch.manual_seed(0)
+    model = build().double().train()
+    fused = fusedres.fuse(copy.deepcopy(model))
+    monkeypatch.setitem(features._AVAILABLE, resolve_backend(torch.device("cpu")), features.ALL - lacking)
+    x = torch.randn(shape, dtype=torch.float64)
+    tol = 1e-10 if build is _timm_vit else 1e-5  # the stand-in RMSNorm computes in fp32
+    torch.testing.assert_close(_seeded(fused, x, seed=3), _seeded(model, x, seed=3), rtol=tol, atol=tol)
+    assert not any(c["dropout_p"] for c in issue23)
+    if lacking == features.ALL:
+        assert not issue23  # no call with a feature
+
+
+def test_a_one_plus_w_norm_without_weight_offset_runs_the_original(monkeypatch, issue23):
+    from fusedres.backends import resolve_backend
+
+    torch.manual_seed(0)
+    model = Stack(norm=lambda n: RMSNorm(n, offset=1.0)).double().eval()
+    fused, report = fusedres.fuse(copy.deepcopy(model), report=True)
+    assert report.sites == 6 and "(1+w)*xhat" in str(report)
+    monkeypatch.setitem(features._AVAILABLE, resolve_backend(torch.device("cpu")), features.ALL - {"weight_offset"})
+    x = torch.randn(2, 5, N, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-6, atol=1e-6)
+    assert not issue23
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -365,7 +407,7 @@ def test_residual_multiplier_and_dropout_fold(issue23):
     issue23.clear()
     fused.eval()
     torch.testing.assert_close(fused(ids).last_hidden_state, phi3.eval()(ids).last_hidden_state, rtol=1e-5, atol=1e-6)
-    assert not issue23  # eval: dropout_p 0, the plain fused op
+    assert not any(c["dropout_p"] for c in issue23)  # eval: dropout_p 0, the plain fused op
     fused.train()
     fused(ids)
     assert [c["dropout_p"] for c in issue23] == [0.1] * 4  # both adds of both layers
@@ -421,11 +463,11 @@ def test_carry_needs_the_same_grad_mode_and_no_inference_mode():
         out.sum().backward()
         return out
 
-    torch.testing.assert_close(_seeded(run, fused), _seeded(run, model), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(*_replayed(lambda: run(fused), lambda: run(model)), rtol=1e-5, atol=1e-5)
     for p, q in zip(fused.parameters(), model.parameters()):
         assert (p.grad is None) == (q.grad is None)
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
-        torch.testing.assert_close(_seeded(fused, x), _seeded(model, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(*_replayed(fused, model, x), rtol=1e-5, atol=1e-5)
     assert all(link.stash is None for link in _links(fused))

@@ -476,8 +476,8 @@ def main(argv=None) -> int:
         "--models",
         nargs="*",
         default=None,
-        help="resnet50, gpt2, llama, qwen3-moe, vit (default: all); resnet50-eval, resnet18-eval: inference in fp32 and bf16 "
-        "against torch.compile with freezing",
+        help="resnet50, gpt2, llama, qwen3-moe, vit (default: all); resnet50-eval, resnet18-eval: inference in "
+        "fp32 and bf16 against torch.compile with freezing",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="autocast dtype: bfloat16, float16 or none (default: bf16 on GPU)")

@@ -91,11 +91,14 @@ class BranchOp:
             kwargs["colscale"] = getattr(getattr(module, self.attr), self.param)
         elif kind == "scale":
             value = getattr(module, self.attr)
-            key = (value, x.shape[-1], x.dtype, x.device)
+            # Eager multiplies by the Python number in x's compute type (fp32 for 16-bit x): a
+            # 16-bit colscale would round the multiplier first.
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            key = (value, x.shape[-1], dtype, x.device)
             if cache.get("key") != key:
                 cache["key"], cache["colscale"] = (
                     key,
-                    torch.full((x.shape[-1],), float(value), dtype=x.dtype, device=x.device),
+                    torch.full((x.shape[-1],), float(value), dtype=dtype, device=x.device),
                 )
             kwargs["colscale"] = cache["colscale"]
 
@@ -128,10 +131,22 @@ def branch_ops(module: nn.Module, wrappers) -> tuple[tuple[BranchOp, ...], tuple
 class _Fused:
     """What sites and exits share: the branch ops, and the fused call for a norm."""
 
-    __slots__ = ("applied", "folded", "cache")
+    __slots__ = ("applied", "folded", "needs", "cache")
 
     def __init__(self, applied, folded):
         self.applied, self.folded, self.cache = applied, folded, {}
+        self.needs = frozenset(_FEATURE_OF[op.kind] for op in folded)
+
+    def ops_on(self, x, offset: float):
+        """(ops torch applies, innermost first; ops folded) on the backend x's device runs, which
+        may lack some features (features.available); None when the norm needs weight_offset there."""
+        have = features.available(x.device)
+        if offset and features.WEIGHT_OFFSET not in have:
+            return None
+        if self.needs <= have:
+            return self.applied, self.folded
+        n = next(i for i, op in enumerate(self.folded) if _FEATURE_OF[op.kind] not in have)
+        return self.applied + tuple(reversed(self.folded[n:])), self.folded[:n]
 
     def apply_all(self, module, x, dyn):
         for op in self.applied:
@@ -140,7 +155,7 @@ class _Fused:
             x = op.apply(module, x, dyn)
         return x
 
-    def fused(self, module, norm, spec, x, residual, dyn, prenorm, wide_y=False):
+    def fused(self, module, norm, spec, x, residual, dyn, prenorm, folded, wide_y=False):
         if x.dtype != residual.dtype and x.device.type == "cpu":
             # A bf16 branch meeting an fp32 residual stream (autocast): the CPU kernels read and
             # write 16-bit floats far slower than they compute in fp32 (8x197x384, prenorm
@@ -150,7 +165,7 @@ class _Fused:
             wide = torch.promote_types(x.dtype, residual.dtype)
             x, residual, wide_y = x.to(wide), residual.to(wide), True
         kwargs = {}
-        for op in self.folded:
+        for op in folded:
             op.fold(module, x, dyn, kwargs, self.cache)
         bias = getattr(norm, spec.bias) if spec.bias else None
         weight = getattr(norm, spec.weight) if spec.weight else None
@@ -170,16 +185,16 @@ class Site(_Fused):
         self.norm, self.spec, self.prenorm = norm, spec, prenorm
 
     def __call__(self, module, x, residual, dyn):
-        for op in self.applied:
-            x = op.apply(module, x, dyn)
         norm = module._modules[self.norm]
         spec = self.spec
-        if spec is None or x.shape != residual.shape:
-            for op in reversed(self.folded):
-                x = op.apply(module, x, dyn)
-            h = x + residual
+        ops = None if spec is None or x.shape != residual.shape else self.ops_on(x, spec.offset)
+        if ops is None:
+            h = self.apply_all(module, x, dyn) + residual
             return (norm(h), h) if self.prenorm else norm(h)
-        return self.fused(module, norm, spec, x, residual, dyn, self.prenorm)
+        applied, folded = ops
+        for op in applied:
+            x = op.apply(module, x, dyn)
+        return self.fused(module, norm, spec, x, residual, dyn, self.prenorm, folded)
 
 
 class Link:
@@ -225,15 +240,17 @@ class Exit(_Fused):
         if link.stash is not None:
             link.disable("the previous output of the block before it never reached it")
             return self.apply_all(module, x, dyn) + residual
-        for op in self.applied:
-            x = op.apply(module, x, dyn)
         norm, spec = link.norm, link.spec
         weight = getattr(norm, spec.weight) if spec.weight else None
-        if x.shape != residual.shape or (weight is not None and type(weight) not in _PLAIN):
-            for op in reversed(self.folded):
-                x = op.apply(module, x, dyn)
-            return x + residual
-        y, h = self.fused(module, norm, spec, x, residual, dyn, True, link.wide_y)
+        ops = None
+        if x.shape == residual.shape and (weight is None or type(weight) in _PLAIN):
+            ops = self.ops_on(x, spec.offset)
+        if ops is None:
+            return self.apply_all(module, x, dyn) + residual
+        applied, folded = ops
+        for op in applied:
+            x = op.apply(module, x, dyn)
+        y, h = self.fused(module, norm, spec, x, residual, dyn, True, folded, link.wide_y)
         link.stash = (h, h._version, y, _grad_enabled())
         return h
 
