@@ -199,8 +199,10 @@ class _Rewriter:
 
     # --- the branch of an add and the ops peeled off it ---------------------------------------
 
-    def _peel(self, expr: ast.expr, target: str | None, out: list[ast.stmt]):
-        """(inner expression, wrappers outermost first, dynamic argument expressions)."""
+    def _peel(self, expr: ast.expr, target: str | None, out: list[ast.stmt], free: frozenset = frozenset()):
+        """(inner expression, wrappers outermost first, dynamic argument expressions). `free`:
+        names besides `target` whose wrapper statement just before may be taken (nothing reads
+        their value after the add)."""
         wrappers, dynamic = [], []
         while True:
             if isinstance(expr, ast.Call) and len(expr.args) == 1 and not expr.keywords:
@@ -223,13 +225,13 @@ class _Rewriter:
                     expr = expr.left
                     continue
             # `b = wrapper(b)` just before `b = b + residual`: part of the same branch.
-            if isinstance(expr, ast.Name) and expr.id == target and out:
+            if isinstance(expr, ast.Name) and (expr.id == target or expr.id in free) and out:
                 prev = out[-1]
                 if (
                     isinstance(prev, ast.Assign)
                     and len(prev.targets) == 1
                     and isinstance(prev.targets[0], ast.Name)
-                    and prev.targets[0].id == target
+                    and prev.targets[0].id == expr.id
                     and self._peelable(prev.value)
                 ):
                     out.pop()
@@ -260,7 +262,9 @@ class _Rewriter:
             and self_attr(expr.right) in self.names.scalars
         )
 
-    def _split(self, add: ast.BinOp, target: str | None, out: list[ast.stmt], defined: dict[str, int]):
+    def _split(
+        self, add: ast.BinOp, target: str | None, out: list[ast.stmt], defined: dict[str, int], free=frozenset()
+    ):
         """(branch inner, residual, wrappers, dynamic): the branch is the operand with ops on it
         (a call), else the name defined later; the residual stream is the older value."""
         left, right = add.left, add.right
@@ -273,7 +277,7 @@ class _Rewriter:
         else:
             branch, residual = right, left
         sources = _origins(branch, out) | _origins(residual, out)
-        inner, wrappers, dynamic = self._peel(branch, target, out)
+        inner, wrappers, dynamic = self._peel(branch, target, out, free)
         return inner, residual, wrappers, dynamic, sources
 
     # --- norm calls ---------------------------------------------------------------------------
@@ -291,11 +295,20 @@ class _Rewriter:
                 return n
         return None
 
-    def _inline_sites(self, stmt: ast.stmt, out: list[ast.stmt], defined: dict[str, int]) -> ast.stmt:
-        """``self.N(a + b)`` -> ``_fusedres_site(self, k, a, b)`` anywhere in a simple statement."""
+    def _inline_sites(self, stmt: ast.stmt, out: list[ast.stmt], defined: dict[str, int], rest) -> ast.stmt:
+        """``self.N(a + b)`` -> ``_fusedres_site(self, k, a, b)`` anywhere in a simple statement;
+        `rest`: the statements after it (BERT's ``b = self.dropout(b)`` just before
+        ``self.LayerNorm(b + input)`` joins the site when nothing reads that b afterwards)."""
         if not _is_simple(stmt):
             return stmt
         rewriter = self
+        loads = [n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+
+        def free(add: ast.BinOp) -> frozenset:
+            names = [o.id for o in (add.left, add.right) if isinstance(o, ast.Name)]
+            return frozenset(
+                n for n in names if loads.count(n) == names.count(n) and (n in _stores(stmt) or not _live(n, rest))
+            )
 
         class Inline(ast.NodeTransformer):
             def visit_Call(self, node):
@@ -310,7 +323,7 @@ class _Rewriter:
                 ):
                     add = node.args[0]
                     text = f"{ast.unparse(node)}"
-                    inner, residual, wrappers, dynamic, sources = rewriter._split(add, None, out, defined)
+                    inner, residual, wrappers, dynamic, sources = rewriter._split(add, None, out, defined, free(add))
                     k = rewriter._new_site(attr, wrappers, False, text, sources)
                     return rewriter._call(SITE, k, inner, residual, dynamic)
                 return node
@@ -344,7 +357,7 @@ class _Rewriter:
         stmts = list(stmts)
         i = 0
         while i < len(stmts):
-            stmt = self._inline_sites(stmts[i], out, defined)
+            stmt = self._inline_sites(stmts[i], out, defined, stmts[i + 1 :] + after)
             stmts[i] = stmt
             if isinstance(stmt, ast.If):
                 rest = stmts[i + 1 :] + after
