@@ -41,6 +41,11 @@ def _run(family: Family, model, train: bool, masks: list | None = None, record: 
     return out
 
 
+# The families whose residual dropout becomes the fused dropout in training (their tiny configs
+# keep the library's default p > 0), and how many fused calls draw a mask per step.
+FUSED_DROPOUT = dict(phi3=4, opt=2, bert=4, xlm_roberta=4, camembert=4, electra=4, deberta_v2=4, t5=10, bart=10)
+
+
 @pytest.fixture(scope="module")
 def built():
     """Each family's original model, built once (fp64)."""
@@ -64,8 +69,10 @@ def test_family_matches_the_original_in_fp64(name, train, built):
     assert list(fused.state_dict()) == list(original.state_dict())
     masks = []
     out = _run(family, fused, train, masks, record=True)
+    recorded = len(masks)
     expected = _run(family, original, train, masks)
     assert not masks, f"{name}: {len(masks)} fused dropout mask(s) not replayed"
+    assert recorded == (FUSED_DROPOUT.get(name, 0) if train else 0), f"{name}: {recorded} fused dropout calls"
     tol = 1e-5 if family.fp32_norms else 1e-10
     assert _max_rel(out, expected) <= tol, f"{name}: output off by {_max_rel(out, expected):.3g}"
     for (pname, p), q in zip(fused.named_parameters(), original.parameters()):
@@ -95,7 +102,7 @@ def test_family_report(name, built):
     assert not any(k.startswith("_fusedres") for m in model.modules() for k in vars(m)), "unfuse left state behind"
 
 
-@pytest.mark.parametrize("name", ["qwen3", "gpt_neox", "vit"])
+@pytest.mark.parametrize("name", ["qwen3", "gpt_neox", "vit", "gemma2", "granite", "timm_vit", "bert"])
 def test_family_compiles_fullgraph(name, built):
     family = BY_NAME[name]
     model = copy.deepcopy(built(name)).float().eval()

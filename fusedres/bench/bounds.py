@@ -42,7 +42,7 @@ def site_calls(fused: torch.nn.Module, step) -> tuple[Counter, dict]:
     norms: dict[SiteCall, torch.nn.Module] = {}
     original = sites._Fused.fused
 
-    def record(self, module, norm, spec, x, residual, dyn, prenorm, wide_y=False):
+    def record(self, module, norm, spec, x, residual, dyn, prenorm, folded, wide_y=False):
         param = next(norm.parameters(), None)
         cls = vars(type(norm)).get("_fusedres_original", type(norm))  # a norm carried into: its own class
         kind = f"{cls.__name__}[{str(param.dtype).removeprefix('torch.') if param is not None else '-'}]"
@@ -52,7 +52,7 @@ def site_calls(fused: torch.nn.Module, step) -> tuple[Counter, dict]:
             norms[call] = copy.deepcopy(norm).requires_grad_(True)
             norms[call].__class__ = cls
             norms[call].__dict__.pop(sites.LINK, None)
-        return original(self, module, norm, spec, x, residual, dyn, prenorm, wide_y)
+        return original(self, module, norm, spec, x, residual, dyn, prenorm, folded, wide_y)
 
     sites._Fused.fused = record
     try:

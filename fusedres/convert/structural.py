@@ -456,6 +456,8 @@ def fuse_blocks(model: nn.Module, report, skip: set[int]) -> None:
     across the stacks of such blocks; records what it did in `report` (a FuseReport)."""
     probes = _Probes()
     blocks: dict[int, _Block] = {}
+    for device in {p.device for p in model.parameters() if p.device.type != "meta"}:
+        features.available(device)  # asked now, so that torch.compile finds the answer
     for name, module in model.named_modules():
         cls = type(module)
         if (
