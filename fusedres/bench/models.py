@@ -1,17 +1,20 @@
 """End-to-end: a training step (forward, backward, optimizer) and inference of whole models,
 before and after fusedres.fuse(), with throughput and peak memory.
 
-python -m fusedres.bench.models [--models resnet50 gpt2 llama] [--device cuda|cpu] [--dtype bf16|fp16|none]
-                                [--out DIR] [--compile]
+python -m fusedres.bench.models [--models resnet50 gpt2 llama qwen3-moe vit] [--device cuda|cpu]
+                                [--dtype bf16|fp16|none] [--out DIR] [--compile]
 python -m fusedres.bench.models --models resnet50-eval resnet18-eval   # inference vs compile with freezing
 
 Models are built from configs with random weights (nothing is downloaded): torchvision's
-resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model) and a Llama-like stack
-(LlamaModel). On a GPU the defaults are the issue's targets (bf16, resnet50 at batch 256); on
-the CPU, small batches and fp32 so a run takes a few minutes. --dtype bf16 trains under autocast
-and runs inference with the model itself in bf16, as each is done in practice. The original and fused
-copies share initial weights and are timed in turns (step by step), so drift in the machine hits
-both alike.
+resnet50 in channels_last, a GPT-2-small stack (transformers' GPT2Model), a Llama-like stack
+(LlamaModel), a Qwen3-MoE-like stack (Qwen3MoeModel: Mixtral's layer with Qwen3's attention) and
+a ViT (timm's VisionTransformer). Beside each transformer's fused row: the bound its add -> norm
+sites allow (bench/bounds.py: the original step with those sites taking no time, over the
+original step), and their share of the step. On a GPU the defaults are the issue's targets (bf16,
+resnet50 at batch 256); on the CPU, small batches and fp32 so a run takes a few minutes. --dtype
+bf16 trains under autocast and runs inference with the model itself in bf16, as each is done in
+practice. The original and fused copies share initial weights and are timed in turns (step by
+step), so drift in the machine hits both alike.
 
 --compile adds rows for torch.compile(model) ("compiled") against torch.compile(fuse(model))
 ("fused compiled"), timed in turns with each other; their speedup is over "compiled" (each row's
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import fusedres
+from fusedres.bench import bounds
 from fusedres.bench.timing import quantiles
 
 
@@ -110,17 +114,63 @@ def _llama(batch: int, seq: int, layers: int, hidden: int) -> ModelCase:
     )
 
 
+def _qwen3_moe(batch: int, seq: int, layers: int, hidden: int, experts: int) -> ModelCase:
+    def build():
+        from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+        cfg = Qwen3MoeConfig(
+            vocab_size=32000,
+            hidden_size=hidden,
+            moe_intermediate_size=hidden // 2,
+            num_hidden_layers=layers,
+            num_attention_heads=hidden // 64,
+            num_key_value_heads=max(1, hidden // 256),
+            head_dim=64,
+            num_experts=experts,
+            num_experts_per_tok=2,
+            max_position_embeddings=max(seq, 2048),
+        )
+        return Qwen3MoeModel(cfg)
+
+    return ModelCase(
+        f"qwen3-moe-like {layers}L d{hidden} e{experts} b{batch} s{seq}",
+        "tokens",
+        build,
+        lambda dev: torch.randint(0, 32000, (batch, seq), device=dev),
+        batch * seq,
+    )
+
+
+def _vit(batch: int, size: int, layers: int, dim: int) -> ModelCase:
+    def build():
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=size, patch_size=16, embed_dim=dim, depth=layers, num_heads=dim // 64)
+
+    return ModelCase(
+        f"vit-like {layers}L d{dim} b{batch} {size}px",
+        "images",
+        build,
+        lambda dev: torch.randn(batch, 3, size, size, device=dev),
+        batch,
+    )
+
+
 def default_cases(device: torch.device) -> dict[str, ModelCase]:
     if device.type == "cuda":
         return {
             "resnet50": _resnet50(256, 224),
             "gpt2": _gpt2(16, 1024, 12),
             "llama": _llama(8, 2048, 8, 2048),
+            "qwen3-moe": _qwen3_moe(8, 2048, 8, 2048, 16),
+            "vit": _vit(128, 224, 12, 768),
         }
     return {
         "resnet50": _resnet50(4, 128),
         "gpt2": _gpt2(2, 128, 4),
         "llama": _llama(2, 128, 4, 512),
+        "qwen3-moe": _qwen3_moe(2, 128, 4, 512, 8),
+        "vit": _vit(8, 160, 6, 384),
     }
 
 
@@ -200,11 +250,16 @@ def bench_model(
     setups = {
         mode: in_dtype(mode, {"original": original, "fused": fused}, case.make_batch(device), dtype) for mode in MODES
     }
-    rows = [
-        row
-        for mode, (models, batch, ctx) in setups.items()
-        for row in _Pair(case, device, batch, ctx, models).rows(mode, reps)
-    ]
+    rows = []
+    for mode, (models, batch, ctx) in setups.items():
+        pair_rows = _Pair(case, device, batch, ctx, models).rows(mode, reps)
+        rows += pair_rows
+        # the bound the fused sites' share of the original step allows (autocast in training only:
+        # inference runs the model itself in dtype)
+        original_row, fused_row = pair_rows
+        site_dtype = dtype if mode == "train" else None
+        bound = bounds.bound(case, models["fused"], batch, device, site_dtype, mode, original_row["median_ms"], reps)
+        fused_row.update(bound or {})
     if compile is None:
         return rows
     torch._dynamo.reset()  # a fresh cache per model: recompile limits count per code object
@@ -427,8 +482,10 @@ def _eval_rows(
 
 def format_rows(rows: list[dict]) -> str:
     compiled = any(r.get("compile_s") is not None for r in rows)
+    bounded = any("bound" in r for r in rows)
     header = f"{'model':<34} {'mode':<10} {'variant':<14} {'ms':>9} {'throughput':>16} {'peak GB':>8} {'speedup':>8}"
     header += f" {'over':<9} {'compile s':>9}" if compiled else ""
+    header += f" {'bound':>7} {'share':>6}" if bounded else ""
     lines = [header, "-" * len(header)]
     for r in rows:
         peak = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "n/a"
@@ -439,6 +496,8 @@ def format_rows(rows: list[dict]) -> str:
         if compiled:
             compile_s = "-" if r.get("compile_s") is None else f"{r['compile_s']:.1f}"
             line += f" {r.get('baseline', 'original'):<9} {compile_s:>9}"
+        if bounded:
+            line += f" {r['bound']:>6.3f}x {100 * r['share']:>5.1f}%" if "bound" in r else f" {'-':>7} {'-':>6}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -452,8 +511,8 @@ def main(argv=None) -> int:
         "--models",
         nargs="*",
         default=None,
-        help="resnet50, gpt2, llama (default: all); resnet50-eval, resnet18-eval: inference in fp32 and bf16 "
-        "against torch.compile with freezing",
+        help="resnet50, gpt2, llama, qwen3-moe, vit (default: all); resnet50-eval, resnet18-eval: inference in "
+        "fp32 and bf16 against torch.compile with freezing",
     )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument(

@@ -50,17 +50,25 @@ def class_path(cls: type) -> str:
 
 @dataclass
 class FuseReport:
-    """What fuse() did: `replaced` and `skipped` are lists of (module name, description/reason)."""
+    """What fuse() did: `replaced` and `skipped` are lists of (module name, description/reason);
+    `carried` lists the stacks whose blocks' last adds were fused into the next block's first
+    norm (module name, what); `sites` counts the add -> norm sites fused by structure."""
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    carried: list[tuple[str, str]] = field(default_factory=list)
+    sites: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.replaced)
 
     def __str__(self) -> str:
-        lines = [f"fusedres.fuse: {len(self.replaced)} block(s) fused, {len(self.skipped)} skipped"]
+        head = f"fusedres.fuse: {len(self.replaced)} block(s) fused, {len(self.skipped)} skipped"
+        if self.sites:
+            head += f"; {self.sites} add+norm site(s) fused"
+        lines = [head]
         lines += [f"  fused   {name or '<model>'}: {what}" for name, what in self.replaced]
+        lines += [f"  carried {name or '<model>'}: {what}" for name, what in self.carried]
         lines += [f"  skipped {name or '<model>'}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -121,11 +129,12 @@ def fuse(model: nn.Module, *, inplace: bool = True, report: bool = False):
     """
     # The patterns of the libraries this process has imported; importing them is cheap because
     # matching is by class name and nothing of torchvision/transformers is imported here.
-    from fusedres.convert import hf, resnet, torch_transformer  # noqa: F401
+    from fusedres.convert import resnet, structural, torch_transformer  # noqa: F401
 
     if not inplace:
         model = copy.deepcopy(model)
     summary = FuseReport()
+    by_pattern: set[int] = set()  # modules the registry decided on; the rest go by structure
     for name, module in model.named_modules():
         cls = type(module)
         if _is_fused(module):
@@ -134,10 +143,12 @@ def fuse(model: nn.Module, *, inplace: bool = True, report: bool = False):
         if pattern is None:
             base = _known_base(cls)
             if base is not None:
+                by_pattern.add(id(module))
                 summary.skipped.append(
                     (name, f"{cls.__name__} subclasses {base.class_path}; its forward may differ, so it is left alone")
                 )
             continue
+        by_pattern.add(id(module))
         reason = pattern.check(module)
         if reason is not None:
             summary.skipped.append((name, f"{cls.__name__}: {reason}"))
@@ -146,6 +157,7 @@ def fuse(model: nn.Module, *, inplace: bool = True, report: bool = False):
             pattern.prepare(module)
         module.__class__ = fused_class(cls, pattern)
         summary.replaced.append((name, f"{cls.__name__}: {pattern.fuses}"))
+    structural.fuse_blocks(model, summary, by_pattern)
     logger.info("%s", summary)
     return (model, summary) if report else model
 
@@ -155,11 +167,15 @@ def unfuse(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if not _is_fused(module):
             continue
-        original = type(module)._fusedres_original
-        pattern = PATTERNS[class_path(original)]
+        fused = type(module)
+        original = fused._fusedres_original
+        pattern = PATTERNS.get(class_path(original))
         module.__class__ = original
-        if pattern.restore is not None:
+        if pattern is not None and pattern.restore is not None:
             pattern.restore(module)
+        restore = vars(fused).get("_fusedres_restore")  # blocks fused by structure keep state per instance
+        if restore is not None:
+            restore(module)
     for module in model.modules():
         module.__dict__.pop("_fusedres_folded", None)
     return model

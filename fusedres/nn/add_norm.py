@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import nn
 
+from fusedres.convert.probe import NormSpec, probe_norm
 from fusedres.ops.add_norm import _add_norm, _features
 
 
@@ -206,17 +207,17 @@ class AddRMSNorm(_AddNorm):
     ):
         """An AddRMSNorm sharing `module`'s weight: an nn.RMSNorm, or an RMS norm of another library
         with a `weight` and an `eps` / `variance_epsilon` (transformers' Llama-style w * xhat, or
-        Gemma's (1 + w) * xhat, told apart by what the module computes: `rms_norm_offset`)."""
+        Gemma's (1 + w) * xhat, told apart by what the module computes: `rms_norm_spec`)."""
         if isinstance(module, nn.RMSNorm):
             shape, eps, affine, offset = module.normalized_shape, module.eps, module.elementwise_affine, 0.0
         else:
-            offset = rms_norm_offset(module)
-            if offset is None:
+            spec = rms_norm_spec(module)
+            if spec is None:
                 raise TypeError(
                     f"module must be an nn.RMSNorm or compute w * xhat or (1 + w) * xhat over its weight's "
                     f"size, got {type(module).__name__}"
                 )
-            shape, eps, affine = tuple(module.weight.shape), _eps_of(module), True
+            shape, eps, affine, offset = (spec.size,), spec.eps, True, spec.offset
         new = cls(
             shape,
             eps,
@@ -230,34 +231,18 @@ class AddRMSNorm(_AddNorm):
         return new._adopt(module)
 
 
-def _eps_of(module: nn.Module) -> float | None:
-    for name in ("eps", "variance_epsilon"):
-        value = getattr(module, name, None)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+def rms_norm_spec(module: nn.Module) -> NormSpec | None:
+    """What `module` computes, if it is rms_norm(x) * (weight + offset) over its 1-D `weight` with
+    its own eps (offset 0: Llama-style w * xhat; 1: Gemma's (1 + w) * xhat), else None. Asked of
+    the module by running it (fusedres.convert.probe, the probe fuse() uses too), so it holds
+    whatever the module's class (a modular transformers copy)."""
+    spec = probe_norm(module)
+    if isinstance(spec, NormSpec) and spec.rms and spec.weight == "weight" and spec.bias is None:
+        return spec
     return None
 
 
-@torch.no_grad()
 def rms_norm_offset(module: nn.Module) -> float | None:
-    """0.0 if `module` computes rms_norm(x) * w, 1.0 if rms_norm(x) * (1 + w) (Gemma), over its
-    1-D `weight` with its own eps; None if neither (or it has no such weight or eps). Probed on a
-    fixed float32 input, so it holds whatever the module's class (a modular transformers copy)."""
-    weight = getattr(module, "weight", None)
-    eps = _eps_of(module)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or eps is None:
-        return None
-    n = weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    probe = (torch.randn(2, n, generator=gen) * 3.0 + 0.5).to(weight.device)
-    try:
-        out = module(probe.to(weight.dtype)).float()
-    except Exception:  # a module that takes other inputs is not a plain norm
-        return None
-    xhat = torch.nn.functional.rms_norm(probe, (n,), eps=eps)
-    w = weight.float()
-    tol = 1e-3 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-5
-    for offset in (0.0, 1.0):
-        if torch.allclose(out, xhat * (w + offset), rtol=tol, atol=tol):
-            return offset
-    return None
+    """0.0 if `module` computes rms_norm(x) * w, 1.0 if rms_norm(x) * (1 + w) (Gemma); None if neither."""
+    spec = rms_norm_spec(module)
+    return None if spec is None else spec.offset
