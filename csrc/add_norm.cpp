@@ -33,15 +33,11 @@ Tensor param_grad(const Tensor& dy, const std::optional<Tensor>& param, bool wri
   return written && param ? empty_shaped_like(*param, param->scalar_type()) : empty_on(dy, {0}, dy.scalar_type());
 }
 
-} // namespace
+}  // namespace
 
-AddNormParams check_add_norm(const AddNormFwd& a) {
-  return {check_add_norm_fwd(a), features_of(a)};
-}
+AddNormParams check_add_norm(const AddNormFwd& a) { return {check_add_norm_fwd(a), features_of(a)}; }
 
-AddNormParams check_add_norm(const AddNormBwd& a) {
-  return {check_add_norm_bwd(a), features_of(a)};
-}
+AddNormParams check_add_norm(const AddNormBwd& a) { return {check_add_norm_bwd(a), features_of(a)}; }
 
 AddNormFwdResult<Tensor> alloc_add_norm_outputs(const AddNormFwd& a, RowsView shape) {
   const ScalarType stats = stats_dtype(a.x.scalar_type());
@@ -54,8 +50,7 @@ AddNormBwdResult<Tensor> alloc_add_norm_outputs(const AddNormBwd& a) {
   const ScalarType dy_dtype = a.dy.scalar_type();
   return {empty_shaped_like(a.dy, dy_dtype),
       shaped_or_empty(a.dy, a.dresidual_dtype.has_value(), a.dresidual_dtype.value_or(dy_dtype)),
-      param_grad(a.dy, a.weight, true), param_grad(a.dy, a.bias, true),
-      param_grad(a.dy, a.colscale, a.colscale_grad)};
+      param_grad(a.dy, a.weight, true), param_grad(a.dy, a.bias, true), param_grad(a.dy, a.colscale, a.colscale_grad)};
 }
 
-} // namespace fusedres
+}  // namespace fusedres

@@ -18,7 +18,7 @@ struct AddNormFeatures {
   const int64_t* seed_offset = nullptr;  // (seed, offset), in the call's device memory
   const void* rowscale = nullptr;        // M elements
   DtypeCode rowscale_dtype = kF32;
-  const void* colscale = nullptr;        // N elements
+  const void* colscale = nullptr;  // N elements
   DtypeCode colscale_dtype = kF32;
   double weight_offset = 0.0;
 
@@ -43,4 +43,4 @@ AddNormFwdResult<Tensor> alloc_add_norm_outputs(const AddNormFwd& a, RowsView sh
 // each parameter grad has its parameter's shape and dtype, or is (0,) when it is absent.
 AddNormBwdResult<Tensor> alloc_add_norm_outputs(const AddNormBwd& a);
 
-} // namespace fusedres
+}  // namespace fusedres

@@ -16,8 +16,8 @@ std::string shape_str(const Tensor& t) {
 }
 
 void check_float(const Tensor& t, const char* name) {
-  STD_TORCH_CHECK(is_supported_float(t.scalar_type()), "fusedres: ", name,
-      " must be float32, float64, float16 or bfloat16");
+  STD_TORCH_CHECK(
+      is_supported_float(t.scalar_type()), "fusedres: ", name, " must be float32, float64, float16 or bfloat16");
 }
 
 // The rows of (..., n) tensor t: unit stride along n, leading dims that collapse into rows of
@@ -33,8 +33,8 @@ int64_t check_rows(const Tensor& t, const char* name, int64_t n) {
   if (rows == 0) {
     return 0;  // nothing is addressed
   }
-  STD_TORCH_CHECK(n <= 1 || t.stride(dim - 1) == 1, "fusedres: ", name,
-      " must have unit stride along its last dimension");
+  STD_TORCH_CHECK(
+      n <= 1 || t.stride(dim - 1) == 1, "fusedres: ", name, " must have unit stride along its last dimension");
   int64_t expected = -1;  // the stride the next outer dimension of size > 1 must have
   for (int64_t d = dim - 2; d >= 0; --d) {
     const int64_t size = t.size(d);
@@ -49,7 +49,7 @@ int64_t check_rows(const Tensor& t, const char* name, int64_t n) {
   return rows;
 }
 
-} // namespace
+}  // namespace
 
 int64_t row_stride(const Tensor& t) {
   const int64_t dim = t.dim();
@@ -74,15 +74,15 @@ void check_rows_like(const Tensor& t, const char* name, const Tensor& like, cons
   for (int64_t d = 0; same && d < t.dim(); ++d) {
     same = t.size(d) == like.size(d);
   }
-  STD_TORCH_CHECK(same, "fusedres: ", name, " must have shape ", shape_str(like), " (", like_name, "'s), got ",
-      shape_str(t));
+  STD_TORCH_CHECK(
+      same, "fusedres: ", name, " must have shape ", shape_str(like), " (", like_name, "'s), got ", shape_str(t));
   check_rows(t, name, shape.cols);
   STD_TORCH_CHECK(t.device() == like.device(), "fusedres: ", name, " must be on ", like_name, "'s device");
 }
 
 void check_elements(const Tensor& t, const char* name, const Tensor& anchor, int64_t count, bool stats) {
-  STD_TORCH_CHECK(t.numel() == count && (count <= 1 || t.is_contiguous()), "fusedres: ", name, " must have ",
-      count, " contiguous elements, got shape ", shape_str(t));
+  STD_TORCH_CHECK(t.numel() == count && (count <= 1 || t.is_contiguous()), "fusedres: ", name, " must have ", count,
+      " contiguous elements, got shape ", shape_str(t));
   if (stats) {
     STD_TORCH_CHECK(t.scalar_type() == stats_dtype(anchor.scalar_type()), "fusedres: ", name,
         " must have the statistics dtype (float32; float64 for float64 data)");
@@ -113,4 +113,4 @@ void check_float_dtype(ScalarType dtype, const char* name) {
   STD_TORCH_CHECK(is_supported_float(dtype), "fusedres: ", name, " must be float32, float64, float16 or bfloat16");
 }
 
-} // namespace fusedres
+}  // namespace fusedres

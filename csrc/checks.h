@@ -38,6 +38,6 @@ void check_float_dtype(ScalarType dtype, const char* name);
 // Whether two tensors' memory does not overlap (contiguous ones: their byte ranges).
 bool disjoint(const Tensor& a, const Tensor& b);
 
-} // namespace fusedres
+}  // namespace fusedres
 
 #include <fusedres/spec_checks.h>

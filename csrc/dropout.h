@@ -17,4 +17,4 @@ void check_dropout_mask_args(const Tensor& seed_offset, int64_t rows, int64_t co
 // The (rows, cols) bool output on seed_offset's device.
 Tensor alloc_dropout_mask(const Tensor& seed_offset, int64_t rows, int64_t cols);
 
-} // namespace fusedres
+}  // namespace fusedres

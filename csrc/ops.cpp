@@ -6,9 +6,7 @@
 
 #include <torch/csrc/stable/library.h>
 
-STABLE_TORCH_LIBRARY(fusedres, m) {
-  fusedres::define_ops(m);
-}
+STABLE_TORCH_LIBRARY(fusedres, m) { fusedres::define_ops(m); }
 
 // `import fusedres._C` loads this library and so registers the ops above. The module's own
 // functions are the CPU output pool's controls (csrc/cpu/output_pool.h; fusedres/memory.py).
@@ -19,9 +17,7 @@ STABLE_TORCH_LIBRARY(fusedres, m) {
 
 namespace {
 
-PyObject* cpu_pool_release(PyObject*, PyObject*) {
-  return PyLong_FromLongLong(fusedres::cpu::release_pool());
-}
+PyObject* cpu_pool_release(PyObject*, PyObject*) { return PyLong_FromLongLong(fusedres::cpu::release_pool()); }
 
 PyObject* cpu_pool_stats(PyObject*, PyObject*) {
   return Py_BuildValue("(LL)", static_cast<long long>(fusedres::cpu::pool_capacity()),
@@ -34,7 +30,7 @@ PyMethodDef methods[] = {
     {nullptr, nullptr, 0, nullptr},
 };
 
-} // namespace
+}  // namespace
 
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "fusedres C++/CUDA kernels", -1, methods};

@@ -280,8 +280,8 @@ FUSEDRES_PHILOX_AVX2_FN void blocks8x(Key key, uint64_t counter, uint32_t* out) 
 }
 
 // fill_blocks_plain for the largest multiple of 8 blocks <= blocks; returns that count.
-__attribute__((target("avx2"))) inline int64_t fill_blocks_avx2(Key key, uint64_t counter, int64_t blocks,
-                                                               uint32_t* out) {
+__attribute__((target("avx2"))) inline int64_t fill_blocks_avx2(
+    Key key, uint64_t counter, int64_t blocks, uint32_t* out) {
   int64_t i = 0;
   for (; i + 32 <= blocks; i += 32) {
     blocks8x<4>(key, counter + static_cast<uint64_t>(i), out + 4 * i);
@@ -298,7 +298,7 @@ inline bool has_avx2() {
 }
 #endif
 
-} // namespace detail
+}  // namespace detail
 
 // bits(e) for e in [e_begin, e_begin + n) into out[0, n): one Philox evaluation per 4 elements,
 // plus at most one more for a partial block at each end. e_begin >= 0.
@@ -334,6 +334,6 @@ FUSEDRES_PHILOX_HOST void fill_bits(Key key, uint64_t offset, int64_t e_begin, i
     }
   }
 }
-#endif // !defined(__CUDACC__)
+#endif  // !defined(__CUDACC__)
 
-} // namespace fusedres::philox
+}  // namespace fusedres::philox

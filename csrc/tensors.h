@@ -25,8 +25,7 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 inline bool is_supported_float(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||
-      t == ScalarType::BFloat16;
+  return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half || t == ScalarType::BFloat16;
 }
 
 // fp64 inputs keep fp64 statistics (so gradcheck sees exact maths); everything else uses fp32.
@@ -68,8 +67,8 @@ inline int32_t shim_dtype(ScalarType t) {
 
 // An uninitialized tensor of the given sizes and strides, dtype, on `like`'s device.
 // Large CPU outputs come from fusedres's pool of freed blocks (csrc/cpu/output_pool.h).
-inline Tensor empty_strided_on(const Tensor& like, const int64_t* sizes, const int64_t* strides, int64_t ndim,
-                               ScalarType dtype) {
+inline Tensor empty_strided_on(
+    const Tensor& like, const int64_t* sizes, const int64_t* strides, int64_t ndim, ScalarType dtype) {
   int32_t device_type = 0;
   TORCH_ERROR_CODE_CHECK(aoti_torch_get_device_type(like.get(), &device_type));
   if (device_type == aoti_torch_device_type_cpu()) {
@@ -78,8 +77,8 @@ inline Tensor empty_strided_on(const Tensor& like, const int64_t* sizes, const i
     }
   }
   AtenTensorHandle out = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_empty_strided(ndim, sizes, strides, shim_dtype(dtype), device_type,
-                                                  like.get_device_index(), &out));
+  TORCH_ERROR_CODE_CHECK(
+      aoti_torch_empty_strided(ndim, sizes, strides, shim_dtype(dtype), device_type, like.get_device_index(), &out));
   return Tensor(out);
 }
 
@@ -112,4 +111,4 @@ inline Tensor empty_strided_like(const Tensor& t, ScalarType dtype) {
   return empty_strided_on(t, sizes.data(), strides.data(), static_cast<int64_t>(sizes.size()), dtype);
 }
 
-} // namespace fusedres
+}  // namespace fusedres

@@ -3,7 +3,8 @@
 # install it into a fresh .venv, so that everything after runs the installed wheel.
 #
 #   1. .venv-build (kept between runs): torch and the `dev` extra of pyproject.toml (setuptools,
-#      wheel, ninja, build, ruff); lint with ruff check + ruff format --check (FUSEDRES_LINT=0 skips).
+#      wheel, ninja, build, ruff, clang-format); lint with ruff check + ruff format --check and
+#      clang-format --dry-run on csrc/ (FUSEDRES_LINT=0 skips).
 #   2. scripts/build_wheel.sh: the sdist, the wheel built from it (CUDA kernels when nvcc is found;
 #      required under CI=true unless FUSEDRES_CUDA says otherwise), scripts/check_wheel.py.
 #   3. .venv, made afresh: torch and the wheel with its [test,bench] extras. .venv/fusedres-wheel.txt
@@ -47,6 +48,9 @@ if [ "${FUSEDRES_LINT:-1}" = 1 ]; then
   step "lint"
   run "$build_venv/bin/ruff" check .
   run "$build_venv/bin/ruff" format --check .
+  # C++/CUDA: csrc/ as .clang-format says (fix with the same command's -i instead of --dry-run)
+  git ls-files -z -- 'csrc/*.h' 'csrc/*.cpp' 'csrc/*.cu' 'csrc/*.cuh' \
+    | xargs -0 "$build_venv/bin/clang-format" --dry-run --Werror
 fi
 
 step "build and check the wheel"

@@ -54,10 +54,10 @@ struct RowFeatures {
       offset = static_cast<uint64_t>(f.seed_offset[1]);
     }
     if (rowscale) {
-      rowscale_dtype = f.rowscale_dtype == kF64 ? ScalarType::Double
-          : f.rowscale_dtype == kF16            ? ScalarType::Half
-          : f.rowscale_dtype == kBF16           ? ScalarType::BFloat16
-                                                : ScalarType::Float;
+      rowscale_dtype = f.rowscale_dtype == kF64    ? ScalarType::Double
+                       : f.rowscale_dtype == kF16  ? ScalarType::Half
+                       : f.rowscale_dtype == kBF16 ? ScalarType::BFloat16
+                                                   : ScalarType::Float;
     }
   }
   // x's branch is transformed (else h = x + residual, the plain kernels' case).
@@ -84,11 +84,11 @@ struct AddNormBwdRows {
   int64_t n;
   bool rms_norm;
   RowFeatures features;
-  RowArg x;             // the forward's x: for dcolscale, or h's recomputation when h is not stored
-  bool recompute_h;     // h is not stored: form it from x (transformed) + residual
+  RowArg x;          // the forward's x: for dcolscale, or h's recomputation when h is not stored
+  bool recompute_h;  // h is not stored: form it from x (transformed) + residual
 };
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu
 
 #define FUSEDRES_CPU_KERNELS "cpu/add_norm_kernel.h"
 #include "cpu/isa_dispatch.h"
@@ -97,9 +97,7 @@ namespace fusedres::cpu {
 namespace {
 
 // Rows per parallel task: enough elements that the pool's per-task overhead is noise.
-int64_t grain_rows(int64_t n) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1));
-}
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 // The backward splits rows into a fixed number of chunks that depends only on (M, N), never on
 // the thread count, and sums the per-chunk dweight/dbias partials in a fixed order afterwards:
@@ -125,7 +123,7 @@ std::vector<acc_t> weight_vector(const std::optional<Tensor>& weight, int64_t n,
 
 template <typename acc_t>
 void run_fwd(const AddNormFwdRows& args, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
-             const std::optional<Tensor>& colscale, double weight_offset, int64_t m) {
+    const std::optional<Tensor>& colscale, double weight_offset, int64_t m) {
   const int64_t n = args.n;
   const auto w = weight_vector<acc_t>(weight, n, weight_offset);
   const auto b = to_acc_vector<acc_t>(bias, n, acc_t(0));
@@ -140,8 +138,8 @@ void run_fwd(const AddNormFwdRows& args, const std::optional<Tensor>& weight, co
       return;
     }
     std::vector<uint32_t> bits(args.features.dropout ? n : 0);
-    FUSEDRES_ISA_CALL(add_norm_fwd_rows_features<acc_t>(args, w.data(), b.data(), colscale ? cs.data() : nullptr,
-                                                        buf.data(), bits.data(), begin, end));
+    FUSEDRES_ISA_CALL(add_norm_fwd_rows_features<acc_t>(
+        args, w.data(), b.data(), colscale ? cs.data() : nullptr, buf.data(), bits.data(), begin, end));
   });
 }
 
@@ -155,7 +153,7 @@ struct Partials {
 
 template <typename acc_t>
 void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, const std::optional<Tensor>& colscale,
-             double weight_offset, Partials<acc_t> partials, int64_t m, int64_t chunks) {
+    double weight_offset, Partials<acc_t> partials, int64_t m, int64_t chunks) {
   const int64_t n = args.n;
   const auto w = weight_vector<acc_t>(weight, n, weight_offset);
   const auto cs = to_acc_vector<acc_t>(colscale, colscale ? n : 0, acc_t(1));
@@ -178,8 +176,8 @@ void run_bwd(const AddNormBwdRows& args, const std::optional<Tensor>& weight, co
         FUSEDRES_ISA_CALL(add_norm_bwd_rows<acc_t>(args, w.data(), dw, db, xhat, g, hbuf, r0, r1));
       } else {
         acc_t* dcs = partials.dcs ? partials.dcs + c * n : nullptr;
-        FUSEDRES_ISA_CALL(add_norm_bwd_rows_features<acc_t>(args, w.data(), colscale ? cs.data() : nullptr, dw, db,
-                                                            dcs, xhat, g, hbuf, bits.data(), r0, r1));
+        FUSEDRES_ISA_CALL(add_norm_bwd_rows_features<acc_t>(
+            args, w.data(), colscale ? cs.data() : nullptr, dw, db, dcs, xhat, g, hbuf, bits.data(), r0, r1));
       }
     }
   });
@@ -259,7 +257,7 @@ void store_column_sums(const std::vector<acc_t>& partials, int64_t chunks, int64
 
 template <typename acc_t>
 void run_bwd_and_reduce(const AddNormBwd& a, const AddNormBwdRows& args, Tensor* dweight, Tensor* dbias,
-                        Tensor* dcolscale, int64_t m, int64_t n) {
+    Tensor* dcolscale, int64_t m, int64_t n) {
   const int64_t chunks = num_chunks(m, n);
   // Zero-initialized so that M == 0 still yields zero grads.
   std::vector<acc_t> dw_partials(dweight ? chunks * n : 0, acc_t(0));
@@ -267,7 +265,7 @@ void run_bwd_and_reduce(const AddNormBwd& a, const AddNormBwdRows& args, Tensor*
   std::vector<acc_t> dcs_partials(dcolscale ? chunks * n : 0, acc_t(0));
   if (m > 0) {
     const Partials<acc_t> partials{dweight ? dw_partials.data() : nullptr, dbias ? db_partials.data() : nullptr,
-                                   dcolscale ? dcs_partials.data() : nullptr};
+        dcolscale ? dcs_partials.data() : nullptr};
     run_bwd<acc_t>(args, a.weight, a.colscale, a.weight_offset, partials, m, chunks);
   }
   if (dweight) {
@@ -314,7 +312,7 @@ AddNormBwdResult<Tensor> add_norm_bwd_cpu(const AddNormBwd& a) {
   return out;
 }
 
-} // namespace
+}  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("add_norm_fwd", TORCH_BOX((&add_norm_fwd_entry<Tensor, &add_norm_fwd_cpu>)));
@@ -322,4 +320,4 @@ STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("add_norm_inplace", TORCH_BOX((&add_norm_inplace_entry<Tensor, &add_norm_inplace_cpu>)));
 }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

@@ -63,7 +63,7 @@ inline acc_t row_sum_sq_dev(const acc_t* __restrict b, acc_t center, int64_t n) 
 // y = (buf - mean) * rstd * w + b, stored as T (y may be the row buf was loaded from: in place).
 template <typename T, typename acc_t>
 inline void normalize_row(const acc_t* __restrict buf, acc_t mean, acc_t rstd, const acc_t* __restrict w,
-                          const acc_t* __restrict b, int64_t n, T* __restrict y) {
+    const acc_t* __restrict b, int64_t n, T* __restrict y) {
   for_vec<acc_t>(n, [&](int64_t i, auto lanes) {
     using V = decltype(lanes);
     ((V::load(buf + i) - V::all(mean)) * V::all(rstd) * V::load(w + i) + V::load(b + i)).store(y + i);
@@ -86,7 +86,7 @@ inline void draw_row_bits(const RowFeatures& f, int64_t r, int64_t n, uint32_t* 
 // factors). A dropped NaN stays NaN (times 0), as F.dropout's x * mask does.
 template <typename acc_t>
 inline void scale_branch(const RowFeatures& f, int64_t r, int64_t n, const acc_t* __restrict cs,
-                         const uint32_t* __restrict bits, acc_t* __restrict buf) {
+    const uint32_t* __restrict bits, acc_t* __restrict buf) {
   if (f.dropout) {
     const acc_t scale = static_cast<acc_t>(f.scale);
     const uint32_t thr = f.threshold;
@@ -118,7 +118,7 @@ inline void scale_branch(const RowFeatures& f, int64_t r, int64_t n, const acc_t
 // the conversions are fused into three loops, two of which touch memory.
 template <typename T, typename acc_t>
 void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
-                             acc_t* __restrict buf, int64_t begin, int64_t end) {
+    acc_t* __restrict buf, int64_t begin, int64_t end) {
   using Yes = std::true_type;
   using No = std::false_type;
   const int64_t n = a.n;
@@ -164,8 +164,7 @@ void add_norm_fwd_rows_typed(const AddNormFwdRows& a, const acc_t* __restrict w,
 // whole before it is written. Statistics are written where their pointers are given.
 template <typename acc_t>
 void add_norm_fwd_rows_features(const AddNormFwdRows& a, const acc_t* __restrict w, const acc_t* __restrict b,
-                                const acc_t* __restrict cs, acc_t* __restrict buf, uint32_t* __restrict bits,
-                                int64_t begin, int64_t end) {
+    const acc_t* __restrict cs, acc_t* __restrict buf, uint32_t* __restrict bits, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   const acc_t eps = static_cast<acc_t>(a.eps);
@@ -206,8 +205,8 @@ void add_norm_fwd_rows_features(const AddNormFwdRows& a, const acc_t* __restrict
 }
 
 template <typename acc_t>
-void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* w, const acc_t* b, acc_t* buf, int64_t begin,
-                       int64_t end) {
+void add_norm_fwd_rows(
+    const AddNormFwdRows& a, const acc_t* w, const acc_t* b, acc_t* buf, int64_t begin, int64_t end) {
   const ScalarType t = a.x.dtype;
   const bool same = a.h_dtype == t && (!a.residual || a.residual.dtype == t) && (!a.h || a.h.dtype == t);
   const auto mixed = [&] {
@@ -237,19 +236,18 @@ void add_norm_fwd_rows(const AddNormFwdRows& a, const acc_t* w, const acc_t* b, 
 // is formed in a buffer first, exactly as the forward formed it.
 template <typename T, typename acc_t>
 void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w, const acc_t* __restrict cs,
-                             acc_t* __restrict dw, acc_t* __restrict db, acc_t* __restrict dcs,
-                             acc_t* __restrict xhat, acc_t* __restrict g, acc_t* __restrict hbuf,
-                             uint32_t* __restrict bits, int64_t begin, int64_t end) {
+    acc_t* __restrict dw, acc_t* __restrict db, acc_t* __restrict dcs, acc_t* __restrict xhat, acc_t* __restrict g,
+    acc_t* __restrict hbuf, uint32_t* __restrict bits, int64_t begin, int64_t end) {
   const int64_t n = a.n;
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(n);
   const RowFeatures& f = a.features;
   const bool transforms_x = f.transforms_x();
   // h is read as is when it has dy's dtype (x alone is h when nothing transforms or rounds it);
   // x + residual is formed in registers when they all do.
-  const bool h_typed = a.h.dtype == a.dy.dtype &&
-      (!a.recompute_h || (!transforms_x && !a.residual && a.h_dtype == a.dy.dtype));
+  const bool h_typed =
+      a.h.dtype == a.dy.dtype && (!a.recompute_h || (!transforms_x && !a.residual && a.h_dtype == a.dy.dtype));
   const bool h_recomputed_typed = a.recompute_h && !transforms_x && a.residual && a.h.dtype == a.dy.dtype &&
-      a.residual.dtype == a.dy.dtype && a.h_dtype == a.dy.dtype;
+                                  a.residual.dtype == a.dy.dtype && a.h_dtype == a.dy.dtype;
   for (int64_t r = begin; r < end; ++r) {
     const acc_t mean = a.rms_norm ? acc_t(0) : static_cast<const acc_t*>(a.mean)[r];
     const acc_t rstd = static_cast<const acc_t*>(a.rstd)[r];
@@ -321,8 +319,7 @@ void add_norm_bwd_rows_typed(const AddNormBwdRows& a, const acc_t* __restrict w,
 
 template <typename acc_t>
 void add_norm_bwd_rows_features(const AddNormBwdRows& a, const acc_t* w, const acc_t* cs, acc_t* dw, acc_t* db,
-                                acc_t* dcs, acc_t* xhat, acc_t* g, acc_t* hbuf, uint32_t* bits, int64_t begin,
-                                int64_t end) {
+    acc_t* dcs, acc_t* xhat, acc_t* g, acc_t* hbuf, uint32_t* bits, int64_t begin, int64_t end) {
   visit_float(a.dy.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (sizeof(T) <= sizeof(acc_t)) {
@@ -335,24 +332,23 @@ void add_norm_bwd_rows_features(const AddNormBwdRows& a, const acc_t* w, const a
 
 template <typename acc_t>
 void add_norm_bwd_rows(const AddNormBwdRows& a, const acc_t* w, acc_t* dw, acc_t* db, acc_t* xhat, acc_t* g,
-                       acc_t* hbuf, int64_t begin, int64_t end) {
+    acc_t* hbuf, int64_t begin, int64_t end) {
   add_norm_bwd_rows_features<acc_t>(a, w, nullptr, dw, db, nullptr, xhat, g, hbuf, nullptr, begin, end);
 }
 
 template void add_norm_fwd_rows<float>(const AddNormFwdRows&, const float*, const float*, float*, int64_t, int64_t);
 template void add_norm_fwd_rows<double>(const AddNormFwdRows&, const double*, const double*, double*, int64_t, int64_t);
-template void add_norm_bwd_rows<float>(const AddNormBwdRows&, const float*, float*, float*, float*, float*, float*,
-                                       int64_t, int64_t);
-template void add_norm_bwd_rows<double>(const AddNormBwdRows&, const double*, double*, double*, double*, double*,
-                                        double*, int64_t, int64_t);
-template void add_norm_fwd_rows_features<float>(const AddNormFwdRows&, const float*, const float*, const float*,
-                                                float*, uint32_t*, int64_t, int64_t);
-template void add_norm_fwd_rows_features<double>(const AddNormFwdRows&, const double*, const double*, const double*,
-                                                 double*, uint32_t*, int64_t, int64_t);
+template void add_norm_bwd_rows<float>(
+    const AddNormBwdRows&, const float*, float*, float*, float*, float*, float*, int64_t, int64_t);
+template void add_norm_bwd_rows<double>(
+    const AddNormBwdRows&, const double*, double*, double*, double*, double*, double*, int64_t, int64_t);
+template void add_norm_fwd_rows_features<float>(
+    const AddNormFwdRows&, const float*, const float*, const float*, float*, uint32_t*, int64_t, int64_t);
+template void add_norm_fwd_rows_features<double>(
+    const AddNormFwdRows&, const double*, const double*, const double*, double*, uint32_t*, int64_t, int64_t);
 template void add_norm_bwd_rows_features<float>(const AddNormBwdRows&, const float*, const float*, float*, float*,
-                                                float*, float*, float*, float*, uint32_t*, int64_t, int64_t);
-template void add_norm_bwd_rows_features<double>(const AddNormBwdRows&, const double*, const double*, double*,
-                                                 double*, double*, double*, double*, double*, uint32_t*, int64_t,
-                                                 int64_t);
+    float*, float*, float*, float*, uint32_t*, int64_t, int64_t);
+template void add_norm_bwd_rows_features<double>(const AddNormBwdRows&, const double*, const double*, double*, double*,
+    double*, double*, double*, double*, uint32_t*, int64_t, int64_t);
 
-} // namespace fusedres::cpu::FUSEDRES_CPU_ISA
+}  // namespace fusedres::cpu::FUSEDRES_CPU_ISA

@@ -38,14 +38,10 @@ int64_t plane_grain(const ChannelsView& v) {
 
 // channels_last statistics are accumulated per fixed-size chunk of rows (a function of C only),
 // so the partials and their fixed-order sum never depend on the thread count.
-int64_t chunk_rows(const ChannelsView& v) {
-  return std::max<int64_t>(1, kGrainElements / v.channels);
-}
+int64_t chunk_rows(const ChannelsView& v) { return std::max<int64_t>(1, kGrainElements / v.channels); }
 
 // Planes (NCHW) or rows (channels_last) per sample: the units the loops walk.
-int64_t units_per_sample(const ChannelsView& v) {
-  return v.channels_last ? v.spatial : v.channels;
-}
+int64_t units_per_sample(const ChannelsView& v) { return v.channels_last ? v.spatial : v.channels; }
 
 // Calls piece(lo, hi, n) for the pieces of units [begin, end) that belong to one sample n each.
 template <typename F>
@@ -116,8 +112,8 @@ void batch_stats(const Tensor& input, const ChannelsView& v, std::vector<double>
     parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const int64_t r0 = k * per_chunk, r1 = std::min(rows, r0 + per_chunk);
-        FUSEDRES_ISA_CALL(
-            bn_stats_rows<T, acc_t>(x, c_total, shift.data(), p1.data() + k * c_total, p2.data() + k * c_total, r0, r1));
+        FUSEDRES_ISA_CALL(bn_stats_rows<T, acc_t>(
+            x, c_total, shift.data(), p1.data() + k * c_total, p2.data() + k * c_total, r0, r1));
       }
     });
     for (int64_t k = 0; k < chunks; ++k) {
@@ -143,8 +139,7 @@ Tensor stats_tensor(const Tensor& like, const std::vector<double>& values, Scala
 // running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, as
 // F.batch_norm updates them; in double, whatever the running stats' dtype.
 void update_running_stats(const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_var,
-                          const std::vector<double>& mean, const std::vector<double>& var, double count,
-                          double momentum) {
+    const std::vector<double>& mean, const std::vector<double>& var, double count, double momentum) {
   if (!running_mean.has_value() || count <= 0) {
     return;
   }
@@ -162,7 +157,7 @@ void update_running_stats(const std::optional<Tensor>& running_mean, const std::
 }
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input, const std::optional<Tensor>& running_mean,
-                                                const std::optional<Tensor>& running_var, double momentum) {
+    const std::optional<Tensor>& running_var, double momentum) {
   const ChannelsView v = check_bn_stats_args(input, running_mean, running_var);
   std::vector<double> mean, var;
   visit_input(input, [&](auto t, auto a) {
@@ -175,7 +170,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input, const std::
 
 // Chan et al.'s pairwise combination of (count, mean, M2), process by process in row order.
 std::tuple<Tensor, Tensor> batch_norm_combine_stats_cpu(const Tensor& stats, const std::optional<Tensor>& running_mean,
-                                                        const std::optional<Tensor>& running_var, double momentum) {
+    const std::optional<Tensor>& running_var, double momentum) {
   const int64_t c_total = check_bn_combine_args(stats, running_mean, running_var);
   const int64_t w_total = stats.size(0);
   const std::vector<double> rows = to_acc_vector<double>(stats, stats.numel(), 0.0);
@@ -217,8 +212,8 @@ std::vector<double> invstd_of(const std::optional<Tensor>& var, double eps, int6
 // rowscale: per sample, or empty (none).
 template <typename T, typename acc_t>
 void apply(const Tensor& input, const std::optional<Tensor>& residual, Tensor& out, const ChannelsView& v,
-           const std::vector<acc_t>& mean, const std::vector<acc_t>& scale, const std::vector<acc_t>& bias, bool relu,
-           const std::vector<acc_t>& rowscale) {
+    const std::vector<acc_t>& mean, const std::vector<acc_t>& scale, const std::vector<acc_t>& bias, bool relu,
+    const std::vector<acc_t>& rowscale) {
   const T* x = static_cast<const T*>(input.const_data_ptr());
   const T* res = residual.has_value() ? static_cast<const T*>(residual->const_data_ptr()) : nullptr;
   T* o = static_cast<T*>(out.mutable_data_ptr());
@@ -265,10 +260,9 @@ std::vector<acc_t> rowscale_vector(const std::optional<Tensor>& rowscale, const 
 }
 
 Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tensor>& residual,
-                                   const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
-                                   const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
-                                   const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
-                                   int64_t /*count*/) {
+    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
+    int64_t /*count*/) {
   const ChannelsView v = check_bn_fwd_args(input, residual, rowscale, weight, bias, mean, var);
   const int64_t c_total = v.channels;
   Tensor out = empty_strided_like(input, input.scalar_type());
@@ -284,21 +278,18 @@ Tensor batch_norm_add_relu_fwd_cpu(const Tensor& input, const std::optional<Tens
       scale[c] = static_cast<acc_t>(invstd[c] * w[c]);
     }
     apply<T, acc_t>(input, residual, out, v, m, scale, to_acc_vector<acc_t>(bias, c_total, acc_t(0)), relu,
-                    rowscale_vector<acc_t>(rowscale, v));
+        rowscale_vector<acc_t>(rowscale, v));
   });
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tensor& grad_out, const Tensor& out,
-                                                                      const Tensor& input,
-                                                                      const std::optional<Tensor>& rowscale,
-                                                                      const std::optional<Tensor>& mean,
-                                                                      const std::optional<Tensor>& var, double eps,
-                                                                      bool relu, bool write_grad_residual) {
+    const Tensor& input, const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& var, double eps, bool relu, bool write_grad_residual) {
   const ChannelsView v = check_bn_bwd_args(grad_out, out, input, rowscale, mean, var, std::nullopt);
   const int64_t c_total = v.channels;
-  Tensor g = write_grad_residual ? empty_strided_like(input, input.scalar_type())
-                                 : empty_on(input, {0}, input.scalar_type());
+  Tensor g =
+      write_grad_residual ? empty_strided_like(input, input.scalar_type()) : empty_on(input, {0}, input.scalar_type());
   advise_huge_pages(g);
   std::vector<double> sum_dy(c_total, 0.0), sum_dy_xmu(c_total, 0.0);
   visit_input(input, [&](auto t, auto a) {
@@ -316,8 +307,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
         const int64_t planes = v.batch * c_total;
         std::vector<double> p1(planes), p2(planes);
         parallel_for(0, planes, plane_grain(v), [&](int64_t b, int64_t e) {
-          FUSEDRES_ISA_CALL(bn_bwd_reduce_planes<kMask, kWrite, T, acc_t>(dy, o, x, gp, c_total, v.spatial, m.data(),
-                                                                          p1.data(), p2.data(), b, e));
+          FUSEDRES_ISA_CALL(bn_bwd_reduce_planes<kMask, kWrite, T, acc_t>(
+              dy, o, x, gp, c_total, v.spatial, m.data(), p1.data(), p2.data(), b, e));
         });
         for (int64_t p = 0; p < planes; ++p) {
           // A plane is one sample's: its sums scale by that sample's rowscale.
@@ -379,11 +370,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cpu(const Tens
 }
 
 Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                         const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
-                                         const std::optional<Tensor>& var, double eps,
-                                         const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
-                                         const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training,
-                                         bool relu) {
+    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
+    double eps, const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
+    const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training, bool relu) {
   const ChannelsView v = check_bn_bwd_args(grad, out, input, rowscale, mean, var, weight);
   const int64_t c_total = v.channels;
   check_bn_sums(sum_dy, sum_dy_xhat, input, c_total, training, count);
@@ -421,8 +410,8 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
       // Units [lo, hi) with the coefficient a_ (a, or a sample's a * rowscale[n]).
       auto loop = [&](const acc_t* a_, int64_t lo, int64_t hi) {
         if (!v.channels_last) {
-          FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(gp, o, x, d, c_total, v.spatial, m.data(), a_,
-                                                                 k.data(), b.data(), lo, hi));
+          FUSEDRES_ISA_CALL(bn_bwd_input_planes<kMask, T, acc_t>(
+              gp, o, x, d, c_total, v.spatial, m.data(), a_, k.data(), b.data(), lo, hi));
         } else {
           FUSEDRES_ISA_CALL(
               bn_bwd_input_rows<kMask, T, acc_t>(gp, o, x, d, c_total, m.data(), a_, k.data(), b.data(), lo, hi));
@@ -446,7 +435,7 @@ Tensor batch_norm_add_relu_bwd_input_cpu(const Tensor& grad, const std::optional
   return dx;
 }
 
-} // namespace
+}  // namespace
 
 STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_stats", TORCH_BOX(&batch_norm_stats_cpu));
@@ -456,4 +445,4 @@ STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
   m.impl("batch_norm_add_relu_bwd_input", TORCH_BOX(&batch_norm_add_relu_bwd_input_cpu));
 }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

@@ -34,7 +34,7 @@ inline void for_channel_blocks(int64_t c_total, int64_t begin, int64_t end, cons
 
 template <typename T, typename acc_t>
 void bn_stats_planes(const T* __restrict x, int64_t c_total, int64_t s, const acc_t* __restrict shift,
-                     double* __restrict part_sum, double* __restrict part_sumsq, int64_t begin, int64_t end) {
+    double* __restrict part_sum, double* __restrict part_sumsq, int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const T* __restrict src = x + p * s;
     const acc_t k = shift[p % c_total];
@@ -50,7 +50,7 @@ void bn_stats_planes(const T* __restrict x, int64_t c_total, int64_t s, const ac
 
 template <typename T, typename acc_t>
 void bn_stats_rows(const T* __restrict x, int64_t c_total, const acc_t* __restrict shift, acc_t* __restrict s1,
-                   acc_t* __restrict s2, int64_t begin, int64_t end) {
+    acc_t* __restrict s2, int64_t begin, int64_t end) {
   for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
     using V = decltype(lanes);
     const V d = V::load(x + o) - V::load(shift + c);
@@ -75,26 +75,26 @@ inline void bn_out(const T* __restrict x, const T* __restrict res, T* __restrict
 
 template <bool kResidual, bool kRelu, typename T, typename acc_t>
 void bn_apply_planes(const T* __restrict x, const T* __restrict res, T* __restrict out, int64_t c_total, int64_t s,
-                     const acc_t* __restrict mean, const acc_t* __restrict scale, const acc_t* __restrict bias,
-                     int64_t begin, int64_t end) {
+    const acc_t* __restrict mean, const acc_t* __restrict scale, const acc_t* __restrict bias, int64_t begin,
+    int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % c_total, o = p * s;
     for_vec<acc_t>(s, [&](int64_t i, auto lanes) {
       using V = decltype(lanes);
       bn_out<kResidual, kRelu>(x + o + i, kResidual ? res + o + i : nullptr, out + o + i, V::all(mean[c]),
-                               V::all(scale[c]), V::all(bias[c]));
+          V::all(scale[c]), V::all(bias[c]));
     });
   }
 }
 
 template <bool kResidual, bool kRelu, typename T, typename acc_t>
 void bn_apply_rows(const T* __restrict x, const T* __restrict res, T* __restrict out, int64_t c_total,
-                   const acc_t* __restrict mean, const acc_t* __restrict scale, const acc_t* __restrict bias,
-                   int64_t begin, int64_t end) {
+    const acc_t* __restrict mean, const acc_t* __restrict scale, const acc_t* __restrict bias, int64_t begin,
+    int64_t end) {
   for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
     using V = decltype(lanes);
-    bn_out<kResidual, kRelu>(x + o, kResidual ? res + o : nullptr, out + o, V::load(mean + c), V::load(scale + c),
-                             V::load(bias + c));
+    bn_out<kResidual, kRelu>(
+        x + o, kResidual ? res + o : nullptr, out + o, V::load(mean + c), V::load(scale + c), V::load(bias + c));
   });
 }
 
@@ -110,8 +110,8 @@ inline V bn_grad(const T* __restrict dy, const T* __restrict out) {
 
 template <bool kMask, bool kWriteG, typename T, typename acc_t>
 void bn_bwd_reduce_planes(const T* __restrict dy, const T* __restrict out, const T* __restrict x, T* __restrict g_out,
-                          int64_t c_total, int64_t s, const acc_t* __restrict mean, double* __restrict part_dy,
-                          double* __restrict part_dy_xmu, int64_t begin, int64_t end) {
+    int64_t c_total, int64_t s, const acc_t* __restrict mean, double* __restrict part_dy,
+    double* __restrict part_dy_xmu, int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const acc_t m = mean[p % c_total];
     const int64_t o = p * s;
@@ -130,8 +130,8 @@ void bn_bwd_reduce_planes(const T* __restrict dy, const T* __restrict out, const
 
 template <bool kMask, bool kWriteG, typename T, typename acc_t>
 void bn_bwd_reduce_rows(const T* __restrict dy, const T* __restrict out, const T* __restrict x, T* __restrict g_out,
-                        int64_t c_total, const acc_t* __restrict mean, acc_t* __restrict s1, acc_t* __restrict s2,
-                        int64_t begin, int64_t end) {
+    int64_t c_total, const acc_t* __restrict mean, acc_t* __restrict s1, acc_t* __restrict s2, int64_t begin,
+    int64_t end) {
   for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
     using V = decltype(lanes);
     const V g = bn_grad<kMask, V>(dy + o, out + o);
@@ -146,34 +146,34 @@ void bn_bwd_reduce_rows(const T* __restrict dy, const T* __restrict out, const T
 // grad_input = a_c * g - k_c * (x - mean_c) + b_c, the per-channel coefficients folding
 // weight * invstd * (g - sum_dy / count - xhat * sum_dy_xhat / count) (see batch_norm.cpp).
 template <bool kMask, typename T, typename V>
-inline void bn_dx(const T* __restrict grad, const T* __restrict out, const T* __restrict x, T* __restrict dx, V mean,
-                  V a, V k, V b) {
+inline void bn_dx(
+    const T* __restrict grad, const T* __restrict out, const T* __restrict x, T* __restrict dx, V mean, V a, V k, V b) {
   const V g = bn_grad<kMask, V>(grad, out);
   (a * g - k * (V::load(x) - mean) + b).store(dx);
 }
 
 template <bool kMask, typename T, typename acc_t>
 void bn_bwd_input_planes(const T* __restrict grad, const T* __restrict out, const T* __restrict x, T* __restrict dx,
-                         int64_t c_total, int64_t s, const acc_t* __restrict mean, const acc_t* __restrict a,
-                         const acc_t* __restrict k, const acc_t* __restrict b, int64_t begin, int64_t end) {
+    int64_t c_total, int64_t s, const acc_t* __restrict mean, const acc_t* __restrict a, const acc_t* __restrict k,
+    const acc_t* __restrict b, int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
     const int64_t c = p % c_total, o = p * s;
     for_vec<acc_t>(s, [&](int64_t i, auto lanes) {
       using V = decltype(lanes);
-      bn_dx<kMask>(grad + o + i, out + o + i, x + o + i, dx + o + i, V::all(mean[c]), V::all(a[c]), V::all(k[c]),
-                   V::all(b[c]));
+      bn_dx<kMask>(
+          grad + o + i, out + o + i, x + o + i, dx + o + i, V::all(mean[c]), V::all(a[c]), V::all(k[c]), V::all(b[c]));
     });
   }
 }
 
 template <bool kMask, typename T, typename acc_t>
 void bn_bwd_input_rows(const T* __restrict grad, const T* __restrict out, const T* __restrict x, T* __restrict dx,
-                       int64_t c_total, const acc_t* __restrict mean, const acc_t* __restrict a,
-                       const acc_t* __restrict k, const acc_t* __restrict b, int64_t begin, int64_t end) {
+    int64_t c_total, const acc_t* __restrict mean, const acc_t* __restrict a, const acc_t* __restrict k,
+    const acc_t* __restrict b, int64_t begin, int64_t end) {
   for_channel_blocks<acc_t>(c_total, begin, end, [&](int64_t o, int64_t c, auto lanes) {
     using V = decltype(lanes);
     bn_dx<kMask>(grad + o, out + o, x + o, dx + o, V::load(mean + c), V::load(a + c), V::load(k + c), V::load(b + c));
   });
 }
 
-} // namespace fusedres::cpu::FUSEDRES_CPU_ISA
+}  // namespace fusedres::cpu::FUSEDRES_CPU_ISA

@@ -36,10 +36,8 @@ Tensor dropout_mask_cpu(const Tensor& seed_offset, int64_t rows, int64_t cols, d
   return mask;
 }
 
-} // namespace
+}  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) {
-  m.impl("dropout_mask", TORCH_BOX(&dropout_mask_cpu));
-}
+STABLE_TORCH_LIBRARY_IMPL(fusedres, CPU, m) { m.impl("dropout_mask", TORCH_BOX(&dropout_mask_cpu)); }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

@@ -6,8 +6,8 @@ namespace fusedres::cpu::FUSEDRES_CPU_ISA {
 
 // mask[e] = bits(e) >= threshold for e in [begin, end). The bits go through an L1-resident
 // buffer, as a fused kernel's row would.
-inline void dropout_mask_range(philox::Key key, uint64_t offset, uint32_t threshold, int64_t begin, int64_t end,
-                               bool* mask) {
+inline void dropout_mask_range(
+    philox::Key key, uint64_t offset, uint32_t threshold, int64_t begin, int64_t end, bool* mask) {
   constexpr int64_t kChunk = 2048;
   alignas(64) uint32_t bits[kChunk];
   for (int64_t start = begin; start < end; start += kChunk) {
@@ -21,4 +21,4 @@ inline void dropout_mask_range(philox::Key key, uint64_t offset, uint32_t thresh
   }
 }
 
-} // namespace fusedres::cpu::FUSEDRES_CPU_ISA
+}  // namespace fusedres::cpu::FUSEDRES_CPU_ISA

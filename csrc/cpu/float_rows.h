@@ -52,13 +52,11 @@ inline void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) 
 
 // Byte address of row `row` of a (rows, N) tensor with unit column stride.
 inline const char* row_ptr(const Tensor& t, int64_t row) {
-  return static_cast<const char*>(t.const_data_ptr()) +
-      row * t.stride(0) * static_cast<int64_t>(t.element_size());
+  return static_cast<const char*>(t.const_data_ptr()) + row * t.stride(0) * static_cast<int64_t>(t.element_size());
 }
 
 inline char* mutable_row_ptr(const Tensor& t, int64_t row) {
-  return static_cast<char*>(t.mutable_data_ptr()) +
-      row * t.stride(0) * static_cast<int64_t>(t.element_size());
+  return static_cast<char*>(t.mutable_data_ptr()) + row * t.stride(0) * static_cast<int64_t>(t.element_size());
 }
 
 // A small (parameter-sized) tensor as accumulators; `fill` stands in for every element when absent.
@@ -89,4 +87,4 @@ void store_acc_vector(const acc_t* src, int64_t n, Tensor& t) {
   });
 }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

@@ -89,7 +89,7 @@ inline bool huge_page_faults_are_safe() {
          !free_page_reporting();
 }
 
-} // namespace detail
+}  // namespace detail
 
 inline bool huge_pages_enabled() {
   static const bool enabled = [] {
@@ -121,4 +121,4 @@ inline void advise_huge_pages(const torch::stable::Tensor& t) {
 #endif
 }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

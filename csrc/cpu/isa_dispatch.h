@@ -41,11 +41,11 @@ inline bool cpu_has_avx2() {
   static const bool has = [] {
     const char* forced = std::getenv("FUSEDRES_CPU_ISA");
     return !(forced != nullptr && std::strcmp(forced, "baseline") == 0) && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+           __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   }();
   return has;
 }
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu
 
 // FUSEDRES_ISA_CALL(kernel<T>(args...)) calls the AVX2 build of `kernel` when the CPU has it.
 #define FUSEDRES_ISA_CALL(...) (::fusedres::cpu::cpu_has_avx2() ? avx2::__VA_ARGS__ : baseline::__VA_ARGS__)

@@ -63,17 +63,11 @@ class Pool {
   // The same settings, nothing cached (no lookups: safe in a fork child handler).
   explicit Pool(const Pool& settings) : from_blob_(settings.from_blob_), capacity_(settings.capacity_) {}
 
-  bool enabled() const {
-    return capacity_ > 0;
-  }
+  bool enabled() const { return capacity_ > 0; }
 
-  int64_t capacity() const {
-    return capacity_;
-  }
+  int64_t capacity() const { return capacity_; }
 
-  FromBlob from_blob() const {
-    return from_blob_;
-  }
+  FromBlob from_blob() const { return from_blob_; }
 
   // A block of exactly `bytes` (a multiple of kGranule): a freed one, or a new one.
   void* take(int64_t bytes) {
@@ -150,9 +144,7 @@ Pool* instance = nullptr;
 // A child of fork() starts with a fresh pool: the parent's mutex may have been held by another
 // thread at the fork, and that thread does not exist in the child. The parent's cached blocks stay
 // mapped in the child, unused (copy-on-write pages, never touched).
-void fresh_pool_in_child() {
-  instance = new Pool(*instance);
-}
+void fresh_pool_in_child() { instance = new Pool(*instance); }
 #endif
 
 Pool& pool() {
@@ -183,10 +175,10 @@ int64_t element_size(ScalarType dtype) {
   }
 }
 
-} // namespace
+}  // namespace
 
-std::optional<Tensor> pooled_empty_strided(const int64_t* sizes, const int64_t* strides, int64_t ndim,
-                                           ScalarType dtype) {
+std::optional<Tensor> pooled_empty_strided(
+    const int64_t* sizes, const int64_t* strides, int64_t ndim, ScalarType dtype) {
   Pool& p = pool();
   if (!p.enabled()) {
     return std::nullopt;
@@ -209,9 +201,8 @@ std::optional<Tensor> pooled_empty_strided(const int64_t* sizes, const int64_t* 
     return std::nullopt;  // let torch's allocator try, and raise its out-of-memory error
   }
   AtenTensorHandle out = nullptr;
-  const AOTITorchError err = p.from_blob()(data, ndim, sizes, strides, 0, shim, aoti_torch_device_type_cpu(), -1,
-      &out, aoti_torch_layout_strided(), nullptr, 0, &return_block,
-      reinterpret_cast<void*>(static_cast<intptr_t>(rounded)));
+  const AOTITorchError err = p.from_blob()(data, ndim, sizes, strides, 0, shim, aoti_torch_device_type_cpu(), -1, &out,
+      aoti_torch_layout_strided(), nullptr, 0, &return_block, reinterpret_cast<void*>(static_cast<intptr_t>(rounded)));
   if (err != AOTI_TORCH_SUCCESS) {
     p.give_back(data, rounded);
     return std::nullopt;
@@ -219,16 +210,10 @@ std::optional<Tensor> pooled_empty_strided(const int64_t* sizes, const int64_t* 
   return Tensor(out);
 }
 
-int64_t release_pool() {
-  return pool().release();
-}
+int64_t release_pool() { return pool().release(); }
 
-int64_t pool_capacity() {
-  return pool().capacity();
-}
+int64_t pool_capacity() { return pool().capacity(); }
 
-int64_t pool_cached_bytes() {
-  return pool().cached();
-}
+int64_t pool_cached_bytes() { return pool().cached(); }
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

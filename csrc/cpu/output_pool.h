@@ -44,4 +44,4 @@ int64_t pool_capacity();
 // Bytes the pool holds now (freed blocks waiting for reuse).
 int64_t pool_cached_bytes();
 
-} // namespace fusedres::cpu
+}  // namespace fusedres::cpu

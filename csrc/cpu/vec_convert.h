@@ -128,8 +128,8 @@ inline __m256i bf16_rounded_high(__m256 v) {
 inline void store_high_halves(BFloat16* p, __m256i u) {
   // Within each 128-bit half, bytes 2-3, 6-7, 10-11, 14-15 to the low 8 bytes; then quadwords 0 and
   // 2 to the low 128 bits.
-  const __m256i pick = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10,
-                                        11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i pick = _mm256_setr_epi8(2, 3, 6, 7, 10, 11, 14, 15, -1, -1, -1, -1, -1, -1, -1, -1, 2, 3, 6, 7, 10, 11,
+      14, 15, -1, -1, -1, -1, -1, -1, -1, -1);
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(u, pick), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
@@ -176,7 +176,9 @@ struct Vec<float, 8> {
       return *this;
     }
   }
-  Vec relu() const { return {_mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))}; }
+  Vec relu() const {
+    return {_mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ))};
+  }
   Vec zero_where_nonpositive(Vec out) const {
     return {_mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(out.v, _mm256_setzero_ps(), _CMP_LE_OQ))};
   }
@@ -286,9 +288,8 @@ inline void from_acc(const acc_t* __restrict src, int64_t n, T* __restrict dst) 
 
 template <typename T, typename acc_t>
 inline void round_through(acc_t* __restrict buf, int64_t n) {
-  for_vec<acc_t>(n, [&](int64_t i, auto lanes) {
-    decltype(lanes)::load(buf + i).template rounded<T>().store(buf + i);
-  });
+  for_vec<acc_t>(
+      n, [&](int64_t i, auto lanes) { decltype(lanes)::load(buf + i).template rounded<T>().store(buf + i); });
 }
 
-} // namespace fusedres::cpu::FUSEDRES_CPU_ISA
+}  // namespace fusedres::cpu::FUSEDRES_CPU_ISA

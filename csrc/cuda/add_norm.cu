@@ -159,11 +159,8 @@ __device__ __forceinline__ bool in_row(int c, int j, int n) {
 
 // Loads columns [c, c + 8) of a row into the accumulation type; columns >= n read as 0.
 template <int kAccess, bool kStream, class T, class A>
-__device__ __forceinline__ void load_pack(const T* __restrict__ row, int c, int n, bool vec,
-                                          A (&out)[kPack]) {
-  const bool full = kAccess == kVecAccess ? c < n
-      : kAccess == kScalarAccess          ? false
-                                          : (vec && c + kPack <= n);
+__device__ __forceinline__ void load_pack(const T* __restrict__ row, int c, int n, bool vec, A (&out)[kPack]) {
+  const bool full = kAccess == kVecAccess ? c < n : kAccess == kScalarAccess ? false : (vec && c + kPack <= n);
   if (full) {
     constexpr int kQ = static_cast<int>(sizeof(T)) * kPack / 16;
     const uint4* src = reinterpret_cast<const uint4*>(row + c);
@@ -191,11 +188,8 @@ __device__ __forceinline__ void load_pack(const T* __restrict__ row, int c, int 
 
 // Stores columns [c, c + 8) of a row, skipping columns >= n.
 template <int kAccess, class T, class A>
-__device__ __forceinline__ void store_pack(T* __restrict__ row, int c, int n, bool vec,
-                                           const A (&v)[kPack]) {
-  const bool full = kAccess == kVecAccess ? c < n
-      : kAccess == kScalarAccess          ? false
-                                          : (vec && c + kPack <= n);
+__device__ __forceinline__ void store_pack(T* __restrict__ row, int c, int n, bool vec, const A (&v)[kPack]) {
+  const bool full = kAccess == kVecAccess ? c < n : kAccess == kScalarAccess ? false : (vec && c + kPack <= n);
   T vals[kPack];
 #pragma unroll
   for (int j = 0; j < kPack; ++j) {
@@ -223,9 +217,8 @@ __device__ __forceinline__ void store_pack(T* __restrict__ row, int c, int n, bo
 // Loads a pack of a tensor whose element type is X or float, chosen at run time (dh): a
 // uniform branch is cheaper than doubling the instantiations for a rarely-mixed input.
 template <int kAccess, class X, class A>
-__device__ __forceinline__ void load_pack_x_or_f32(const void* base, int64_t row, int64_t stride,
-                                                   bool is_f32, int c, int n, bool vec,
-                                                   A (&out)[kPack]) {
+__device__ __forceinline__ void load_pack_x_or_f32(
+    const void* base, int64_t row, int64_t stride, bool is_f32, int c, int n, bool vec, A (&out)[kPack]) {
   if (is_f32) {
     load_pack<kAccess, true>(static_cast<const float*>(base) + row * stride, c, n, vec, out);
   } else {
@@ -235,8 +228,8 @@ __device__ __forceinline__ void load_pack_x_or_f32(const void* base, int64_t row
 
 // Stores a pack to a contiguous (rows, n) tensor of type X (mode 1) or float (mode 2).
 template <int kAccess, class X, class A>
-__device__ __forceinline__ void store_pack_x_or_f32(void* base, int64_t row, int n, int mode,
-                                                    int c, bool vec, const A (&v)[kPack]) {
+__device__ __forceinline__ void store_pack_x_or_f32(
+    void* base, int64_t row, int n, int mode, int c, bool vec, const A (&v)[kPack]) {
   if (mode == 2) {
     store_pack<kAccess>(static_cast<float*>(base) + row * n, c, n, vec, v);
   } else {
@@ -306,8 +299,7 @@ struct Features {
 
 // Loads a pack of a tensor whose dtype is known only at run time (colscale): a uniform switch.
 template <int kAccess, class A>
-__device__ __forceinline__ void load_pack_any(const void* p, int code, int c, int n, bool vec,
-                                              A (&out)[kPack]) {
+__device__ __forceinline__ void load_pack_any(const void* p, int code, int c, int n, bool vec, A (&out)[kPack]) {
   switch (code) {
     case kF64:
       load_pack<kAccess, false>(static_cast<const double*>(p), c, n, vec, out);
@@ -356,8 +348,7 @@ __device__ __forceinline__ uint32_t keep_pack(const Features<A>& f, uint64_t e) 
 // pack at column (k * T + lane) * 8), one register for the whole slice; packs past the row
 // draw nothing.
 template <int K, class A>
-__device__ __forceinline__ uint32_t keep_bits(const Features<A>& f, int64_t row, int n, int lane,
-                                              int T) {
+__device__ __forceinline__ uint32_t keep_bits(const Features<A>& f, int64_t row, int n, int lane, int T) {
   static_assert(K * kPack <= 32, "one bit per element of a thread's row slice");
   if (f.seed_offset == nullptr) {
     return 0xFFFFFFFFu;
@@ -383,9 +374,8 @@ __device__ __forceinline__ A row_scale(const Features<A>& f, int64_t row) {
 // colscale (colscale only when `with_colscale`). A dropped NaN or Inf stays NaN, as F.dropout's
 // multiply by 0 leaves it. keep8: the pack's keep bits; rs: the row's rowscale.
 template <int kAccess, class A>
-__device__ __forceinline__ void scale_branch(const Features<A>& f, uint32_t keep8, A rs,
-                                             bool with_colscale, int c, int n, bool vec,
-                                             A (&v)[kPack]) {
+__device__ __forceinline__ void scale_branch(
+    const Features<A>& f, uint32_t keep8, A rs, bool with_colscale, int c, int n, bool vec, A (&v)[kPack]) {
   if (f.seed_offset != nullptr) {
 #pragma unroll
     for (int j = 0; j < kPack; ++j) {
@@ -488,8 +478,8 @@ using FwdArgsOf = std::conditional_t<kFeatures, FwdFeatureArgs<X, R, H, W>, FwdA
 // rounded to h's dtype. Eager rounds h to h_dtype before normalizing, so the rounding happens
 // even when h is not stored. Returns the pack's keep bits (rs: the row's rowscale).
 template <int kAccess, bool kFeatures, class Args, class X, class R, class A>
-__device__ __forceinline__ uint32_t h_pack(const Args& a, const X* xrow, const R* rrow, int64_t row,
-                                           A rs, int c, A (&v)[kPack]) {
+__device__ __forceinline__ uint32_t h_pack(
+    const Args& a, const X* xrow, const R* rrow, int64_t row, A rs, int c, A (&v)[kPack]) {
   using H = std::remove_cv_t<std::remove_pointer_t<decltype(a.h)>>;
   load_pack<kAccess, true>(xrow, c, a.n, a.vec, v);
   uint32_t keep8 = 0xFFu;
@@ -521,8 +511,7 @@ __device__ __forceinline__ uint32_t h_pack(const Args& a, const X* xrow, const R
 // y for one pack; kFeatures: weight + weight_offset (the feature kernels add the offset even
 // when it is 0, as the spec does: the plain kernels stay bitwise eager's F.layer_norm).
 template <int kAccess, bool kFeatures, class Args, class X, class A>
-__device__ __forceinline__ void y_pack(const Args& a, X* yrow, int c, A mean, A rstd,
-                                       const A (&v)[kPack]) {
+__device__ __forceinline__ void y_pack(const Args& a, X* yrow, int c, A mean, A rstd, const A (&v)[kPack]) {
   A out[kPack];
 #pragma unroll
   for (int j = 0; j < kPack; ++j) {
@@ -580,7 +569,7 @@ __global__ void __launch_bounds__(kMaxThreads, kFwdMinBlocks<X, kFeatures, kStat
   const int lane = static_cast<int>(threadIdx.x) - g * T;
   int pp = 0;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * G; base < a.rows;
-       base += static_cast<int64_t>(gridDim.x) * G) {
+      base += static_cast<int64_t>(gridDim.x) * G) {
     // Groups past the last row recompute the last row (their loads stay in bounds and the
     // warp shuffles / barriers stay uniform) and store nothing.
     const bool valid = base + g < a.rows;
@@ -811,7 +800,7 @@ struct BwdArgs {
 // struct of its own so that the plain kernels keep their parameter block (see FwdFeatureArgs).
 template <class X, class H, class W>
 struct BwdFeatureArgs : BwdArgs<X, H, W> {
-  const void* x;  // X or float (x_f32): the forward's x, for dcolscale; null without
+  const void* x;    // X or float (x_f32): the forward's x, for dcolscale; null without
   acc_t<X>* pc;     // (blocks, n) dcolscale partials; null without colscale_grad
   acc_t<X>* row_c;  // long rows with dcolscale: c1, c2 of each row, for the column kernel
   Features<acc_t<X>> f;
@@ -858,8 +847,7 @@ using BwdArgsOf = std::conditional_t<kFeatures, BwdFeatureArgs<X, H, W>, BwdArgs
 // registers: three register partials of K = 2 packs would not fit 128 registers). x is loaded
 // only after the reduction, where dcolscale needs it, so it is not live across it.
 template <int kAccess, int K, bool kFeatures, class X, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads)
-    add_norm_bwd_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
+__global__ void __launch_bounds__(kMaxThreads) add_norm_bwd_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
   using A = acc_t<X>;
   constexpr int kSlots = kBwdRowsBlock * K * kPack;
   __shared__ A red[2][2][kMaxWarps];
@@ -870,7 +858,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int g = static_cast<int>(threadIdx.x) / T;
   const int lane = static_cast<int>(threadIdx.x) - g * T;
   const int span = T * K * kPack;  // columns covered by one group (>= n)
-  A* pc = nullptr;  // dcolscale's partials
+  A* pc = nullptr;                 // dcolscale's partials
   if constexpr (kFeatures) {
     pc = a.pc;
   }
@@ -961,8 +949,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         A t[kPack];
-        load_pack_x_or_f32<kAccess, X>(a.dh, row, a.dh_stride, a.dh_f32, (k * T + lane) * kPack,
-                                       n, a.vec, t);
+        load_pack_x_or_f32<kAccess, X>(a.dh, row, a.dh_stride, a.dh_f32, (k * T + lane) * kPack, n, a.vec, t);
 #pragma unroll
         for (int j = 0; j < kPack; ++j) {
           u[k][j] += t[j];
@@ -1078,8 +1065,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // dx), the second one mostly from L2. dweight/dbias/dcolscale come from add_norm_bwd_cols_kernel
 // (dcolscale from each row's c1, c2, left in row_c).
 template <bool kFeatures, class X, class H, class W>
-__global__ void __launch_bounds__(kMaxThreads)
-    add_norm_bwd_long_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
+__global__ void __launch_bounds__(kMaxThreads) add_norm_bwd_long_rows_kernel(const BwdArgsOf<kFeatures, X, H, W> a) {
   using A = acc_t<X>;
   __shared__ A red[2][2][kMaxWarps];
   const int n = a.n;
@@ -1217,8 +1203,8 @@ __global__ void __launch_bounds__(256) add_norm_bwd_cols_kernel(const BwdFeature
       A t = g * ld_x_or_f32<X, A>(a.x, a.x_f32, row * a.x_stride + col);
       if (a.f.seed_offset != nullptr) {
         const auto* so = reinterpret_cast<const unsigned long long*>(a.f.seed_offset);
-        const uint32_t bits = philox::bits_at(philox::key_of(__ldg(so)), __ldg(so + 1),
-                                              static_cast<uint64_t>(row * n + col));
+        const uint32_t bits =
+            philox::bits_at(philox::key_of(__ldg(so)), __ldg(so + 1), static_cast<uint64_t>(row * n + col));
         t *= bits >= a.f.threshold ? a.f.keep_scale : A(0);
       }
       if (a.f.rowscale != nullptr) {
@@ -1257,8 +1243,7 @@ struct ParamGrads {
 };
 
 template <class A>
-__global__ void __launch_bounds__(kSumX * kSumY)
-    param_grad_kernel(const ParamGrads<A> p, int64_t chunks, int n) {
+__global__ void __launch_bounds__(kSumX* kSumY) param_grad_kernel(const ParamGrads<A> p, int64_t chunks, int n) {
   __shared__ A sh[kParamGrads][kSumY][kSumX];
   const int tx = static_cast<int>(threadIdx.x);
   const int ty = static_cast<int>(threadIdx.y);
@@ -1427,10 +1412,9 @@ void run_fwd(const FwdCall& c) {
   a.has_r = c.r != nullptr;
   a.store_h = c.store_h;
   a.vec = rows_aligned16(a.x, a.x_stride, sizeof(X), M) &&
-      (!a.has_r || rows_aligned16(a.r, a.r_stride, sizeof(R), M)) &&
-      (a.w == nullptr || aligned16(a.w)) && (a.b == nullptr || aligned16(a.b)) &&
-      rows_aligned16(a.y, N, sizeof(X), M) && (!a.store_h || rows_aligned16(a.h, N, sizeof(H), M)) &&
-      aligned16(a.f.colscale);
+          (!a.has_r || rows_aligned16(a.r, a.r_stride, sizeof(R), M)) && (a.w == nullptr || aligned16(a.w)) &&
+          (a.b == nullptr || aligned16(a.b)) && rows_aligned16(a.y, N, sizeof(X), M) &&
+          (!a.store_h || rows_aligned16(a.h, N, sizeof(H), M)) && aligned16(a.f.colscale);
   a.mask_vec = N % kPack == 0 && reinterpret_cast<uintptr_t>(a.mask) % 8 == 0;
   a.stats_lane = a.rstd != nullptr ? 0 : -1;
   // In place (no statistics) the plain kernels are instantiations of their own (kStats false),
@@ -1487,9 +1471,7 @@ void run_fwd_16(const FwdCall& c, bool r_f32, bool h_f32, bool w_f32) {
 
 // Kernels exist for residual / h / weight dtypes equal to x's or float32 (fp32 and fp64 x: x's
 // dtype only).
-bool has_kernel(ScalarType t, ScalarType xt) {
-  return t == xt || (t == ScalarType::Float && xt != ScalarType::Double);
-}
+bool has_kernel(ScalarType t, ScalarType xt) { return t == xt || (t == ScalarType::Float && xt != ScalarType::Double); }
 
 // weight or bias as the kernels read it: a dtype without a kernel is converted to the
 // accumulation dtype first (exact for fp16/bf16, and for wider dtypes the very rounding eager's
@@ -1608,8 +1590,8 @@ void add_norm_inplace_cuda(const AddNormInplaceArgs<Tensor>& a) {
   if (!has_kernel(rt, xt)) {
     const std::optional<Tensor> r = residual;
     const std::optional<Tensor> none;
-    const AddNormFwd fwd{x, r, a.weight, a.bias, a.eps, a.rms_norm, rt, true, 0.0, none, none, a.colscale,
-        a.weight_offset, false};
+    const AddNormFwd fwd{
+        x, r, a.weight, a.bias, a.eps, a.rms_norm, rt, true, 0.0, none, none, a.colscale, a.weight_offset, false};
     auto [y, h, mean, rstd, mask] = add_norm_fwd_cuda(fwd);
     torch::stable::copy_(residual, h);
     torch::stable::copy_(x, y);
@@ -1754,15 +1736,13 @@ void run_bwd(BwdCall& c) {
   a.rms = c.rms;
   a.dh_f32 = c.dh_f32;
   a.x_f32 = c.x_f32;
-  a.vec = rows_aligned16(a.dy, a.dy_stride, sizeof(X), M) &&
-      rows_aligned16(a.h, a.h_stride, sizeof(H), M) && (a.w == nullptr || aligned16(a.w)) &&
-      (a.dh == nullptr ||
-       rows_aligned16(a.dh, a.dh_stride, c.dh_f32 ? sizeof(float) : sizeof(X), M)) &&
-      (a.x == nullptr || rows_aligned16(a.x, a.x_stride, c.x_f32 ? sizeof(float) : sizeof(X), M)) &&
-      rows_aligned16(a.dx, N, sizeof(X), M) &&
-      (a.dres_mode == 0 ||
-       rows_aligned16(a.dres, N, a.dres_mode == 2 ? sizeof(float) : sizeof(X), M)) &&
-      aligned16(a.f.colscale);
+  a.vec = rows_aligned16(a.dy, a.dy_stride, sizeof(X), M) && rows_aligned16(a.h, a.h_stride, sizeof(H), M) &&
+          (a.w == nullptr || aligned16(a.w)) &&
+          (a.dh == nullptr || rows_aligned16(a.dh, a.dh_stride, c.dh_f32 ? sizeof(float) : sizeof(X), M)) &&
+          (a.x == nullptr || rows_aligned16(a.x, a.x_stride, c.x_f32 ? sizeof(float) : sizeof(X), M)) &&
+          rows_aligned16(a.dx, N, sizeof(X), M) &&
+          (a.dres_mode == 0 || rows_aligned16(a.dres, N, a.dres_mode == 2 ? sizeof(float) : sizeof(X), M)) &&
+          aligned16(a.f.colscale);
 
   const int sms = sm_count(c.device);
   // Register kernel: the vectorized one with one pack per thread while a row fits in 512
@@ -1853,8 +1833,8 @@ void launch_param_grads(const BwdCall& c, Tensor* const (&grads)[kParamGrads]) {
 // weight.
 Tensor recompute_h(const AddNormBwd& a) {
   const std::optional<Tensor> none;
-  const AddNormFwd fwd{*a.x, a.residual, none, none, 1.0, true, a.h_dtype, true, a.dropout_p, a.seed_offset,
-      a.rowscale, a.colscale, 0.0, false};
+  const AddNormFwd fwd{*a.x, a.residual, none, none, 1.0, true, a.h_dtype, true, a.dropout_p, a.seed_offset, a.rowscale,
+      a.colscale, 0.0, false};
   return std::get<1>(add_norm_fwd_cuda(fwd));
 }
 

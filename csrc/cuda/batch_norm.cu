@@ -332,8 +332,8 @@ struct StatsOp {
     // ResNet stages part of it is still in L2.
     l.x = ld_pack<V, false>(x, off);
   }
-  __device__ __forceinline__ void accumulate(const Loaded& l, int64_t, const A (&shift)[V], A (&s0)[V],
-                                             A (&s1)[V], A& n) const {
+  __device__ __forceinline__ void accumulate(
+      const Loaded& l, int64_t, const A (&shift)[V], A (&s0)[V], A (&s1)[V], A& n) const {
     n += A(1);
     const A inv = recip(n);
     A xv[V];
@@ -408,8 +408,8 @@ struct BwdReduceOp {
     }
     l.x = ld_pack<V, false>(x, off);
   }
-  __device__ __forceinline__ void accumulate(const Loaded& l, int64_t off, const A (&mu)[V],
-                                             A (&s0)[V], A (&s1)[V], A&) const {
+  __device__ __forceinline__ void accumulate(
+      const Loaded& l, int64_t off, const A (&mu)[V], A (&s0)[V], A (&s1)[V], A&) const {
     A gv[V];
     A xv[V];
     unpack(l.g, gv);
@@ -919,9 +919,8 @@ struct SumsFinish {
 // (min(units, (k + 1) * per) - k * per) * unit_elems elements (Welford needs the counts).
 // No chunks (an empty batch; part may then be null): fin sees (0, 0, 0).
 template <bool kWelford, class A, class Fin>
-__global__ void __launch_bounds__(kCombineX * kCombineY)
-    combine_kernel(const A* __restrict__ part, int64_t chunks, int64_t C, int64_t per, int64_t units,
-                   int64_t unit_elems, const Fin fin) {
+__global__ void __launch_bounds__(kCombineX* kCombineY) combine_kernel(const A* __restrict__ part, int64_t chunks,
+    int64_t C, int64_t per, int64_t units, int64_t unit_elems, const Fin fin) {
   __shared__ double sh[3][kCombineY][kCombineX];
   const int tx = static_cast<int>(threadIdx.x);
   const int ty = static_cast<int>(threadIdx.y);
@@ -933,8 +932,8 @@ __global__ void __launch_bounds__(kCombineX * kCombineY)
     for (int64_t k = ty; k < chunks; k += kCombineY) {
       const int64_t lo = k * per;
       const int64_t hi = lo + per < units ? lo + per : units;
-      merge<kWelford>(m0, m1, n, static_cast<double>(part[k * C + c]),
-                      static_cast<double>(part[(chunks + k) * C + c]), static_cast<double>((hi - lo) * unit_elems));
+      merge<kWelford>(m0, m1, n, static_cast<double>(part[k * C + c]), static_cast<double>(part[(chunks + k) * C + c]),
+          static_cast<double>((hi - lo) * unit_elems));
     }
   }
   sh[0][ty][tx] = m0;
@@ -977,23 +976,22 @@ __global__ void __launch_bounds__(kThreads)
 // Forward coefficients {mean, invstd * weight, bias, 0}, weight/bias converted on load.
 template <class A>
 __global__ void fwd_params_kernel(const ChanNorm norm, const void* weight, int w_code, const void* bias, int b_code,
-                                  ChanParams<A>* params, int64_t C) {
+    ChanParams<A>* params, int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
   }
   const double w = weight != nullptr ? ld_any(weight, w_code, c) : 1.0;
   const double b = bias != nullptr ? ld_any(bias, b_code, c) : 0.0;
-  params[c] = ChanParams<A>{
-      {static_cast<A>(norm.mean_at(c)), static_cast<A>(norm.invstd_at(c) * w), static_cast<A>(b), A(0)}};
+  params[c] =
+      ChanParams<A>{{static_cast<A>(norm.mean_at(c)), static_cast<A>(norm.invstd_at(c) * w), static_cast<A>(b), A(0)}};
 }
 
 // Coefficients of the grad_input pass (maths above BwdReduceOp); sum_dy / sum_dy_xhat are read
 // in training only (they may be null in eval).
 template <class A>
 __global__ void bwd_params_kernel(const ChanNorm norm, const void* weight, int w_code, const A* sum_dy,
-                                  const A* sum_dy_xhat, double inv_count, bool training, ChanParams<A>* params,
-                                  int64_t C) {
+    const A* sum_dy_xhat, double inv_count, bool training, ChanParams<A>* params, int64_t C) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) {
     return;
@@ -1025,8 +1023,7 @@ ChanNorm make_norm(const std::optional<Tensor>& mean, const std::optional<Tensor
 
 RunningStats make_running(const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double momentum) {
   return RunningStats{mean.has_value() ? mean->mutable_data_ptr() : nullptr,
-                      var.has_value() ? var->mutable_data_ptr() : nullptr, code_or_f32(mean), code_or_f32(var),
-                      momentum};
+      var.has_value() ? var->mutable_data_ptr() : nullptr, code_or_f32(mean), code_or_f32(var), momentum};
 }
 
 template <class T>
@@ -1173,8 +1170,8 @@ void run_reduce(const Op& op, const Launch& L, const Fin& fin) {
     check_launch("reduce_nchw_kernel");
   }
   const unsigned int cgrid = static_cast<unsigned int>(ceil_div(C, kCombineX));
-  combine_kernel<Op::kWelford, A, Fin><<<cgrid, dim3(kCombineX, kCombineY), 0, L.stream>>>(part_ptr, chunks, C, per,
-                                                                                           units, unit_elems, fin);
+  combine_kernel<Op::kWelford, A, Fin>
+      <<<cgrid, dim3(kCombineX, kCombineY), 0, L.stream>>>(part_ptr, chunks, C, per, units, unit_elems, fin);
   check_launch("combine_kernel");
 }
 
@@ -1240,7 +1237,7 @@ unsigned int channel_grid(int64_t C) { return static_cast<unsigned int>(ceil_div
 // ---------------------------------------------------------------------------------------------
 
 std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input, const std::optional<Tensor>& running_mean,
-                                                 const std::optional<Tensor>& running_var, double momentum) {
+    const std::optional<Tensor>& running_var, double momentum) {
   const ChannelsView v = check_bn_stats_args(input, running_mean, running_var);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_stats (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
@@ -1254,19 +1251,16 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cuda(const Tensor& input, const std:
     using A = acc_t<X>;
     const X* x = static_cast<const X*>(input.const_data_ptr());
     const int64_t shift_stride = L.cl ? 1 : L.S;
-    const StatsFinish<X> fin{
-        x, shift_stride,
+    const StatsFinish<X> fin{x, shift_stride,
         BatchStatsOut<A>{static_cast<A*>(mean.mutable_data_ptr()), static_cast<A*>(var.mutable_data_ptr()), running}};
-    with_width<X>(use_vectors(L, sizeof(X), {x}), [&](auto w) {
-      run_reduce(StatsOp<X, decltype(w)::value>{x, shift_stride}, L, fin);
-    });
+    with_width<X>(use_vectors(L, sizeof(X), {x}),
+        [&](auto w) { run_reduce(StatsOp<X, decltype(w)::value>{x, shift_stride}, L, fin); });
   });
   return {mean, var};
 }
 
-std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats,
-                                                         const std::optional<Tensor>& running_mean,
-                                                         const std::optional<Tensor>& running_var, double momentum) {
+std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats, const std::optional<Tensor>& running_mean,
+    const std::optional<Tensor>& running_var, double momentum) {
   const int64_t C = check_bn_combine_args(stats, running_mean, running_var);
   STD_TORCH_CHECK(stats.is_cuda(), "fusedres: batch_norm_combine_stats (CUDA) expects CUDA tensors");
   const int device = stats.get_device_index();
@@ -1278,8 +1272,8 @@ std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats,
   const cudaStream_t stream = current_stream(device);
   auto launch = [&](auto tag) {
     using A = typename decltype(tag)::type;
-    combine_stats_kernel<A><<<channel_grid(C), kThreads, 0, stream>>>(
-        static_cast<const A*>(stats.const_data_ptr()), stats.size(0), C,
+    combine_stats_kernel<A><<<channel_grid(C), kThreads, 0, stream>>>(static_cast<const A*>(stats.const_data_ptr()),
+        stats.size(0), C,
         BatchStatsOut<A>{static_cast<A*>(mean.mutable_data_ptr()), static_cast<A*>(var.mutable_data_ptr()), running});
     check_launch("combine_stats_kernel");
   };
@@ -1292,10 +1286,9 @@ std::tuple<Tensor, Tensor> batch_norm_combine_stats_cuda(const Tensor& stats,
 }
 
 Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Tensor>& residual,
-                                    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight,
-                                    const std::optional<Tensor>& bias, const std::optional<Tensor>& mean,
-                                    const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
-                                    int64_t /*count*/) {
+    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& mean, const std::optional<Tensor>& var, double eps, bool relu, bool /*training*/,
+    int64_t /*count*/) {
   const ChannelsView v = check_bn_fwd_args(input, residual, rowscale, weight, bias, mean, var);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_fwd (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
@@ -1310,37 +1303,32 @@ Tensor batch_norm_add_relu_fwd_cuda(const Tensor& input, const std::optional<Ten
     using X = typename decltype(tag)::type;
     using A = acc_t<X>;
     ChanParams<A>* p = static_cast<ChanParams<A>*>(params.mutable_data_ptr());
-    fwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(
-        make_norm(mean, var, eps), ptr_or_null(weight), code_or_f32(weight), ptr_or_null(bias), code_or_f32(bias), p,
-        C);
+    fwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(make_norm(mean, var, eps), ptr_or_null(weight),
+        code_or_f32(weight), ptr_or_null(bias), code_or_f32(bias), p, C);
     check_launch("fwd_params_kernel");
     const X* x = static_cast<const X*>(input.const_data_ptr());
     const X* r = residual.has_value() ? static_cast<const X*>(residual->const_data_ptr()) : nullptr;
     X* o = static_cast<X*>(out.mutable_data_ptr());
     const RowScale rs = make_rowscale(rowscale, L);
     with_width<X>(use_vectors(L, sizeof(X), {x, r, o}), [&](auto w) {
-      with_flag(rowscale.has_value(), [&](auto k) {
-        run_elementwise(FwdOp<X, decltype(w)::value, decltype(k)::value>{x, r, o, p, relu, rs}, L);
-      });
+      with_flag(rowscale.has_value(),
+          [&](auto k) { run_elementwise(FwdOp<X, decltype(w)::value, decltype(k)::value>{x, r, o, p, relu, rs}, L); });
     });
   });
   return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Tensor& grad_out, const Tensor& out,
-                                                                       const Tensor& input,
-                                                                       const std::optional<Tensor>& rowscale,
-                                                                       const std::optional<Tensor>& mean,
-                                                                       const std::optional<Tensor>& var, double eps,
-                                                                       bool relu, bool write_grad_residual) {
+    const Tensor& input, const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
+    const std::optional<Tensor>& var, double eps, bool relu, bool write_grad_residual) {
   const ChannelsView v = check_bn_bwd_args(grad_out, out, input, rowscale, mean, var, std::nullopt);
   STD_TORCH_CHECK(input.is_cuda(), "fusedres: batch_norm_add_relu_bwd_reduce (CUDA) expects CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(input.get_device_index());
   const ScalarType acc = bn_stats_dtype(input);
   Tensor sum_dy = empty_on(input, {v.channels}, acc);
   Tensor sum_dy_xhat = empty_on(input, {v.channels}, acc);
-  Tensor grad_residual = write_grad_residual ? empty_strided_like(input, input.scalar_type())
-                                             : empty_on(input, {0}, input.scalar_type());
+  Tensor grad_residual =
+      write_grad_residual ? empty_strided_like(input, input.scalar_type()) : empty_on(input, {0}, input.scalar_type());
   // An empty batch still runs the combine, which writes zero sums.
   const Launch L = make_launch(input, v);
   dispatch_float(input.scalar_type(), [&](auto tag) {
@@ -1351,8 +1339,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Ten
     const X* x = static_cast<const X*>(input.const_data_ptr());
     X* gr = write_grad_residual ? static_cast<X*>(grad_residual.mutable_data_ptr()) : nullptr;
     const ChanNorm norm = make_norm(mean, var, eps);
-    const SumsFinish<A> fin{static_cast<A*>(sum_dy.mutable_data_ptr()), static_cast<A*>(sum_dy_xhat.mutable_data_ptr()),
-                            norm};
+    const SumsFinish<A> fin{
+        static_cast<A*>(sum_dy.mutable_data_ptr()), static_cast<A*>(sum_dy_xhat.mutable_data_ptr()), norm};
     const RowScale rs = make_rowscale(rowscale, L);
     with_width<X>(use_vectors(L, sizeof(X), {g, o, x, gr}), [&](auto w) {
       with_flag(rowscale.has_value(), [&](auto k) {
@@ -1364,11 +1352,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_add_relu_bwd_reduce_cuda(const Ten
 }
 
 Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optional<Tensor>& out, const Tensor& input,
-                                          const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean,
-                                          const std::optional<Tensor>& var, double eps,
-                                          const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
-                                          const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training,
-                                          bool relu) {
+    const std::optional<Tensor>& rowscale, const std::optional<Tensor>& mean, const std::optional<Tensor>& var,
+    double eps, const std::optional<Tensor>& weight, const std::optional<Tensor>& sum_dy,
+    const std::optional<Tensor>& sum_dy_xhat, int64_t count, bool training, bool relu) {
   const ChannelsView v = check_bn_bwd_args(grad, out, input, rowscale, mean, var, weight);
   const int64_t C = v.channels;
   check_bn_sums(sum_dy, sum_dy_xhat, input, C, training, count);
@@ -1385,9 +1371,8 @@ Tensor batch_norm_add_relu_bwd_input_cuda(const Tensor& grad, const std::optiona
     using A = acc_t<X>;
     ChanParams<A>* p = static_cast<ChanParams<A>*>(params.mutable_data_ptr());
     // The sums are read in training only (check_bn_sums: then both are given).
-    bwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(
-        make_norm(mean, var, eps), ptr_or_null(weight), code_or_f32(weight),
-        training ? static_cast<const A*>(sum_dy->const_data_ptr()) : nullptr,
+    bwd_params_kernel<A><<<channel_grid(C), kThreads, 0, L.stream>>>(make_norm(mean, var, eps), ptr_or_null(weight),
+        code_or_f32(weight), training ? static_cast<const A*>(sum_dy->const_data_ptr()) : nullptr,
         training ? static_cast<const A*>(sum_dy_xhat->const_data_ptr()) : nullptr,
         training ? 1.0 / static_cast<double>(count) : 0.0, training, p, C);
     check_launch("bwd_params_kernel");

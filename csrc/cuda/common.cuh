@@ -62,16 +62,12 @@ struct Cvt<double> {
 template <>
 struct Cvt<__half> {
   __device__ static __forceinline__ __half from(float v) { return __float2half_rn(v); }
-  __device__ static __forceinline__ __half from(double v) {
-    return __float2half_rn(static_cast<float>(v));
-  }
+  __device__ static __forceinline__ __half from(double v) { return __float2half_rn(static_cast<float>(v)); }
 };
 template <>
 struct Cvt<__nv_bfloat16> {
   __device__ static __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-  __device__ static __forceinline__ __nv_bfloat16 from(double v) {
-    return __float2bfloat16_rn(static_cast<float>(v));
-  }
+  __device__ static __forceinline__ __nv_bfloat16 from(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
 };
 
 inline void check_cuda(cudaError_t err, const char* what) {
@@ -109,8 +105,7 @@ inline int sm_count(int device) {
   static std::atomic<int> cache[kCachedDevices];
   const auto query = [device] {
     int sms = 0;
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-               "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
     return sms > 0 ? sms : 1;
   };
   return device >= 0 && device < kCachedDevices ? cached(cache[device], query) : query();
@@ -127,7 +122,7 @@ int blocks_per_sm(int device, int threads) {
   const auto query = [threads] {
     int n = 0;
     check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, threads, 0),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
     return n > 0 ? n : 1;
   };
   const int warps = (threads + 31) / 32;
@@ -174,4 +169,4 @@ __device__ __forceinline__ void st_any(void* p, int code, int64_t i, A v) {
   }
 }
 
-} // namespace fusedres::cuda
+}  // namespace fusedres::cuda

@@ -22,8 +22,8 @@ using namespace fusedres::cuda;
 constexpr int kThreads = 256;
 constexpr int kPack = 8;
 
-__global__ void dropout_mask_kernel(const int64_t* __restrict__ seed_offset, int64_t rows, int64_t cols,
-                                    uint32_t threshold, bool* __restrict__ mask) {
+__global__ void dropout_mask_kernel(
+    const int64_t* __restrict__ seed_offset, int64_t rows, int64_t cols, uint32_t threshold, bool* __restrict__ mask) {
   const philox::Key key = philox::key_of(static_cast<uint64_t>(seed_offset[0]));
   const uint64_t offset = static_cast<uint64_t>(seed_offset[1]);
   const int64_t packs_per_row = (cols + kPack - 1) / kPack;
@@ -63,10 +63,8 @@ Tensor dropout_mask_cuda(const Tensor& seed_offset, int64_t rows, int64_t cols, 
   return mask;
 }
 
-} // namespace
+}  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(fusedres, CUDA, m) {
-  m.impl("dropout_mask", TORCH_BOX(&dropout_mask_cuda));
-}
+STABLE_TORCH_LIBRARY_IMPL(fusedres, CUDA, m) { m.impl("dropout_mask", TORCH_BOX(&dropout_mask_cuda)); }
 
-} // namespace fusedres
+}  // namespace fusedres

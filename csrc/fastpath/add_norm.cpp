@@ -41,17 +41,15 @@ using BwdArgs = AddNormBwdArgs<Tensor>;
 // The operators, called below Autograd: dispatch modes and subclasses below it (FakeTensorMode,
 // op counters) still see them.
 AddNormFwdResult<Tensor> add_norm_fwd(const FwdArgs& a) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedres::add_norm_fwd", "")
-                             .typed<AddNormFwdSignature<Tensor>>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedres::add_norm_fwd", "").typed<AddNormFwdSignature<Tensor>>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_add_norm_fwd(op, a);
 }
 
 AddNormBwdResult<Tensor> add_norm_bwd(const BwdArgs& a) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fusedres::add_norm_bwd", "")
-                             .typed<AddNormBwdSignature<Tensor>>();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedres::add_norm_bwd", "").typed<AddNormBwdSignature<Tensor>>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_add_norm_bwd(op, a);
 }
@@ -107,31 +105,23 @@ bool rows_readable(const Tensor& t) {
 
 // t as the kernels read it: itself, or a contiguous copy (incoming grads may be expanded or
 // transposed views).
-Tensor as_rows(const Tensor& t) {
-  return t.is_contiguous() || rows_readable(t) ? t : t.contiguous();
-}
+Tensor as_rows(const Tensor& t) { return t.is_contiguous() || rows_readable(t) ? t : t.contiguous(); }
 
-OptTensor as_rows(const OptTensor& t) {
-  return t.has_value() ? OptTensor(as_rows(*t)) : std::nullopt;
-}
+OptTensor as_rows(const OptTensor& t) { return t.has_value() ? OptTensor(as_rows(*t)) : std::nullopt; }
 
 // The kernels read weight, bias and the scales as contiguous elements.
 OptTensor contiguous(const OptTensor& t) {
   return t.has_value() && !t->is_contiguous() ? OptTensor(t->contiguous()) : t;
 }
 
-OptTensor defined_or_none(const Tensor& t) {
-  return t.defined() ? OptTensor(t) : std::nullopt;
-}
+OptTensor defined_or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 const Tensor& or_undefined(const OptTensor& t) {
   static const Tensor undefined;
   return t.has_value() ? *t : undefined;
 }
 
-bool requires_grad(const OptTensor& t) {
-  return t.has_value() && t->requires_grad();
-}
+bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
 
 // What the backward needs besides the saved tensors (fusedres/ops/add_norm.py: _Call), kept in
 // the context as integers: named here, encoded in one place.
@@ -185,10 +175,20 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
       const OptTensor& weight, const OptTensor& bias, const OptTensor& colscale, const OptTensor& rowscale,
       const OptTensor& seed_offset, const Call& call, bool store_mask) {
     const Plan& p = call.plan;
-    auto [y, h, mean, rstd, mask] = add_norm_fwd({.x = x, .residual = residual, .weight = weight, .bias = bias,
-        .eps = call.eps, .rms_norm = call.rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
-        .dropout_p = call.dropout_p, .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale,
-        .weight_offset = call.weight_offset, .store_mask = store_mask});
+    auto [y, h, mean, rstd, mask] = add_norm_fwd({.x = x,
+        .residual = residual,
+        .weight = weight,
+        .bias = bias,
+        .eps = call.eps,
+        .rms_norm = call.rms_norm,
+        .h_dtype = p.h_dtype,
+        .store_h = p.store_h,
+        .dropout_p = call.dropout_p,
+        .seed_offset = seed_offset,
+        .rowscale = rowscale,
+        .colscale = colscale,
+        .weight_offset = call.weight_offset,
+        .store_mask = store_mask});
     const Tensor none;
     ctx->save_for_backward({p.saves_h ? h : none, p.saves_x ? x : none, p.saves_h ? none : or_undefined(residual),
         or_undefined(weight), or_undefined(bias), call.rms_norm ? none : mean, rstd, or_undefined(seed_offset),
@@ -229,17 +229,30 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
     const OptTensor bias = needs_bias ? defined_or_none(saved[4]) : std::nullopt, mean = defined_or_none(saved[5]);
     const OptTensor seed_offset = defined_or_none(saved[7]), rowscale = defined_or_none(saved[8]),
                     colscale = defined_or_none(saved[9]);
-    auto [dx, dresidual, dweight, dbias, dcolscale] = add_norm_bwd({.dy = dy, .dh = dh, .h = h, .x = x,
-        .residual = residual, .h_dtype = p.h_dtype, .weight = weight, .bias = bias, .mean = mean, .rstd = saved[6],
-        .rms_norm = call.rms_norm, .dresidual_dtype = dresidual_dtype, .dropout_p = call.dropout_p,
-        .seed_offset = seed_offset, .rowscale = rowscale, .colscale = colscale, .weight_offset = call.weight_offset,
+    auto [dx, dresidual, dweight, dbias, dcolscale] = add_norm_bwd({.dy = dy,
+        .dh = dh,
+        .h = h,
+        .x = x,
+        .residual = residual,
+        .h_dtype = p.h_dtype,
+        .weight = weight,
+        .bias = bias,
+        .mean = mean,
+        .rstd = saved[6],
+        .rms_norm = call.rms_norm,
+        .dresidual_dtype = dresidual_dtype,
+        .dropout_p = call.dropout_p,
+        .seed_offset = seed_offset,
+        .rowscale = rowscale,
+        .colscale = colscale,
+        .weight_offset = call.weight_offset,
         .colscale_grad = p.colscale_grad && needs_colscale});
     // x and residual get the same grad (dL/dh) unless x's branch is transformed or the dtypes
     // differ. The other inputs get none.
     const Tensor none;
     return {needs_x ? dx : none, needs_residual ? (dresidual_dtype ? dresidual : dx) : none,
-        needs_weight ? dweight : none, needs_bias ? dbias : none, needs_colscale ? dcolscale : none, none, none,
-        none, none};
+        needs_weight ? dweight : none, needs_bias ? dbias : none, needs_colscale ? dcolscale : none, none, none, none,
+        none};
   }
 };
 
@@ -247,14 +260,14 @@ struct AddNormFunction : public torch::autograd::Function<AddNormFunction> {
 py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     double eps, bool rms_norm, bool prenorm, bool residual_in_fp32, double dropout_p, const OptTensor& rowscale,
     const OptTensor& colscale, double weight_offset, bool return_mask, const OptTensor& seed_offset) {
-  const bool needs_grad = at::GradMode::is_enabled() &&
-      (requires_grad(weight) || x.requires_grad() || requires_grad(residual) || requires_grad(bias) ||
-          requires_grad(colscale));
+  const bool needs_grad =
+      at::GradMode::is_enabled() && (requires_grad(weight) || x.requires_grad() || requires_grad(residual) ||
+                                        requires_grad(bias) || requires_grad(colscale));
   const bool transforms_x = dropout_p > 0.0 || rowscale.has_value() || colscale.has_value();
   const std::optional<ScalarType> residual_dtype =
       residual ? std::optional<ScalarType>(residual->scalar_type()) : std::nullopt;
-  const Plan p = plan(x.scalar_type(), residual_dtype, residual_in_fp32, prenorm, needs_grad, x.is_cpu(),
-      transforms_x, requires_grad(colscale));
+  const Plan p = plan(x.scalar_type(), residual_dtype, residual_in_fp32, prenorm, needs_grad, x.is_cpu(), transforms_x,
+      requires_grad(colscale));
   Tensor y, h, mask;
   {
     // As aten's own Python bindings do: other Python threads run while the kernels do.
@@ -274,10 +287,20 @@ py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor&
         mask = std::move(out.back());
       }
     } else {
-      std::tie(y, h, std::ignore, std::ignore, mask) = add_norm_fwd({.x = rows, .residual = residual_rows, .weight = w,
-          .bias = b, .eps = eps, .rms_norm = rms_norm, .h_dtype = p.h_dtype, .store_h = p.store_h,
-          .dropout_p = dropout_p, .seed_offset = seed_offset, .rowscale = rs, .colscale = cs,
-          .weight_offset = weight_offset, .store_mask = return_mask});
+      std::tie(y, h, std::ignore, std::ignore, mask) = add_norm_fwd({.x = rows,
+          .residual = residual_rows,
+          .weight = w,
+          .bias = b,
+          .eps = eps,
+          .rms_norm = rms_norm,
+          .h_dtype = p.h_dtype,
+          .store_h = p.store_h,
+          .dropout_p = dropout_p,
+          .seed_offset = seed_offset,
+          .rowscale = rs,
+          .colscale = cs,
+          .weight_offset = weight_offset,
+          .store_mask = return_mask});
     }
   }
   if (!prenorm && !return_mask) {
@@ -298,13 +321,13 @@ py::object add_norm(const Tensor& x, const OptTensor& residual, const OptTensor&
 // (h_dtype, store_h, saves_h, saves_x, dresidual_dtype or None, colscale_grad).
 py::tuple add_norm_plan(ScalarType x_dtype, std::optional<ScalarType> residual_dtype, bool residual_in_fp32,
     bool prenorm, bool needs_grad, bool recompute_h, bool transforms_x, bool colscale_grad) {
-  const Plan p = plan(x_dtype, residual_dtype, residual_in_fp32, prenorm, needs_grad, recompute_h, transforms_x,
-      colscale_grad);
+  const Plan p =
+      plan(x_dtype, residual_dtype, residual_in_fp32, prenorm, needs_grad, recompute_h, transforms_x, colscale_grad);
   return py::make_tuple(p.h_dtype, p.store_h, p.saves_h, p.saves_x,
       p.dresidual_dtype ? py::cast(*p.dresidual_dtype) : py::none(), p.colscale_grad);
 }
 
-} // namespace
+}  // namespace
 
 void register_add_norm(py::module_& m) {
   m.def("add_norm", &add_norm,
@@ -317,4 +340,4 @@ void register_add_norm(py::module_& m) {
   m.def("add_norm_plan", &add_norm_plan);
 }
 
-} // namespace fusedres
+}  // namespace fusedres

@@ -28,13 +28,9 @@ OptTensor contiguous(const OptTensor& t) {
   return t.has_value() && !t->is_contiguous() ? OptTensor(t->contiguous()) : t;
 }
 
-OptTensor defined_or_none(const Tensor& t) {
-  return t.defined() ? OptTensor(t) : std::nullopt;
-}
+OptTensor defined_or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-bool requires_grad(const OptTensor& t) {
-  return t.has_value() && t->requires_grad();
-}
+bool requires_grad(const OptTensor& t) { return t.has_value() && t->requires_grad(); }
 
 // fusedres/ops/batch_norm.py: _forward (no process group). The output and what the backward
 // reads: (out, mean, var, count).
@@ -45,8 +41,8 @@ struct Forward {
 };
 
 Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps, bool relu,
-    bool training, const OptTensor& rowscale) {
+    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps, bool relu, bool training,
+    const OptTensor& rowscale) {
   Forward f{Tensor(), running_mean, running_var, 1};
   if (training) {
     auto [mean, var] = bn_stats(input, running_mean, running_var, momentum);
@@ -58,8 +54,17 @@ Forward forward_pass(const Tensor& input, const OptTensor& residual, const OptTe
       torch::autograd::increment_version(*running_var);
     }
   }
-  f.out = bn_fwd({.input = input, .residual = residual, .rowscale = rowscale, .weight = weight, .bias = bias,
-      .mean = f.mean, .var = f.var, .eps = eps, .relu = relu, .training = training, .count = f.count});
+  f.out = bn_fwd({.input = input,
+      .residual = residual,
+      .rowscale = rowscale,
+      .weight = weight,
+      .bias = bias,
+      .mean = f.mean,
+      .var = f.var,
+      .eps = eps,
+      .relu = relu,
+      .training = training,
+      .count = f.count});
   return f;
 }
 
@@ -68,8 +73,8 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& residual,
       const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
       double momentum, double eps, bool relu, bool training, const OptTensor& rowscale) {
-    Forward f = forward_pass(
-        input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale);
+    Forward f =
+        forward_pass(input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale);
     const Tensor none;
     ctx->save_for_backward({input, f.out, weight.has_value() ? *weight : none, f.mean.has_value() ? *f.mean : none,
         f.var.has_value() ? *f.var : none, rowscale.has_value() ? *rowscale : none});
@@ -103,11 +108,18 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const bool write_g = needs_residual && relu;
     Tensor sum_dy, sum_dy_xhat, g, grad_weight, grad_bias;
     if ((needs_input && training) || needs_weight || needs_bias || write_g) {
-      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce({.grad_out = grad_out, .out = out, .input = input,
-          .rowscale = rowscale, .mean = mean, .var = var, .eps = eps, .relu = relu, .write_grad_residual = write_g});
+      std::tie(sum_dy, sum_dy_xhat, g) = bn_bwd_reduce({.grad_out = grad_out,
+          .out = out,
+          .input = input,
+          .rowscale = rowscale,
+          .mean = mean,
+          .var = var,
+          .eps = eps,
+          .relu = relu,
+          .write_grad_residual = write_g});
       if (needs_weight) {
-        grad_weight = sum_dy_xhat.scalar_type() == weight->scalar_type() ? sum_dy_xhat
-                                                                          : sum_dy_xhat.to(weight->scalar_type());
+        grad_weight =
+            sum_dy_xhat.scalar_type() == weight->scalar_type() ? sum_dy_xhat : sum_dy_xhat.to(weight->scalar_type());
       }
       if (needs_bias) {
         const auto dtype = static_cast<ScalarType>(bias_dtype);
@@ -118,9 +130,19 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     if (needs_input) {
       // With g written, it is the already-masked grad and out is not read again.
       const OptTensor masked_by = write_g ? std::nullopt : OptTensor(out);
-      grad_input = bn_bwd_input({.grad = write_g ? g : grad_out, .out = masked_by, .input = input,
-          .rowscale = rowscale, .mean = mean, .var = var, .eps = eps, .weight = weight, .sum_dy = defined_or_none(sum_dy),
-          .sum_dy_xhat = defined_or_none(sum_dy_xhat), .count = count, .training = training, .relu = relu});
+      grad_input = bn_bwd_input({.grad = write_g ? g : grad_out,
+          .out = masked_by,
+          .input = input,
+          .rowscale = rowscale,
+          .mean = mean,
+          .var = var,
+          .eps = eps,
+          .weight = weight,
+          .sum_dy = defined_or_none(sum_dy),
+          .sum_dy_xhat = defined_or_none(sum_dy_xhat),
+          .count = count,
+          .training = training,
+          .relu = relu});
     }
     const Tensor none;
     const Tensor grad_residual = needs_residual ? (write_g ? g : grad_out) : none;
@@ -131,10 +153,10 @@ struct BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 
 // fusedres.batch_norm_add_relu on checked arguments: the output.
 Tensor batch_norm_add_relu(const Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var, bool training,
-    double momentum, double eps, bool relu, const OptTensor& rowscale) {
-  const bool needs_grad = at::GradMode::is_enabled() &&
-      (requires_grad(weight) || input.requires_grad() || requires_grad(residual) || requires_grad(bias));
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+    double eps, bool relu, const OptTensor& rowscale) {
+  const bool needs_grad = at::GradMode::is_enabled() && (requires_grad(weight) || input.requires_grad() ||
+                                                            requires_grad(residual) || requires_grad(bias));
   // As aten's own Python bindings do: other Python threads run while the kernels do.
   py::gil_scoped_release no_gil;
   const Tensor x = channels_dense(input) ? input : input.contiguous();
@@ -147,7 +169,7 @@ Tensor batch_norm_add_relu(const Tensor& input, const OptTensor& residual, const
   return forward_pass(x, r, w, b, running_mean, running_var, momentum, eps, relu, training, rs).out;
 }
 
-} // namespace
+}  // namespace
 
 void register_batch_norm(py::module_& m) {
   m.def("batch_norm_add_relu", &batch_norm_add_relu,
@@ -155,4 +177,4 @@ void register_batch_norm(py::module_& m) {
       "relu, rowscale) -> out");
 }
 
-} // namespace fusedres
+}  // namespace fusedres

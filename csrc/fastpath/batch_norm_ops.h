@@ -22,8 +22,8 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-inline TensorPair bn_stats(const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var,
-    double momentum) {
+inline TensorPair bn_stats(
+    const Tensor& input, const OptTensor& running_mean, const OptTensor& running_var, double momentum) {
   static const auto op = find_op<BatchNormStatsSignature<Tensor>>("fusedres::batch_norm_stats");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return call_batch_norm_stats(op, BatchNormStatsArgs<Tensor>{input, running_mean, running_var, momentum});
@@ -76,4 +76,4 @@ inline Tensor like_input(const Tensor& t, const Tensor& input) {
   return at::empty_like(input).copy_(t);
 }
 
-} // namespace fusedres
+}  // namespace fusedres

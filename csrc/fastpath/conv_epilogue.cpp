@@ -32,13 +32,12 @@ using Ints = std::vector<int64_t>;
 Tensor onednn_conv(const Tensor& x, const Tensor& w, const Tensor& b, const OptTensor& residual, const Ints& padding,
     const Ints& stride, const Ints& dilation, int64_t groups, bool relu) {
   static const auto unary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "");
-  static const auto binary =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
+  static const auto binary = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_convolution_pointwise", "binary");
   const c10::List<std::optional<at::Scalar>> no_scalars;
   torch::jit::Stack stack;
   if (!residual.has_value()) {
-    stack = {x, w, b, padding, stride, dilation, groups, std::string(relu ? "relu" : "none"), no_scalars,
-        std::string()};
+    stack = {
+        x, w, b, padding, stride, dilation, groups, std::string(relu ? "relu" : "none"), no_scalars, std::string()};
     unary.callBoxed(stack);
   } else {
     const c10::IValue unary_attr = relu ? c10::IValue(std::string("relu")) : c10::IValue();
@@ -59,8 +58,8 @@ Tensor dense_as(const Tensor& t, ScalarType dtype, at::MemoryFormat fmt) {
 struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& residual,
       const Tensor& conv_weight, const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
-      const Tensor& mean, const Tensor& var, double eps, const Ints& padding, const Ints& stride,
-      const Ints& dilation, int64_t groups, bool relu, bool onednn, bool compute_in_fp32) {
+      const Tensor& mean, const Tensor& var, double eps, const Ints& padding, const Ints& stride, const Ints& dilation,
+      int64_t groups, bool relu, bool onednn, bool compute_in_fp32) {
     // The fold (fusedres/ops/conv_epilogue.py: fold), in fp32 (fp64 for an fp64 conv weight).
     const ScalarType acc = c10::promoteTypes(conv_weight.scalar_type(), at::kFloat);
     const ScalarType compute = compute_in_fp32 ? at::kFloat : x.scalar_type();
@@ -81,8 +80,17 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
       const Tensor y = at::convolution(xc, w, std::nullopt, stride, padding, dilation, false, {0, 0}, groups);
       const OptTensor r = rc.has_value() ? OptTensor(like_input(*rc, y)) : std::nullopt;
       // bias + add + ReLU: mean/var absent, xhat is the conv's output
-      out = bn_fwd({.input = y, .residual = r, .rowscale = std::nullopt, .weight = std::nullopt, .bias = b,
-          .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = relu, .training = false, .count = 1});
+      out = bn_fwd({.input = y,
+          .residual = r,
+          .rowscale = std::nullopt,
+          .weight = std::nullopt,
+          .bias = b,
+          .mean = std::nullopt,
+          .var = std::nullopt,
+          .eps = 1.0,
+          .relu = relu,
+          .training = false,
+          .count = 1});
     }
     if (out.scalar_type() != x.scalar_type()) {
       out = out.to(x.scalar_type());
@@ -90,8 +98,8 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     const Tensor none;
     ctx->save_for_backward({x, out, w, conv_weight, conv_bias.has_value() ? *conv_bias : none, scale, invstd, mean});
     ctx->saved_data["conv"] = c10::List<int64_t>({padding[0], padding[1], stride[0], stride[1], dilation[0],
-        dilation[1], groups, relu, compute_in_fp32, residual.has_value(), bn_weight.has_value(),
-        bn_bias.has_value(), bn_weight.has_value() ? static_cast<int64_t>(bn_weight->scalar_type()) : -1,
+        dilation[1], groups, relu, compute_in_fp32, residual.has_value(), bn_weight.has_value(), bn_bias.has_value(),
+        bn_weight.has_value() ? static_cast<int64_t>(bn_weight->scalar_type()) : -1,
         bn_bias.has_value() ? static_cast<int64_t>(bn_bias->scalar_type()) : -1});
     return {out};
   }
@@ -119,8 +127,14 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     Tensor g, db;
     if (relu) {
       // mean/var None: the kernel's xhat is its `input` argument, here `out` (read for the mask anyway).
-      std::tie(db, std::ignore, g) = bn_bwd_reduce({.grad_out = like_input(grads[0], out), .out = out, .input = out,
-          .rowscale = std::nullopt, .mean = std::nullopt, .var = std::nullopt, .eps = 1.0, .relu = true,
+      std::tie(db, std::ignore, g) = bn_bwd_reduce({.grad_out = like_input(grads[0], out),
+          .out = out,
+          .input = out,
+          .rowscale = std::nullopt,
+          .mean = std::nullopt,
+          .var = std::nullopt,
+          .eps = 1.0,
+          .relu = true,
           .write_grad_residual = true});
     } else {
       g = grads[0];
@@ -145,8 +159,8 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
       }
       if (needs_gamma) {
         const Tensor shift = conv_bias.defined() ? conv_bias.to(acc) - mean.to(acc) : -mean.to(acc);
-        d_gamma = (invstd * ((dw * conv_weight.to(acc)).sum({1, 2, 3}) + shift * db))
-                      .to(static_cast<ScalarType>(m[12]));
+        d_gamma =
+            (invstd * ((dw * conv_weight.to(acc)).sum({1, 2, 3}) + shift * db)).to(static_cast<ScalarType>(m[12]));
       }
     }
     if (needs_cb) {
@@ -157,22 +171,22 @@ struct FrozenConvBNFunction : public torch::autograd::Function<FrozenConvBNFunct
     }
     const Tensor none;
     // mean, var and the non-tensor arguments get none.
-    return {needs_x ? dx : none, needs_residual ? g : none, d_cw, d_cb, d_gamma, d_beta, none, none, none, none,
-        none, none, none, none, none, none};
+    return {needs_x ? dx : none, needs_residual ? g : none, d_cw, d_cb, d_gamma, d_beta, none, none, none, none, none,
+        none, none, none, none, none};
   }
 };
 
-Tensor frozen_conv_bn(const Tensor& x, const OptTensor& residual, const Tensor& conv_weight,
-    const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias, const Tensor& mean,
-    const Tensor& var, double eps, const Ints& padding, const Ints& stride, const Ints& dilation, int64_t groups,
-    bool relu, bool onednn, bool compute_in_fp32) {
+Tensor frozen_conv_bn(const Tensor& x, const OptTensor& residual, const Tensor& conv_weight, const OptTensor& conv_bias,
+    const OptTensor& bn_weight, const OptTensor& bn_bias, const Tensor& mean, const Tensor& var, double eps,
+    const Ints& padding, const Ints& stride, const Ints& dilation, int64_t groups, bool relu, bool onednn,
+    bool compute_in_fp32) {
   // As aten's own Python bindings do: other Python threads run while the kernels do.
   py::gil_scoped_release no_gil;
   return FrozenConvBNFunction::apply(x, residual, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, eps, padding,
       stride, dilation, groups, relu, onednn, compute_in_fp32)[0];
 }
 
-} // namespace
+}  // namespace
 
 void register_conv_epilogue(py::module_& m) {
   m.def("frozen_conv_bn", &frozen_conv_bn,
@@ -180,4 +194,4 @@ void register_conv_epilogue(py::module_& m) {
       "padding, stride, dilation, groups, relu, onednn, compute_in_fp32) -> out, with grads");
 }
 
-} // namespace fusedres
+}  // namespace fusedres

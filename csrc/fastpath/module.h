@@ -10,4 +10,4 @@ void register_add_norm(py::module_& m);
 void register_batch_norm(py::module_& m);
 void register_conv_epilogue(py::module_& m);
 
-} // namespace fusedres
+}  // namespace fusedres
