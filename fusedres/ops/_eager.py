@@ -14,6 +14,7 @@ between the launcher and the registered Triton operator.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -51,3 +52,23 @@ def plain_tensors(a, b=None, c=None, d=None) -> bool:
         and (c is None or c.__class__ in _PLAIN)
         and (d is None or d.__class__ in _PLAIN)
     )
+
+
+def fastpath_switch(namespace: dict, name: str = "_fastpath"):
+    """(has_fastpath, without_fastpath) for an op module whose eager call reads the C++ fast path
+    from the module global `name` (a global: the cheapest lookup on the hot path), None where
+    fusedres._fastpath did not load. without_fastpath() runs the enclosed calls on the Python path
+    (what the tests and the bench compare it with; a process-wide switch, not thread-safe)."""
+
+    def has_fastpath() -> bool:
+        return namespace[name] is not None
+
+    @contextlib.contextmanager
+    def without_fastpath():
+        saved, namespace[name] = namespace[name], None
+        try:
+            yield
+        finally:
+            namespace[name] = saved
+
+    return has_fastpath, without_fastpath

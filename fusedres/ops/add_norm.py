@@ -24,7 +24,6 @@ the other backends (see _add_norm).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple
@@ -34,7 +33,7 @@ import torch
 from fusedres._extension import EXTENSION_LOADED, FASTPATH
 from fusedres._rng import philox_seed_offset
 from fusedres.backends import resolve_backend
-from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
+from fusedres.ops._eager import below_autograd, direct, fastpath_switch, plain, plain_tensors
 from fusedres.reference.add_norm import add_norm_reference
 from fusedres.reference.philox import dropout_mask_reference
 from fusedres.spec import _rows_readable
@@ -387,22 +386,7 @@ _INF = math.inf
 # fusedres._fastpath loaded (built for this torch and CPython); else _run's Python Function.
 _fastpath = FASTPATH.add_norm if FASTPATH is not None else None
 
-
-def has_fastpath() -> bool:
-    """Whether eager calls take fusedres._fastpath (else the Python autograd Function)."""
-    return _fastpath is not None
-
-
-@contextlib.contextmanager
-def without_fastpath():
-    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
-    bench measures it against; not thread-safe: a process-wide switch)."""
-    global _fastpath
-    saved, _fastpath = _fastpath, None
-    try:
-        yield
-    finally:
-        _fastpath = saved
+has_fastpath, without_fastpath = fastpath_switch(globals())
 
 
 def _add_norm(x, residual, weight, bias, eps, rms_norm, prenorm, residual_in_fp32, features=None, param_shape=None):

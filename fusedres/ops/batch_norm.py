@@ -22,7 +22,6 @@ run both).
 
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -40,7 +39,7 @@ from fusedres._checks import (
 )
 from fusedres._extension import EXTENSION_LOADED, FASTPATH
 from fusedres.backends import resolve_backend
-from fusedres.ops._eager import below_autograd, direct, plain, plain_tensors
+from fusedres.ops._eager import below_autograd, direct, fastpath_switch, plain, plain_tensors
 from fusedres.reference.batch_norm import batch_norm_add_relu_reference
 from fusedres.spec import batch_norm as spec
 from fusedres.spec.python import allocate, empty_like_device
@@ -276,22 +275,7 @@ def _run(
 _fastpath = getattr(FASTPATH, "batch_norm_add_relu", None)
 _SELF_CHECKING = frozenset(("cpu", "cuda"))
 
-
-def has_fastpath() -> bool:
-    """Whether eager calls take fusedres._fastpath (else the Python autograd Function)."""
-    return _fastpath is not None
-
-
-@contextlib.contextmanager
-def without_fastpath():
-    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
-    bench measures it against; not thread-safe: a process-wide switch)."""
-    global _fastpath
-    saved, _fastpath = _fastpath, None
-    try:
-        yield
-    finally:
-        _fastpath = saved
+has_fastpath, without_fastpath = fastpath_switch(globals())
 
 
 def _call(backend, input, residual, weight, bias, running_mean, running_var, momentum, eps, relu, training, rowscale):

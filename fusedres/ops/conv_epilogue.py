@@ -62,7 +62,7 @@ from fusedres._checks import stats_dtype
 from fusedres._extension import FASTPATH
 from fusedres.backends import resolve_backend
 from fusedres.ops import batch_norm as _bn
-from fusedres.ops._eager import below_autograd, plain, plain_tensors
+from fusedres.ops._eager import below_autograd, fastpath_switch, plain, plain_tensors
 
 _aten = torch.ops.aten
 _CL = torch.channels_last
@@ -470,22 +470,7 @@ def _requires_grad(t) -> bool:
 _fastpath = getattr(FASTPATH, "frozen_conv_bn", None)
 _SELF_CHECKING = frozenset(("cpu", "cuda"))
 
-
-def has_fastpath() -> bool:
-    """Whether frozen-BN convs under autograd take fusedres._fastpath (else _FrozenConvBN)."""
-    return _fastpath is not None
-
-
-@contextlib.contextmanager
-def without_fastpath():
-    """Runs the enclosed calls on the Python path even where fusedres._fastpath loaded (what the
-    tests and the bench compare it with; a process-wide switch, not thread-safe)."""
-    global _fastpath
-    saved, _fastpath = _fastpath, None
-    try:
-        yield
-    finally:
-        _fastpath = saved
+has_fastpath, without_fastpath = fastpath_switch(globals())
 
 
 def _frozen_with_grad(conv, bn, tensors, backend, x, residual, relu):
