@@ -102,11 +102,14 @@ def hf_model(name: str):
     torch.manual_seed(0)
     small = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FF)
     llama_like = dict(small, num_key_value_heads=2, max_position_embeddings=64)
+    # The hidden dropout becomes the fused ops' own (Philox) dropout, another mask than F.dropout's
+    # for the same seed: tests/test_fuse_families.py compares it by replaying the fused masks.
+    encoder = dict(small, hidden_dropout_prob=0.0)
     if name == "bert":
-        cfg = transformers.BertConfig(vocab_size=VOCAB, **small)
+        cfg = transformers.BertConfig(vocab_size=VOCAB, **encoder)
         return transformers.BertModel(cfg), 4
     if name == "roberta":
-        cfg = transformers.RobertaConfig(vocab_size=VOCAB, **small)
+        cfg = transformers.RobertaConfig(vocab_size=VOCAB, **encoder)
         return transformers.RobertaModel(cfg), 4
     if name == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=2, n_head=HEADS, n_positions=64)
