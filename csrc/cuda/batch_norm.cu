@@ -252,13 +252,28 @@ __device__ __forceinline__ double recip(double n) { return __drcp_rn(n); }
 struct RowScale {
   const void* ptr;
   int code;
-  int64_t per_sample;  // C * S
+  int64_t per_sample;     // C * S
+  double inv_per_sample;  // 1 / per_sample
 
+  // off / per_sample without a 64-bit integer division, which is a called routine (a stack frame:
+  // local memory in every kernel that takes a rowscale): the quotient from the reciprocal, off by
+  // at most one (off < 2^53), then corrected.
   template <class A>
   __device__ __forceinline__ A at(int64_t off) const {
-    return static_cast<A>(ld_any(ptr, code, off / per_sample));
+    int64_t n = static_cast<int64_t>(static_cast<double>(off) * inv_per_sample);
+    const int64_t start = n * per_sample;
+    n += start > off ? -1 : (start + per_sample <= off ? 1 : 0);
+    return static_cast<A>(ld_any(ptr, code, n));
   }
 };
+
+// The minimum blocks per SM a kernel over `Op` asks ptxas for: 1 for the rowscale variants, whose
+// heuristic register budget (64) spilled (a few bytes of local memory); 0, ptxas's own choice (as
+// without the hint), for every other op.
+template <class Op, class = void>
+inline constexpr int min_blocks = 0;
+template <class Op>
+inline constexpr int min_blocks<Op, std::void_t<decltype(Op::kMinBlocks)>> = Op::kMinBlocks;
 
 // ---------------------------------------------------------------------------------------------
 // Pairwise combination
@@ -373,6 +388,7 @@ template <class X, int V_, bool kRowScale>
 struct BwdReduceOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
+  static constexpr int kMinBlocks = kRowScale ? 1 : 0;  // see min_blocks
   static constexpr bool kWelford = false;
   static constexpr int kUnroll = unroll_for<X, V_>();
   struct Loaded {
@@ -447,6 +463,7 @@ template <class X, int V_, bool kRowScale>
 struct FwdOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
+  static constexpr int kMinBlocks = kRowScale ? 1 : 0;  // see min_blocks
   static constexpr int kUnroll = unroll_for<X, V_>();
   struct Loaded {
     Pack<X, V_> x;
@@ -502,6 +519,7 @@ template <class X, int V_, bool kRowScale>
 struct BwdInputOp {
   using A = acc_t<X>;
   static constexpr int V = V_;
+  static constexpr int kMinBlocks = kRowScale ? 1 : 0;  // see min_blocks
   static constexpr int kUnroll = unroll_for<X, V_>();
   struct Loaded {
     Pack<X, V_> g;
@@ -588,7 +606,7 @@ struct NchwGeom {
 // down the chunk's rows; the TY per-thread results of each channel are combined in shared
 // memory in ty order and written as one partial (chunk, c): no atomics, same order each run.
 template <class Op>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<Op>)
     reduce_cl_kernel(const Op op, const ClGeom g, typename Op::A* __restrict__ part) {
   using A = typename Op::A;
   constexpr int V = Op::V;
@@ -668,7 +686,7 @@ __global__ void __launch_bounds__(kThreads)
 // Thread t takes vectors t, t + 256, ... of the slice; the V lanes, then the warp (shuffle
 // tree), then the 8 warps (in order) are combined into the partial (chunk, c).
 template <class Op>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, min_blocks<Op>)
     reduce_nchw_kernel(const Op op, const NchwGeom g, typename Op::A* __restrict__ part) {
   using A = typename Op::A;
   constexpr int V = Op::V;
@@ -756,7 +774,8 @@ __global__ void __launch_bounds__(kThreads)
 // Elementwise pass over an (N*S, C) matrix: the V channels' coefficients are loaded once per
 // thread, then the thread strides down the rows (grid-stride over row tiles of TY * U rows).
 template <class Op>
-__global__ void __launch_bounds__(kThreads) ew_cl_kernel(const Op op, const int64_t C, const int64_t R) {
+__global__ void __launch_bounds__(kThreads, min_blocks<Op>)
+    ew_cl_kernel(const Op op, const int64_t C, const int64_t R) {
   using A = typename Op::A;
   constexpr int V = Op::V;
   constexpr int U = Op::kUnroll;
@@ -794,7 +813,7 @@ __global__ void __launch_bounds__(kThreads) ew_cl_kernel(const Op op, const int6
 // Elementwise pass over a dense NCHW tensor seen as one array of vectors (grid-stride); the
 // channel of each vector is tracked incrementally and its coefficients come from L1.
 template <class Op>
-__global__ void __launch_bounds__(kThreads) ew_nchw_kernel(const Op op, const NchwGeom g) {
+__global__ void __launch_bounds__(kThreads, min_blocks<Op>) ew_nchw_kernel(const Op op, const NchwGeom g) {
   using A = typename Op::A;
   constexpr int V = Op::V;
   constexpr int U = Op::kUnroll;
@@ -1227,7 +1246,7 @@ void with_flag(bool b, F&& f) {
 }
 
 RowScale make_rowscale(const std::optional<Tensor>& rowscale, const Launch& L) {
-  return RowScale{ptr_or_null(rowscale), code_or_f32(rowscale), L.C * L.S};
+  return RowScale{ptr_or_null(rowscale), code_or_f32(rowscale), L.C * L.S, 1.0 / static_cast<double>(L.C * L.S)};
 }
 
 unsigned int channel_grid(int64_t C) { return static_cast<unsigned int>(ceil_div(C, kThreads)); }
