@@ -471,7 +471,9 @@ def test_resnet_loop_accumulates_into_dead_block_inputs(monkeypatch):
         kept = h.clone()
         in_place.clear()
         fused.layer1(h)  # called by the user: h is theirs
-        assert torch.equal(h, kept) and in_place == []
+        assert torch.equal(h, kept)
+        # the out-of-place op, where this torch's works (torch 2.11's: into a copy of h instead)
+        assert in_place == [] or not ce._OUT_OF_PLACE_BINARY[0]
 
 
 @pytest.mark.parametrize("where", ["block", "layer", "maxpool", "global"])

@@ -320,6 +320,9 @@ def _run(plan: _Plan, conv, x, residual, relu: bool, consume_residual: bool):
     return _run_folded(conv, plan.weight, plan.bias, x, residual, relu)
 
 
+_OUT_OF_PLACE_BINARY = [True]  # whether this torch's out-of-place oneDNN binary op works
+
+
 def _run_onednn(plan: _Plan, x, residual, relu: bool, consume_residual: bool):
     dtype, compute, packed = x.dtype, plan.compute, plan.kind == _ONEDNN_PACKED
     # A packed weight was reordered for channels_last input; with a dense one oneDNN follows x.
@@ -341,8 +344,18 @@ def _run_onednn(plan: _Plan, x, residual, relu: bool, consume_residual: bool):
         unary = ("relu", [], "") if relu else (None, [], None)
         if packed and (consume_residual or other is not residual):  # `other` is ours to overwrite
             out = ONEDNN.binary_(other, x, plan.weight, plan.bias, *args, "add", 1.0, *unary)
+        elif not _OUT_OF_PLACE_BINARY[0]:
+            out = ONEDNN.binary_(other.clone(memory_format=fmt), x, plan.weight, plan.bias, *args, "add", 1.0, *unary)
         else:
-            out = ONEDNN.binary(x, other, plan.weight, plan.bias, *args, "add", 1.0, *unary)
+            try:
+                out = ONEDNN.binary(x, other, plan.weight, plan.bias, *args, "add", 1.0, *unary)
+            except RuntimeError:
+                # torch 2.11's out-of-place binary op fails where its in-place form works ("could not
+                # create a memory"): accumulate into a copy of the residual from then on.
+                _OUT_OF_PLACE_BINARY[0] = False
+                out = ONEDNN.binary_(
+                    other.clone(memory_format=fmt), x, plan.weight, plan.bias, *args, "add", 1.0, *unary
+                )
     if out.dtype != dtype:
         out = out.to(dtype)
     return out.contiguous() if plan.to_channels_last else out
